@@ -1,0 +1,111 @@
+"""Config helpers: the model-override template, preset resolution and whole-config validation.
+
+Validation runs before anything is compiled or loaded, and a bad value raises one `UserError` naming the
+field, e.g. "model.num_heads=5 must divide model.d_model=64".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+
+import ml_collections
+from ml_collections import config_dict
+
+from llm_jax import sharding
+from llm_jax.errors import UserError
+from llm_jax.model import PRESETS, ModelConfig
+
+_FIELD_TYPES = typing.get_type_hints(ModelConfig)
+_CHOICES = {name: typing.get_args(t) for name, t in _FIELD_TYPES.items() if typing.get_origin(t) is typing.Literal}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+  """One unset placeholder per ModelConfig field, so `--config.model_overrides.num_layers=4` type-checks."""
+  return ml_collections.ConfigDict({
+      name: config_dict.placeholder(str if name in _CHOICES else t) for name, t in _FIELD_TYPES.items()})
+
+
+def resolve_model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+  """The preset named by `config.model`, with `config.model_overrides` applied.
+
+  `vocab_size` (the tokenizer's, rounded up to a multiple of 64) replaces the preset's unless the user set
+  `model_overrides.vocab_size` themselves.
+  """
+  if config.model not in PRESETS:
+    raise UserError(f"model={config.model!r}: unknown preset; choose one of {sorted(PRESETS)}")
+  overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
+  if vocab_size is not None and "vocab_size" not in overrides:
+    overrides["vocab_size"] = -(-vocab_size // 64) * 64
+  try:
+    cfg = dataclasses.replace(PRESETS[config.model], **overrides)
+  except TypeError as e:
+    raise UserError(f"model_overrides: {e}") from None
+  validate_model_config(cfg)
+  if vocab_size is not None and cfg.vocab_size < vocab_size:
+    raise UserError(f"model_overrides.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                    f"vocabulary ({vocab_size})")
+  return cfg
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+  def bad(field: str, message: str):
+    raise UserError(f"model.{field}={getattr(cfg, field)!r} {message}")
+
+  for field, choices in _CHOICES.items():
+    if getattr(cfg, field) not in choices:
+      bad(field, f"must be one of {list(choices)}")
+  for field in ("dtype", "param_dtype"):
+    if getattr(cfg, field) not in DTYPES:
+      bad(field, f"must be one of {list(DTYPES)}")
+  for field in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "max_seq_len"):
+    if getattr(cfg, field) <= 0:
+      bad(field, "must be positive")
+  if cfg.head_dim < 0:
+    bad("head_dim", "must be positive (or 0 for d_model // num_heads)")
+  if not cfg.head_dim and cfg.d_model % cfg.num_heads:
+    bad("num_heads", f"must divide model.d_model={cfg.d_model} (or set model.head_dim)")
+  if cfg.num_heads % cfg.num_kv_heads:
+    bad("num_kv_heads", f"must divide model.num_heads={cfg.num_heads}")
+  if cfg.position == "rope" and cfg.resolved_head_dim % 2:
+    bad("head_dim", "must be even for RoPE")
+
+
+def validate_training_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1
+                             ) -> tuple[ModelConfig, tuple[int, int, int]]:
+  """Checks every training field that does not need the data; returns the model config and mesh shape."""
+  model_cfg = resolve_model_config(config)
+  positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every",
+              "keep_checkpoints")
+  for field in positive:
+    if config[field] <= 0:
+      raise UserError(f"{field}={config[field]} must be positive")
+  if config.learning_rate <= 0:
+    raise UserError(f"learning_rate={config.learning_rate} must be positive")
+  if not 0 <= config.warmup_steps <= config.steps:
+    raise UserError(f"warmup_steps={config.warmup_steps} must be in [0, steps={config.steps}]")
+  if not 0 <= config.min_lr_ratio <= 1:
+    raise UserError(f"min_lr_ratio={config.min_lr_ratio} must be in [0, 1]")
+  if config.grad_clip < 0 or config.weight_decay < 0:
+    raise UserError("grad_clip and weight_decay must be >= 0")
+  if config.seq_len > model_cfg.max_seq_len:
+    raise UserError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len} "
+                    f"(the position table of model {config.model!r})")
+  if config.data.tokenizer not in ("char", "spm"):
+    raise UserError(f"data.tokenizer={config.data.tokenizer!r} must be 'char' or 'spm'")
+  if not 0 <= config.data.eval_fraction < 1:
+    raise UserError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1)")
+  shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+  shards = shape[0] * shape[1]
+  if config.batch_size % (shards * config.grad_accum):
+    raise UserError(f"batch_size={config.batch_size} must be divisible by mesh.data*mesh.fsdp*grad_accum = "
+                    f"{shards}*{config.grad_accum}")
+  if config.batch_size % process_count:
+    raise UserError(f"batch_size={config.batch_size} must be divisible by the process count {process_count}")
+  return model_cfg, shape
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

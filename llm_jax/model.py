@@ -1,0 +1,303 @@
+"""The decoder-only transformer (flax NNX), in one file.
+
+One `Transformer` covers GPT-2 (learned positions, LayerNorm, GELU, tied head) and Llama (RoPE, RMSNorm,
+SwiGLU, grouped-query attention, untied head); `ModelConfig` picks the pieces and `PRESETS` names the
+configurations used by the project.
+
+Shape suffixes: B batch, L sequence (queries), S sequence (keys), D model width, N query heads,
+K key/value heads, H head dim, F MLP width, V vocabulary.
+
+Every parameter carries logical axis names (`out_sharding` metadata: "vocab", "embed", "mlp", "heads",
+"kv_heads", "head_dim", "layers"); `llm_jax.sharding` maps them onto the mesh. The model itself never
+mentions a mesh: `jax.jit` with sharded inputs places the computation.
+
+`backbone()` returns hidden states and `logits()` applies the LM head, so reward and value heads attach to the
+backbone without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 264
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 4  # < num_heads: grouped-query attention.
+  head_dim: int = 0  # 0: d_model // num_heads.
+  d_ff: int = 256
+  max_seq_len: int = 128  # Size of the learned position table; the longest sequence the model accepts.
+  position: Literal["learned", "rope"] = "learned"
+  rope_theta: float = 10_000.0
+  norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+  norm_eps: float = 1e-5
+  mlp: Literal["gelu", "swiglu"] = "gelu"
+  use_bias: bool = False
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # Compute dtype of activations and matmuls.
+  param_dtype: str = "float32"  # Storage dtype of parameters (and so of the optimizer state).
+  attention_impl: Literal["xla", "cudnn", "auto"] = "xla"  # jax.nn.dot_product_attention implementation.
+  remat: Literal["none", "full", "dots"] = "none"  # Recompute each block in the backward pass.
+  scan_layers: bool = False  # One stacked block run by a scan: compile time independent of depth.
+  init_std: float = 0.02
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  def num_params(self, include_position_table: bool = True) -> int:
+    """Exact parameter count (checked against the instantiated model in the tests)."""
+    d, f, h = self.d_model, self.d_ff, self.resolved_head_dim
+    attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = d * f * (3 if self.mlp == "swiglu" else 2)
+    norm = d * (2 if self.norm == "layernorm" and self.use_bias else 1)
+    bias = 0
+    if self.use_bias:
+      bias = h * (self.num_heads + 2 * self.num_kv_heads) + d  # q, k, v, o biases.
+      bias += (2 * f if self.mlp == "swiglu" else f) + d
+    per_layer = attn + mlp + 2 * norm + bias
+    total = self.num_layers * per_layer + norm + self.vocab_size * d
+    if not self.tie_embeddings:
+      total += self.vocab_size * d
+    if self.position == "learned" and include_position_table:
+      total += self.max_seq_len * d
+    return total
+
+  def train_flops_per_token(self, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6·N + 12·L·d_attn·T (PaLM appendix B; nanoGPT's estimate_mfu).
+
+    N excludes the position table (a lookup, no FLOPs) and counts a tied embedding once (it is the output
+    matmul). 12·L·(N·H)·T counts the attention score and value matmuls, forward and backward, with no
+    discount for the causal mask.
+    """
+    n = self.num_params(include_position_table=False)
+    return 6.0 * n + 12.0 * self.num_layers * self.num_heads * self.resolved_head_dim * seq_len
+
+
+# The model sizes used by the project. Pretraining replaces `vocab_size` with the tokenizer's (rounded up).
+PRESETS: dict[str, ModelConfig] = {
+    # Tests: a Llama-style model with every feature switched on (RoPE, RMSNorm, SwiGLU, GQA), tiny.
+    "tiny": ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=192, max_seq_len=128,
+                        position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False),
+    # nanoGPT's "baby" shakespeare_char model for CPUs: 4 layers, 128 wide, 4 heads, block 64.
+    "baby_char": ModelConfig(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, d_ff=512, max_seq_len=64),
+    # nanoGPT's shakespeare_char model: 6 layers, 384 wide, 6 heads, block 256 (no bias, tied, GELU).
+    "gpt2_char": ModelConfig(num_layers=6, d_model=384, num_heads=6, num_kv_heads=6, d_ff=1536,
+                             max_seq_len=256),
+    # GPT-2 small (vocab rounded up to a multiple of 64, as nanoGPT does).
+    "gpt2_124m": ModelConfig(vocab_size=50_304, num_layers=12, d_model=768, num_heads=12, num_kv_heads=12,
+                             d_ff=3072, max_seq_len=1024, use_bias=True),
+    # Llama 3.2 1B shape.
+    "llama_1b": ModelConfig(vocab_size=128_256, num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8,
+                            head_dim=64, d_ff=8192, max_seq_len=8192, position="rope", rope_theta=500_000.0,
+                            norm="rmsnorm", mlp="swiglu", tie_embeddings=True, dtype="bfloat16"),
+    # Llama 2 7B shape.
+    "llama_7b": ModelConfig(vocab_size=32_000, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=32,
+                            d_ff=11_008, max_seq_len=4096, position="rope", norm="rmsnorm", mlp="swiglu",
+                            tie_embeddings=False, dtype="bfloat16", remat="full", scan_layers=True),
+}
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float,
+           dtype) -> nnx.Param:
+  """A normal(0, std) parameter annotated with its logical axis names."""
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+  kwargs = dict(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+                scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)))
+  if cfg.norm == "rmsnorm":
+    return nnx.RMSNorm(cfg.d_model, **kwargs)
+  return nnx.LayerNorm(cfg.d_model, use_bias=cfg.use_bias,
+                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), **kwargs)
+
+
+def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, "rotate half" layout: dims (i, i + H/2) form the pair rotated by angle pos·θ^(-2i/H)."""
+  h = x_BLNH.shape[-1]
+  inv_freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angle_BLH2 = positions_BL[..., None].astype(jnp.float32) * inv_freq_H2
+  sin, cos = jnp.sin(angle_BLH2)[:, :, None, :], jnp.cos(angle_BLH2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNH.dtype)
+
+
+def attention_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array, q_positions_BL: jax.Array,
+                   kv_positions_BS: jax.Array) -> jax.Array:
+  """Who may attend to whom, [B, 1, L, S]: same document (segment) and not in the future.
+
+  Segment 0 is padding: it is never attended by a real token (its segment differs). Causality is judged on
+  positions, which restart at 0 for each document of a packed row, so it holds across documents too.
+  """
+  same_doc = q_segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]
+  causal = q_positions_BL[:, :, None] >= kv_positions_BS[:, None, :]
+  return (same_doc & causal)[:, None, :, :]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 residual scaling.
+    self.wq_DNH = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype)
+    self.wk_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
+    self.wv_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
+    self.wo_NHD = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
+    if cfg.use_bias:
+      zeros = lambda shape, names: nnx.Param(jnp.zeros(shape, cfg.param_dtype), out_sharding=names)
+      self.bias_q_NH = zeros((n, h), ("heads", "head_dim"))
+      self.bias_k_KH = zeros((k, h), ("kv_heads", "head_dim"))
+      self.bias_v_KH = zeros((k, h), ("kv_heads", "head_dim"))
+      self.bias_o_D = zeros((d,), ("embed",))
+
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+    cfg, dt = self.cfg, self.cfg.dtype
+    q_BLNH = jnp.einsum("bld,dnh->blnh", x_BLD, self.wq_DNH[...].astype(dt))
+    k_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self.wk_DKH[...].astype(dt))
+    v_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self.wv_DKH[...].astype(dt))
+    if cfg.use_bias:
+      q_BLNH, k_BLKH, v_BLKH = (q_BLNH + self.bias_q_NH[...].astype(dt), k_BLKH + self.bias_k_KH[...].astype(dt),
+                                v_BLKH + self.bias_v_KH[...].astype(dt))
+    if cfg.position == "rope":
+      q_BLNH = apply_rope(q_BLNH, positions_BL, cfg.rope_theta)
+      k_BLKH = apply_rope(k_BLKH, positions_BL, cfg.rope_theta)
+    mask = attention_mask(segment_ids_BL, segment_ids_BL, positions_BL, positions_BL)
+    # K < N heads is grouped-query attention: dot_product_attention shares each K/V head across N/K queries.
+    out_BLNH = jax.nn.dot_product_attention(
+        q_BLNH, k_BLKH, v_BLKH, mask=mask,
+        implementation=None if cfg.attention_impl == "auto" else cfg.attention_impl)
+    out_BLD = jnp.einsum("blnh,nhd->bld", out_BLNH, self.wo_NHD[...].astype(dt))
+    if cfg.use_bias:
+      out_BLD = out_BLD + self.bias_o_D[...].astype(dt)
+    return out_BLD
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, f = cfg.d_model, cfg.d_ff
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.w_in_DF = _param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
+    if cfg.mlp == "swiglu":
+      self.w_gate_DF = _param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
+    self.w_out_FD = _param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype)
+    if cfg.use_bias:
+      self.bias_in_F = nnx.Param(jnp.zeros((f,), cfg.param_dtype), out_sharding=("mlp",))
+      if cfg.mlp == "swiglu":
+        self.bias_gate_F = nnx.Param(jnp.zeros((f,), cfg.param_dtype), out_sharding=("mlp",))
+      self.bias_out_D = nnx.Param(jnp.zeros((d,), cfg.param_dtype), out_sharding=("embed",))
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    cfg, dt = self.cfg, self.cfg.dtype
+    h_BLF = x_BLD @ self.w_in_DF[...].astype(dt)
+    if cfg.use_bias:
+      h_BLF = h_BLF + self.bias_in_F[...].astype(dt)
+    if cfg.mlp == "swiglu":
+      gate_BLF = x_BLD @ self.w_gate_DF[...].astype(dt)
+      if cfg.use_bias:
+        gate_BLF = gate_BLF + self.bias_gate_F[...].astype(dt)
+      h_BLF = jax.nn.silu(gate_BLF) * h_BLF
+    else:
+      h_BLF = jax.nn.gelu(h_BLF)
+    out_BLD = h_BLF @ self.w_out_FD[...].astype(dt)
+    if cfg.use_bias:
+      out_BLD = out_BLD + self.bias_out_D[...].astype(dt)
+    return out_BLD
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = _norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = _norm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+    x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
+    return x_BLD + self.mlp(self.mlp_norm(x_BLD))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # Save nothing: recompute the whole block.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep matmul outputs.
+}
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    embed_init = nnx.with_partitioning(nnx.initializers.normal(cfg.init_std), ("vocab", "embed"))
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                           embedding_init=embed_init, rngs=rngs)
+    if cfg.position == "learned":
+      self.pos_embed = nnx.Embed(
+          cfg.max_seq_len, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+          embedding_init=nnx.with_partitioning(nnx.initializers.normal(cfg.init_std), (None, "embed")))
+    if cfg.scan_layers:
+      # One Block whose parameters have a leading "layers" axis, created by vmapping the constructor.
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_stacked_blocks(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+      self.blocks = make_stacked_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = _norm(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
+                               cfg.param_dtype)
+
+  def backbone(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+    """Final-norm hidden states [B, L, D]. Without segment ids the row is one document (no padding)."""
+    cfg = self.cfg
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones_like(tokens_BL)
+    x_BLD = self.embed(tokens_BL)
+    if cfg.position == "learned":
+      x_BLD = x_BLD + self.pos_embed(positions_BL)
+
+    def run_block(block: Block, x_BLD: jax.Array) -> jax.Array:
+      return block(x_BLD, positions_BL, segment_ids_BL)
+    if cfg.remat != "none":
+      run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat])
+
+    if cfg.scan_layers:
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run_stack(block: Block, x_BLD: jax.Array) -> jax.Array:
+        return run_block(block, x_BLD)
+      x_BLD = run_stack(self.blocks, x_BLD)
+    else:
+      for block in self.blocks:
+        x_BLD = run_block(block, x_BLD)
+    return self.final_norm(x_BLD)
+
+  def logits(self, h_BLD: jax.Array) -> jax.Array:
+    """The LM head: hidden states → float32 logits [B, L, V]."""
+    if self.cfg.tie_embeddings:
+      logits_BLV = self.embed.attend(h_BLD)
+    else:
+      logits_BLV = h_BLD @ self.lm_head_DV[...].astype(self.cfg.dtype)
+    return logits_BLV.astype(jnp.float32)
+
+  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+    return self.logits(self.backbone(tokens_BL, positions_BL, segment_ids_BL))

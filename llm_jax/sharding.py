@@ -1,0 +1,131 @@
+"""All sharding decisions in one place: the mesh, the logical-axis rules, and batch placement.
+
+The mesh has three named axes:
+  data    pure data parallelism (parameters replicated),
+  fsdp    data parallelism with parameters and optimizer state sharded on their "embed" dimension,
+  tensor  Megatron-style tensor parallelism over heads, MLP width and vocabulary.
+Batches are split over ("data", "fsdp"). Parameters say which logical axes they have (see model.py);
+`LOGICAL_RULES` maps each logical axis to a mesh axis. Everything else follows from `jax.jit` with these
+shardings: XLA inserts the all-gathers and reduce-scatters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llm_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: dict[str | None, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "layers": None,
+    None: None,
+}
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """Resolves one `-1` axis to "the rest of the devices"; checks the product equals `num_devices`."""
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  fill = [name for name, size in sizes.items() if size == -1]
+  if len(fill) > 1:
+    raise UserError(f"mesh: at most one axis may be -1, got {sizes}")
+  for name, size in sizes.items():
+    if size == 0 or size < -1:
+      raise UserError(f"mesh.{name}={size}: axis sizes must be positive or -1")
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if fill:
+    if num_devices % known:
+      raise UserError(f"mesh: {sizes} cannot fill {num_devices} devices ({num_devices} is not a multiple of "
+                      f"{known})")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise UserError(f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} but there are {num_devices} devices "
+                    f"({sizes}); use -1 for one axis to fill")
+  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  # Auto axes: jit propagates shardings (Explicit axes make sharded nnx.Embed lookups a type error).
+  return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Maps logical axis names to a PartitionSpec; a dimension the mesh axis does not divide stays replicated."""
+  spec = []
+  used: set[str] = set()
+  for name, dim in zip(names, shape):
+    axes = LOGICAL_RULES.get(name)
+    if axes is None:
+      spec.append(None)
+      continue
+    axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes)
+    size = math.prod(mesh.shape[a] for a in axes_tuple)
+    if dim % size or used & set(axes_tuple):
+      spec.append(None)  # e.g. 8 kv heads on a 16-way tensor axis: replicate rather than fail.
+      continue
+    used |= set(axes_tuple)
+    spec.append(axes)
+  return P(*spec)
+
+
+def tree_shardings(abstract_tree: Any, logical_names: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of arrays, given the same tree of logical-name PartitionSpecs."""
+  return jax.tree.map(
+      lambda x, names: NamedSharding(mesh, logical_to_spec(tuple(names), x.shape, mesh)),
+      abstract_tree, logical_names, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batch dimension over ("data", "fsdp"), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays sharded on the batch axes (process order = row order)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+          for k, v in local_batch.items()}
+
+
+def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                                 process_id: int = -1) -> None:
+  """Calls `jax.distributed.initialize` when launched as several processes.
+
+  Explicit arguments win; otherwise JAX's own auto-detection (TPU pods, SLURM, or the JAX_COORDINATOR_ADDRESS /
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables) decides. A single plain process does nothing.
+  """
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  process_id = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+  if not coordinator_address and num_processes <= 1:
+    return
+  if num_processes and not 0 <= process_id < num_processes:
+    raise UserError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Only used when the platform is CPU.
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

@@ -1,0 +1,117 @@
+"""Pretraining: next-token prediction on packed documents.
+
+The stage contributes its loss (cross-entropy on the tokens whose target is in the same document), its data
+(`llm_jax.data.text`) and its tokenizer; `llm_jax.train.loop.train` does everything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from flax import nnx
+
+from llm_jax import config as config_lib
+from llm_jax import sharding
+from llm_jax.data import builtin_corpus, text
+from llm_jax.errors import UserError
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
+from llm_jax.train import loop
+
+CONFIG_FILE = "config.json"
+
+
+def next_token_loss(model: Transformer, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Summed cross-entropy over the tokens whose `loss_mask` is set (see loop.LossFn)."""
+  del rng  # No dropout.
+  logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  loss_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+  mask_BL = batch["loss_mask"].astype(jnp.float32)
+  correct_BL = (jnp.argmax(logits_BLV, axis=-1) == batch["targets"]).astype(jnp.float32)
+  return jnp.sum(loss_BL * mask_BL), {"weight": jnp.sum(mask_BL), "accuracy": jnp.sum(correct_BL * mask_BL)}
+
+
+def builtin_corpus_path(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """The project's own world-facts corpus, generated into the workdir (no downloads)."""
+  path = os.path.join(workdir, "data", "builtin_corpus.jsonl")
+  if not os.path.exists(path):
+    builtin_corpus.write_pretraining_jsonl(path, seed=config.data.builtin_seed,
+                                           num_documents=config.data.builtin_documents)
+  return path
+
+
+def get_tokenizer(config: ml_collections.ConfigDict, workdir: str, documents: list[str]) -> Tokenizer:
+  """The workdir's tokenizer if it has one (a resumed run), else a new one saved there."""
+  if os.path.exists(os.path.join(workdir, "tokenizer.json")):
+    tokenizer = load_tokenizer(workdir)
+    if tokenizer.kind != config.data.tokenizer:
+      raise UserError(f"data.tokenizer={config.data.tokenizer!r} but {workdir} already holds a "
+                      f"{tokenizer.kind!r} tokenizer; use a new workdir")
+    return tokenizer
+  if config.data.tokenizer == "char":
+    tokenizer = ByteTokenizer()
+  else:
+    tokenizer = train_sentencepiece(documents, config.data.vocab_size)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir)
+  return tokenizer
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Tokenizer, text.PackedDataset, ModelConfig]:
+  """Reads, tokenizes and packs the corpus; returns the tokenizer, the rows and the final model config."""
+  path = config.data.path or builtin_corpus_path(workdir, config)
+  documents = text.read_documents(path)
+  eval_documents = text.read_documents(config.data.eval_path) if config.data.eval_path else None
+  tokenizer = get_tokenizer(config, workdir, documents)
+  data = text.build_packed_dataset(documents, tokenizer, config.seq_len, config.data.eval_fraction,
+                                   eval_documents)
+  model_cfg = config_lib.resolve_model_config(config, vocab_size=tokenizer.vocab_size)
+  return tokenizer, data, model_cfg
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+  """Saves config.json on the first run; a resumed run must keep the model it started with."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  record = {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg)}
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f).get("model")
+    if previous and previous != record["model"]:
+      changed = sorted(k for k in record["model"] if previous.get(k) != record["model"][k])
+      raise UserError(f"{path}: this workdir was trained with a different model (fields {changed} differ); "
+                      "use a new workdir")
+    return
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      json.dump(record, f, indent=2, sort_keys=True, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> loop.TrainResult:
+  config_lib.validate_training_config(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer, data, model_cfg = prepare(config, workdir)
+  check_workdir_config(workdir, config, model_cfg)
+  print(f"corpus: {data.num_documents:,} documents, {data.num_tokens:,} tokens ({tokenizer.kind} tokenizer, "
+        f"vocab {tokenizer.vocab_size}); {data.num_train_rows:,} train rows and "
+        f"{len(data.eval['inputs']):,} eval rows of {config.seq_len}", flush=True)
+  print(f"model {config.model}: {model_cfg.num_params():,} parameters; mesh {dict(mesh.shape)}", flush=True)
+  pid, count = jax.process_index(), jax.process_count()
+  return loop.train(
+      config, workdir, mesh=mesh,
+      model_factory=lambda rngs: Transformer(model_cfg, rngs=rngs),
+      loss_fn=next_token_loss,
+      train_data=text.train_dataset(data.train, config.batch_size, config.seed, pid, count),
+      eval_data=text.eval_batches(data.eval, config.batch_size, config.eval_batches, pid, count),
+      tokens_per_step=config.batch_size * config.seq_len,
+      flops_per_token=model_cfg.train_flops_per_token(config.seq_len),
+      meta={"stage": "pretrain", "model": dataclasses.asdict(model_cfg)},
+      stop_after=stop_after)
