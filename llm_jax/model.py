@@ -107,19 +107,26 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def _logical(initializer, names: tuple[str | None, ...]):
+  """An initializer whose variable carries logical axis names. Arrays are placed by `jax.jit` out_shardings
+  (llm_jax.sharding), never eagerly at creation, so a model can be built with or without a mesh."""
+  return nnx.with_partitioning(initializer, names, eager_sharding=False)
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float,
            dtype) -> nnx.Param:
   """A normal(0, std) parameter annotated with its logical axis names."""
-  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), out_sharding=names)
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), out_sharding=names,
+                   eager_sharding=False)
 
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   kwargs = dict(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-                scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)))
+                scale_init=_logical(nnx.initializers.ones_init(), ("embed",)))
   if cfg.norm == "rmsnorm":
     return nnx.RMSNorm(cfg.d_model, **kwargs)
   return nnx.LayerNorm(cfg.d_model, use_bias=cfg.use_bias,
-                       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), **kwargs)
+                       bias_init=_logical(nnx.initializers.zeros_init(), ("embed",)), **kwargs)
 
 
 def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
@@ -155,7 +162,8 @@ class Attention(nnx.Module):
     self.wv_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
     self.wo_NHD = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
     if cfg.use_bias:
-      zeros = lambda shape, names: nnx.Param(jnp.zeros(shape, cfg.param_dtype), out_sharding=names)
+      zeros = lambda shape, names: nnx.Param(jnp.zeros(shape, cfg.param_dtype), out_sharding=names,
+                                          eager_sharding=False)
       self.bias_q_NH = zeros((n, h), ("heads", "head_dim"))
       self.bias_k_KH = zeros((k, h), ("kv_heads", "head_dim"))
       self.bias_v_KH = zeros((k, h), ("kv_heads", "head_dim"))
@@ -194,10 +202,10 @@ class MLP(nnx.Module):
       self.w_gate_DF = _param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
     self.w_out_FD = _param(rngs, (f, d), ("mlp", "embed"), out_std, cfg.param_dtype)
     if cfg.use_bias:
-      self.bias_in_F = nnx.Param(jnp.zeros((f,), cfg.param_dtype), out_sharding=("mlp",))
+      self.bias_in_F = nnx.Param(jnp.zeros((f,), cfg.param_dtype), out_sharding=("mlp",), eager_sharding=False)
       if cfg.mlp == "swiglu":
-        self.bias_gate_F = nnx.Param(jnp.zeros((f,), cfg.param_dtype), out_sharding=("mlp",))
-      self.bias_out_D = nnx.Param(jnp.zeros((d,), cfg.param_dtype), out_sharding=("embed",))
+        self.bias_gate_F = nnx.Param(jnp.zeros((f,), cfg.param_dtype), out_sharding=("mlp",), eager_sharding=False)
+      self.bias_out_D = nnx.Param(jnp.zeros((d,), cfg.param_dtype), out_sharding=("embed",), eager_sharding=False)
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     cfg, dt = self.cfg, self.cfg.dtype
@@ -241,13 +249,13 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    embed_init = nnx.with_partitioning(nnx.initializers.normal(cfg.init_std), ("vocab", "embed"))
+    embed_init = _logical(nnx.initializers.normal(cfg.init_std), ("vocab", "embed"))
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                            embedding_init=embed_init, rngs=rngs)
     if cfg.position == "learned":
       self.pos_embed = nnx.Embed(
           cfg.max_seq_len, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-          embedding_init=nnx.with_partitioning(nnx.initializers.normal(cfg.init_std), (None, "embed")))
+          embedding_init=_logical(nnx.initializers.normal(cfg.init_std), (None, "embed")))
     if cfg.scan_layers:
       # One Block whose parameters have a leading "layers" axis, created by vmapping the constructor.
       @nnx.split_rngs(splits=cfg.num_layers)

@@ -148,7 +148,7 @@ def make_train_step(state: ModelState, loss_fn: LossFn, optimizer: optax.Gradien
     params = optax.apply_updates(params, updates)
     metrics = {k: v / jnp.maximum(weight, 1.0) for k, v in sums.items() if k != "weight"}
     metrics["weight"] = weight
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
   return jax.jit(step, donate_argnums=(0, 1),

@@ -94,9 +94,12 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_
     os.replace(path + ".tmp", path)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> loop.TrainResult:
-  config_lib.validate_training_config(config, jax.device_count(), jax.process_count())
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
+        devices=None) -> loop.TrainResult:
+  """Pretrains on `devices` (default: all). `stop_after=N` stops after N steps, as a preemption would."""
+  devices = jax.devices() if devices is None else devices
+  config_lib.validate_training_config(config, len(devices), jax.process_count())
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   os.makedirs(workdir, exist_ok=True)
   tokenizer, data, model_cfg = prepare(config, workdir)
   check_workdir_config(workdir, config, model_cfg)

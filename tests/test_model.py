@@ -1,0 +1,133 @@
+"""Model correctness: causality, document masking, GQA, RoPE, scan/remat equivalence, parameter count."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llm_jax import model as model_lib
+from llm_jax.model import PRESETS, ModelConfig, Transformer
+
+TINY = PRESETS["tiny"]  # Llama-style: RoPE, RMSNorm, SwiGLU, GQA.
+TINY_GPT2 = dataclasses.replace(TINY, position="learned", norm="layernorm", mlp="gelu", num_kv_heads=4,
+                                tie_embeddings=True, use_bias=True)
+VARIANTS = {"llama": TINY, "gpt2": TINY_GPT2}
+
+
+def make(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causality(name):
+  model = make(VARIANTS[name])
+  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 264)
+  logits = model(tokens)
+  for t in (0, 7, 23):
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 17) % 264)
+    np.testing.assert_allclose(model(changed)[:, :t + 1], logits[:, :t + 1], atol=1e-6)
+  changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % 264)
+  assert not np.allclose(model(changed)[:, 5:], logits[:, 5:])  # The test can see a change.
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_packed_document_equals_document_alone(name):
+  model = make(VARIANTS[name])
+  rng = np.random.default_rng(0)
+  doc_a, doc_b, doc_c = (rng.integers(8, 264, n) for n in (9, 14, 5))
+  packed = np.concatenate([doc_a, doc_b, doc_c, np.zeros(4, int)])[None]
+  segments = np.concatenate([np.full(9, 1), np.full(14, 2), np.full(5, 3), np.zeros(4, int)])[None]
+  positions = np.concatenate([np.arange(9), np.arange(14), np.arange(5), np.arange(4)])[None]
+  logits = model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+  for doc, start in ((doc_a, 0), (doc_b, 9), (doc_c, 23)):
+    alone = model(jnp.asarray(doc[None]))
+    np.testing.assert_allclose(logits[:, start:start + len(doc)], alone, atol=1e-5)
+
+
+def reference_attention(x, wq, wk, wv, wo, mask):
+  """Plain multi-head attention in NumPy (one K/V head per query head)."""
+  q, k, v = (np.einsum("bld,dnh->bnlh", x, w) for w in (wq, wk, wv))
+  scores = np.einsum("bnlh,bnsh->bnls", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(mask, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bnls,bnsh,nhd->bld", probs, v, wo)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_attention_matches_numpy_multi_head_reference(num_kv_heads):
+  cfg = dataclasses.replace(TINY, num_kv_heads=num_kv_heads, position="learned")  # No RoPE: plain MHA.
+  attn = model_lib.Attention(cfg, rngs=nnx.Rngs(3))
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 10, cfg.d_model)))
+  positions = np.broadcast_to(np.arange(10), (2, 10))
+  segments = np.ones((2, 10), int)
+  out = attn(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(segments))
+  group = cfg.num_heads // num_kv_heads
+  # GQA ≡ MHA whose K/V heads are repeated for each group of query heads.
+  wk = np.repeat(np.asarray(attn.wk_DKH[...]), group, axis=1)
+  wv = np.repeat(np.asarray(attn.wv_DKH[...]), group, axis=1)
+  mask = np.tril(np.ones((10, 10), bool))[None, None]
+  expected = reference_attention(x, np.asarray(attn.wq_DNH[...]), wk, wv, np.asarray(attn.wo_NHD[...]), mask)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_preserves_norm_and_depends_on_relative_offset():
+  x = jax.random.normal(jax.random.key(0), (1, 1, 1, 32))
+  y = jax.random.normal(jax.random.key(1), (1, 1, 1, 32))
+  rotate = lambda v, p: model_lib.apply_rope(v, jnp.array([[p]]), 10_000.0)
+  for p in (0, 3, 100):
+    np.testing.assert_allclose(jnp.linalg.norm(rotate(x, p)), jnp.linalg.norm(x), rtol=1e-5)
+  dot = lambda pq, pk: float(jnp.sum(rotate(x, pq) * rotate(y, pk)))
+  np.testing.assert_allclose(dot(5, 2), dot(103, 100), rtol=1e-4)
+  np.testing.assert_allclose(dot(7, 7), float(jnp.sum(x * y)), rtol=1e-4)
+  assert abs(dot(5, 2) - dot(5, 4)) > 1e-3  # A different offset gives a different score.
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_scanned_layers_and_remat_equal_plain_layers(name):
+  cfg = VARIANTS[name]
+  plain = make(cfg)
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 264)
+  expected = plain(tokens)
+  # Copy the plain model's per-layer parameters into the stacked layout of the scanned model.
+  scanned = make(dataclasses.replace(cfg, scan_layers=True, remat="full"))
+  plain_params = nnx.to_pure_dict(nnx.state(plain))
+  stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *plain_params["blocks"].values())
+  params = dict(plain_params, blocks=stacked)
+  graphdef, _ = nnx.split(scanned)
+  scanned = nnx.merge(graphdef, params)
+  np.testing.assert_allclose(scanned(tokens), expected, rtol=1e-5, atol=1e-5)
+  loss = lambda m: jnp.mean(m(tokens) ** 2)
+  g_plain = nnx.to_pure_dict(nnx.grad(loss)(plain))
+  g_scan = nnx.to_pure_dict(nnx.grad(loss)(scanned))
+  np.testing.assert_allclose(g_scan["blocks"]["mlp"]["w_in_DF"][1], g_plain["blocks"][1]["mlp"]["w_in_DF"],
+                             rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "baby_char", "gpt2_char"])
+def test_num_params_matches_the_model(preset):
+  cfg = PRESETS[preset]
+  abstract = nnx.eval_shape(lambda: make(cfg))
+  count = sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract)))
+  assert count == cfg.num_params()
+  assert count == dataclasses.replace(cfg, use_bias=True).num_params() - (
+      dataclasses.replace(cfg, use_bias=True).num_params() - cfg.num_params())
+
+
+def test_large_presets_have_their_published_sizes():
+  sizes = {name: PRESETS[name].num_params() for name in ("gpt2_124m", "llama_1b", "llama_7b")}
+  assert 123e6 < sizes["gpt2_124m"] < 126e6
+  assert 1.2e9 < sizes["llama_1b"] < 1.3e9
+  assert 6.6e9 < sizes["llama_7b"] < 6.8e9
+
+
+def test_parameters_carry_logical_axis_names():
+  abstract = nnx.eval_shape(lambda: make(TINY))
+  specs = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract))),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  allowed = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", None}
+  for spec in specs:
+    assert len(spec) > 0 and set(spec) <= allowed, spec

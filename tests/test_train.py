@@ -1,0 +1,173 @@
+"""The training loop: learning, mesh invariance, gradient accumulation, exact resume, NaN stop, checkpoints."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from llm_jax import checkpoint as ckpt_lib
+from llm_jax import sharding
+from llm_jax.errors import UserError
+from llm_jax.metrics import read_metrics
+from llm_jax.train import loop, pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import pretrain as pretrain_config  # noqa: E402  (configs/pretrain.py)
+
+SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing in the morning.",
+             "the sun is warm today.", "we walk to the old bridge."]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  path = tmp_path / "corpus.jsonl"
+  rng = np.random.default_rng(0)
+  import json
+  with open(path, "w") as f:
+    for _ in range(200):
+      f.write(json.dumps({"text": " ".join(rng.choice(SENTENCES, 3))}) + "\n")
+  return str(path)
+
+
+def tiny_config(corpus, **overrides):
+  config = pretrain_config.get_config()
+  config.data.path = corpus
+  config.steps, config.batch_size, config.seq_len = 10, 8, 32
+  config.learning_rate, config.warmup_steps = 3e-3, 2
+  config.log_every, config.eval_every, config.checkpoint_every = 1, 1000, 1000
+  config.eval_batches = 2
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def losses(workdir, key="loss"):
+  return {row["step"]: row[key] for row in read_metrics(workdir) if key in row}
+
+
+def test_tiny_model_learns(corpus, tmp_path):
+  config = tiny_config(corpus, steps=120, log_every=10, eval_every=120)
+  result = pretrain.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  curve = losses(str(tmp_path / "run"))
+  assert curve[10] > 3.0  # Starts near log(264) ≈ 5.6 and is still high after 10 steps.
+  # Five sentences of ~25 bytes: a model that learned them predicts most bytes.
+  assert result.last_eval["eval_loss"] < 0.9, result.last_eval
+  assert result.last_eval["eval_accuracy"] > 0.7
+
+
+def test_mesh_invariance_8_devices_equals_1(corpus, tmp_path):
+  common = dict(steps=3, **{"model_overrides.num_kv_heads": 2})
+  one = tiny_config(corpus, **common)
+  eight = tiny_config(corpus, **common, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  pretrain.run(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+  pretrain.run(eight, str(tmp_path / "eight"))
+  for key in ("loss", "grad_norm"):
+    a, b = losses(str(tmp_path / "one"), key), losses(str(tmp_path / "eight"), key)
+    assert len(a) == 3
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=1e-5, err_msg=key)
+
+
+def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
+  pretrain.run(tiny_config(corpus, steps=3), str(tmp_path / "a"), devices=jax.devices()[:2])
+  pretrain.run(tiny_config(corpus, steps=3, grad_accum=4), str(tmp_path / "b"), devices=jax.devices()[:2])
+  a, b = losses(str(tmp_path / "a")), losses(str(tmp_path / "b"))
+  np.testing.assert_allclose(list(b.values()), list(a.values()), rtol=1e-5)
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+  config = tiny_config(corpus, steps=10, checkpoint_every=5)
+  pretrain.run(config, str(tmp_path / "straight"), devices=jax.devices()[:4])
+  pretrain.run(config, str(tmp_path / "resumed"), devices=jax.devices()[:4], stop_after=5)
+  assert sorted(losses(str(tmp_path / "resumed"))) == [1, 2, 3, 4, 5]
+  pretrain.run(config, str(tmp_path / "resumed"), devices=jax.devices()[:4])
+  straight, resumed = losses(str(tmp_path / "straight")), losses(str(tmp_path / "resumed"))
+  assert sorted(resumed) == list(range(1, 11))
+  np.testing.assert_array_equal([resumed[s] for s in range(1, 11)], [straight[s] for s in range(1, 11)])
+
+
+def test_checkpoint_restores_onto_other_meshes(corpus, tmp_path):
+  config = tiny_config(corpus, steps=2, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  result = pretrain.run(config, str(tmp_path / "run"))
+  expected = jax.device_get(result.params)
+  for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (1, 4, 2)), (jax.devices()[:4], (2, 1, 2))):
+    mesh = sharding.make_mesh(*shape, devices=devices)
+    state = loop.model_state(lambda rngs: pretrain.Transformer(result.state.merge(result.params).cfg, rngs=rngs),
+                             mesh)
+    params, meta = ckpt_lib.restore_params(str(tmp_path / "run"), state.abstract_params)
+    assert meta["step"] == 2
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, expected)
+    leaf = params["blocks"][0]["mlp"]["w_in_DF"]
+    assert leaf.sharding.mesh.shape == mesh.shape
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  # An absurd learning rate without clipping blows the parameters up within a few steps.
+  config = tiny_config(corpus, steps=30, learning_rate=1e12, warmup_steps=0, grad_clip=0.0, checkpoint_every=1)
+  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss .* at step (\d+)") as error:
+    pretrain.run(config, workdir, devices=jax.devices()[:1])
+  bad_step = int(str(error.value).split("at step ")[1].split(";")[0])
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  assert checkpointer.latest_step() == bad_step - 1
+  checkpointer.close()
+  assert all(np.isfinite(v) for v in losses(workdir).values())
+
+
+def test_truncated_checkpoint_is_a_clear_error(corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  result = pretrain.run(tiny_config(corpus, steps=1, warmup_steps=0), workdir, devices=jax.devices()[:1])
+  params_dir = os.path.join(workdir, "checkpoints", "1", "params")
+  for root, _, files in os.walk(params_dir):
+    for name in files:
+      if not name.startswith("_"):
+        os.remove(os.path.join(root, name))
+  with pytest.raises(UserError, match="cannot restore"):
+    ckpt_lib.restore_params(workdir, result.state.abstract_params)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model_overrides.num_heads=5", "num_heads=5 must divide model.d_model=64"),
+    ("model_overrides.num_kv_heads=3", "num_kv_heads=3 must divide model.num_heads=4"),
+    ("mesh.data=3", "mesh: data.fsdp.tensor = 3 but there are 8 devices"),
+    ("seq_len=4096", "seq_len=4096 exceeds model.max_seq_len=128"),
+    ("batch_size=12", "batch_size=12 must be divisible by mesh.data.mesh.fsdp.grad_accum = 8.1"),
+    ("model=gpt5", "model='gpt5': unknown preset"),
+    ("data.tokenizer=words", "data.tokenizer='words' must be 'char' or 'spm'"),
+])
+def test_config_errors_are_one_line(corpus, tmp_path, override, message):
+  key, value = override.split("=")
+  config = tiny_config(corpus)
+  with config.unlocked():
+    parent = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      parent = parent[p]
+    parent[leaf] = type(parent[leaf])(value) if parent[leaf] is not None else int(value)
+  with pytest.raises(UserError, match=message):
+    pretrain.run(config, str(tmp_path / "run"))
+
+
+def run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  for args, message in ((["--config.model_overrides.num_heads=5"], "must divide model.d_model"),
+                        ([f"--config.data.path={tmp_path}/nothing*.txt"], "no file matches"),
+                        ([f"--config.data.path={empty}"], "the corpus is empty")):
+    proc = run_cli(f"--workdir={tmp_path}/w", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
