@@ -171,3 +171,28 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(corpus, tmp_path):
+  workdir = tmp_path / "run"
+  args = [sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"), f"--workdir={workdir}",
+          f"--config.data.path={corpus}", "--config.steps=100000", "--config.warmup_steps=0",
+          "--config.batch_size=8", "--config.seq_len=32", "--config.log_every=1", "--config.eval_every=100000",
+          "--config.checkpoint_every=100000", "--sample_tokens=0"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+  proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:  # Wait until training is under way.
+    if line.startswith("step") and "/100000" in line and int(line.split()[1].split("/")[0]) >= 3:
+      break
+  proc.send_signal(subprocess.signal.SIGTERM)
+  proc.communicate(timeout=120)
+  assert proc.returncode == 0
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert len(saved) == 1 and saved[0] >= 3
+  logged = losses(str(workdir))
+  assert max(logged) == saved[0]  # Stopped at the step it saved.
+  rerun = subprocess.run(args[:4] + ["--config.steps=%d" % (saved[0] + 2)] + args[5:], env=env,
+                         capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr
+  assert f"resuming from step {saved[0]}" in rerun.stdout
+  assert max(losses(str(workdir))) == saved[0] + 2
