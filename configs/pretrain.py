@@ -1,9 +1,11 @@
 """Pretraining config: next-token prediction on packed documents.
 
-Default (no flags): the `tiny` model on the project's built-in world-facts corpus, char tokenizer.
+Default (no flags): the `small` model (1.3 M parameters) on the project's built-in world-facts corpus with a
+2048-piece SentencePiece tokenizer, 1000 steps of 16 × 128 tokens.
 
   python experiments/pretrain.py --workdir=/tmp/pretrain
-  # ~3 min on a 2-core CPU; eval_loss falls from ~5.6 to about 1.3 (bytes).
+  # ~4 min on a 2-core CPU; eval_loss falls from 7.6 to ~0.7 and the samples state facts:
+  # "The capital of China is| Beijing. The country of China is part of Asia. ..."
 
 nanoGPT's shakespeare_char "baby" run (CPU; val loss ≈ 1.88 after 2000 steps in nanoGPT):
 
@@ -23,10 +25,10 @@ from llm_jax.config import model_overrides
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.model = "tiny"  # A preset in llm_jax.model.PRESETS.
+  config.model = "small"  # A preset in llm_jax.model.PRESETS.
   config.model_overrides = model_overrides()
 
-  config.steps = 600
+  config.steps = 1000
   config.batch_size = 16
   config.seq_len = 128
   config.grad_accum = 1  # Microbatches per step (batch_size is the total).
@@ -43,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.path = ""  # File(s) or glob(s), comma-separated; "" = the built-in corpus.
   config.data.eval_path = ""  # Optional validation file(s); "" = the last eval_fraction of the rows.
   config.data.eval_fraction = 0.05
-  config.data.tokenizer = "char"  # "char" (bytes) or "spm" (SentencePiece BPE trained on the corpus).
+  config.data.tokenizer = "spm"  # "char" (bytes) or "spm" (SentencePiece BPE trained on the corpus).
   config.data.vocab_size = 2048  # For spm.
   config.data.builtin_seed = 0
   config.data.builtin_documents = 4000
@@ -55,9 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
 
-  config.log_every = 25
-  config.eval_every = 200
+  config.log_every = 50
+  config.eval_every = 250
   config.eval_batches = 8  # 0 = the whole validation split.
-  config.checkpoint_every = 200
+  config.checkpoint_every = 250
   config.keep_checkpoints = 3
   return config

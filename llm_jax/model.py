@@ -88,6 +88,9 @@ PRESETS: dict[str, ModelConfig] = {
     # Tests: a Llama-style model with every feature switched on (RoPE, RMSNorm, SwiGLU, GQA), tiny.
     "tiny": ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=192, max_seq_len=128,
                         position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False),
+    # The default pretraining run (README): learns the built-in corpus's facts in a few CPU minutes.
+    "small": ModelConfig(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=384, max_seq_len=256,
+                         position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False),
     # nanoGPT's "baby" shakespeare_char model for CPUs: 4 layers, 128 wide, 4 heads, block 64.
     "baby_char": ModelConfig(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, d_ff=512, max_seq_len=64),
     # nanoGPT's shakespeare_char model: 6 layers, 384 wide, 6 heads, block 256 (no bias, tied, GELU).

@@ -35,7 +35,7 @@ def corpus(tmp_path):
 
 def tiny_config(corpus, **overrides):
   config = pretrain_config.get_config()
-  config.data.path = corpus
+  config.model, config.data.path, config.data.tokenizer = "tiny", corpus, "char"
   config.steps, config.batch_size, config.seq_len = 10, 8, 32
   config.learning_rate, config.warmup_steps = 3e-3, 2
   config.log_every, config.eval_every, config.checkpoint_every = 1, 1000, 1000
@@ -176,7 +176,8 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(corpus, tmp_path):
   workdir = tmp_path / "run"
   args = [sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"), f"--workdir={workdir}",
-          f"--config.data.path={corpus}", "--config.steps=100000", "--config.warmup_steps=0",
+          f"--config.data.path={corpus}", "--config.steps=100000", "--config.model=tiny",
+          "--config.data.tokenizer=char", "--config.warmup_steps=0",
           "--config.batch_size=8", "--config.seq_len=32", "--config.log_every=1", "--config.eval_every=100000",
           "--config.checkpoint_every=100000", "--sample_tokens=0"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
