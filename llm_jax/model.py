@@ -5,7 +5,7 @@ SwiGLU, grouped-query attention, untied head); `ModelConfig` picks the pieces an
 configurations used by the project.
 
 Shape suffixes: B batch, L sequence (queries), S sequence (keys), D model width, N query heads,
-K key/value heads, H head dim, F MLP width, V vocabulary.
+K key/value heads, H head dim, F MLP width, V vocabulary, T tokens (B·L, flattened for 2-D matmuls).
 
 Every parameter carries logical axis names (`out_sharding` metadata: "vocab", "embed", "mlp", "heads",
 "kv_heads", "head_dim", "layers"); `llm_jax.sharding` maps them onto the mesh. The model itself never
@@ -45,7 +45,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"  # Compute dtype of activations and matmuls.
   param_dtype: str = "float32"  # Storage dtype of parameters (and so of the optimizer state).
-  attention_impl: Literal["xla", "cudnn", "auto"] = "xla"  # jax.nn.dot_product_attention implementation.
+  attention_impl: Literal["xla", "cudnn", "auto"] = "xla"  # "xla": attention(); else jax.nn.dot_product_attention.
   remat: Literal["none", "full", "dots"] = "none"  # Recompute each block in the backward pass.
   scan_layers: bool = False  # One stacked block run by a scan: compile time independent of depth.
   init_std: float = 0.02
@@ -154,6 +154,25 @@ def attention_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array, q_
   return (same_doc & causal)[:, None, :, :]
 
 
+def attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
+  """Masked softmax attention; K < N heads is grouped-query attention (each K/V head serves N/K queries).
+
+  The same math as `jax.nn.dot_product_attention(implementation="xla")` (float32 softmax), written out because
+  it is faster on CPU: q is scaled on [B, L, N, H] instead of the scores on [B, N, L, S], the mask is an
+  additive bias, and the softmax is normalized after the value matmul (again on [B, L, N, H]).
+  """
+  n, k, h = q_BLNH.shape[2], k_BSKH.shape[2], q_BLNH.shape[3]
+  if k != n:
+    k_BSKH, v_BSKH = jnp.repeat(k_BSKH, n // k, axis=2), jnp.repeat(v_BSKH, n // k, axis=2)
+  q_BLNH = q_BLNH * jnp.asarray(1 / math.sqrt(h), q_BLNH.dtype)
+  logits_BNLS = jnp.einsum("blnh,bsnh->bnls", q_BLNH, k_BSKH, preferred_element_type=jnp.float32)
+  logits_BNLS = logits_BNLS + jnp.where(mask_B1LS, 0.0, -0.7 * float(jnp.finfo(jnp.float32).max))
+  exp_BNLS = jnp.exp(logits_BNLS - jax.lax.stop_gradient(jnp.max(logits_BNLS, axis=-1, keepdims=True)))
+  out_BLNH = jnp.einsum("bnls,bsnh->blnh", exp_BNLS.astype(v_BSKH.dtype), v_BSKH)
+  sum_BLN = jnp.einsum("bnls->bln", exp_BNLS)
+  return (out_BLNH / sum_BLN[..., None]).astype(v_BSKH.dtype)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -174,9 +193,14 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
     cfg, dt = self.cfg, self.cfg.dtype
-    q_BLNH = jnp.einsum("bld,dnh->blnh", x_BLD, self.wq_DNH[...].astype(dt))
-    k_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self.wk_DKH[...].astype(dt))
-    v_BLKH = jnp.einsum("bld,dkh->blkh", x_BLD, self.wv_DKH[...].astype(dt))
+    b, l, d = x_BLD.shape
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    # Projections as 2-D matmuls on [B·L, D] (reshapes are free): with 3-D weights ('bld,dnh->blnh') XLA's CPU
+    # backend transposes activations for the weight gradients.
+    x_TD = x_BLD.reshape(b * l, d)
+    q_BLNH = (x_TD @ self.wq_DNH[...].astype(dt).reshape(d, n * h)).reshape(b, l, n, h)
+    k_BLKH = (x_TD @ self.wk_DKH[...].astype(dt).reshape(d, k * h)).reshape(b, l, k, h)
+    v_BLKH = (x_TD @ self.wv_DKH[...].astype(dt).reshape(d, k * h)).reshape(b, l, k, h)
     if cfg.use_bias:
       q_BLNH, k_BLKH, v_BLKH = (q_BLNH + self.bias_q_NH[...].astype(dt), k_BLKH + self.bias_k_KH[...].astype(dt),
                                 v_BLKH + self.bias_v_KH[...].astype(dt))
@@ -184,11 +208,12 @@ class Attention(nnx.Module):
       q_BLNH = apply_rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = apply_rope(k_BLKH, positions_BL, cfg.rope_theta)
     mask = attention_mask(segment_ids_BL, segment_ids_BL, positions_BL, positions_BL)
-    # K < N heads is grouped-query attention: dot_product_attention shares each K/V head across N/K queries.
-    out_BLNH = jax.nn.dot_product_attention(
-        q_BLNH, k_BLKH, v_BLKH, mask=mask,
-        implementation=None if cfg.attention_impl == "auto" else cfg.attention_impl)
-    out_BLD = jnp.einsum("blnh,nhd->bld", out_BLNH, self.wo_NHD[...].astype(dt))
+    if cfg.attention_impl == "xla":
+      out_BLNH = attention(q_BLNH, k_BLKH, v_BLKH, mask)
+    else:  # jax's fused kernels (cuDNN on GPUs).
+      out_BLNH = jax.nn.dot_product_attention(
+          q_BLNH, k_BLKH, v_BLKH, mask=mask, implementation=None if cfg.attention_impl == "auto" else "cudnn")
+    out_BLD = (out_BLNH.reshape(b * l, n * h) @ self.wo_NHD[...].astype(dt).reshape(n * h, d)).reshape(b, l, d)
     if cfg.use_bias:
       out_BLD = out_BLD + self.bias_o_D[...].astype(dt)
     return out_BLD
@@ -212,20 +237,22 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     cfg, dt = self.cfg, self.cfg.dtype
-    h_BLF = x_BLD @ self.w_in_DF[...].astype(dt)
+    b, l, d = x_BLD.shape
+    x_TD = x_BLD.reshape(b * l, d)  # 2-D matmuls: on CPU, 3-D ones cost a transposed copy in the backward pass.
+    h_TF = x_TD @ self.w_in_DF[...].astype(dt)
     if cfg.use_bias:
-      h_BLF = h_BLF + self.bias_in_F[...].astype(dt)
+      h_TF = h_TF + self.bias_in_F[...].astype(dt)
     if cfg.mlp == "swiglu":
-      gate_BLF = x_BLD @ self.w_gate_DF[...].astype(dt)
+      gate_TF = x_TD @ self.w_gate_DF[...].astype(dt)
       if cfg.use_bias:
-        gate_BLF = gate_BLF + self.bias_gate_F[...].astype(dt)
-      h_BLF = jax.nn.silu(gate_BLF) * h_BLF
+        gate_TF = gate_TF + self.bias_gate_F[...].astype(dt)
+      h_TF = jax.nn.silu(gate_TF) * h_TF
     else:
-      h_BLF = jax.nn.gelu(h_BLF)
-    out_BLD = h_BLF @ self.w_out_FD[...].astype(dt)
+      h_TF = jax.nn.gelu(h_TF)
+    out_TD = h_TF @ self.w_out_FD[...].astype(dt)
     if cfg.use_bias:
-      out_BLD = out_BLD + self.bias_out_D[...].astype(dt)
-    return out_BLD
+      out_TD = out_TD + self.bias_out_D[...].astype(dt)
+    return out_TD.reshape(b, l, d)
 
 
 class Block(nnx.Module):
