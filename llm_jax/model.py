@@ -154,6 +154,41 @@ def attention_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array, q_
   return (same_doc & causal)[:, None, :, :]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys and values of every layer for decoding, and what each of the S slots holds.
+
+  All rows write the same slot (`index`); rows of different lengths are left-padded, and a slot whose
+  segment id is 0 (padding, or not yet written) is never attended.
+  """
+  k_LBSKH: jax.Array
+  v_LBSKH: jax.Array
+  positions_BS: jax.Array  # Position of the token in each slot.
+  segment_ids_BS: jax.Array  # 1: a token of the row; 0: padding or empty.
+  index: jax.Array  # int32 scalar: the next slot to write.
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    zeros = jnp.zeros(shape, dtype or cfg.dtype)
+    return cls(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch, length), jnp.int32),
+               jnp.zeros((), jnp.int32))
+
+  def add_tokens(self, positions_BL: jax.Array, segment_ids_BL: jax.Array) -> "KVCache":
+    """Records the positions and segments of L new tokens at `index` (before the layers write K/V)."""
+    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), self.index, axis=1)
+    return dataclasses.replace(self, positions_BS=write(self.positions_BS, positions_BL),
+                               segment_ids_BS=write(self.segment_ids_BS, segment_ids_BL))
+
+  def write_layer(self, layer, k_BLKH: jax.Array, v_BLKH: jax.Array) -> "KVCache":
+    """Writes one layer's new keys/values in place (a dynamic-update-slice of the stacked buffers)."""
+    start = (layer, 0, self.index, 0, 0)
+    return dataclasses.replace(
+        self, k_LBSKH=jax.lax.dynamic_update_slice(self.k_LBSKH, k_BLKH[None].astype(self.k_LBSKH.dtype), start),
+        v_LBSKH=jax.lax.dynamic_update_slice(self.v_LBSKH, v_BLKH[None].astype(self.v_LBSKH.dtype), start))
+
+
 def attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
   """Masked softmax attention; K < N heads is grouped-query attention (each K/V head serves N/K queries).
 
@@ -191,7 +226,9 @@ class Attention(nnx.Module):
       self.bias_v_KH = zeros((k, h), ("kv_heads", "head_dim"))
       self.bias_o_D = zeros((d,), ("embed",))
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
+               cache: KVCache | None = None, layer=0) -> tuple[jax.Array, KVCache | None]:
+    """Self-attention over the L new tokens, plus the cached ones when decoding with a `cache`."""
     cfg, dt = self.cfg, self.cfg.dtype
     b, l, d = x_BLD.shape
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -207,16 +244,22 @@ class Attention(nnx.Module):
     if cfg.position == "rope":
       q_BLNH = apply_rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = apply_rope(k_BLKH, positions_BL, cfg.rope_theta)
-    mask = attention_mask(segment_ids_BL, segment_ids_BL, positions_BL, positions_BL)
+    if cache is None:
+      k_BSKH, v_BSKH, kv_positions_BS, kv_segment_ids_BS = k_BLKH, v_BLKH, positions_BL, segment_ids_BL
+    else:
+      cache = cache.write_layer(layer, k_BLKH, v_BLKH)
+      k_BSKH, v_BSKH = cache.k_LBSKH[layer].astype(dt), cache.v_LBSKH[layer].astype(dt)
+      kv_positions_BS, kv_segment_ids_BS = cache.positions_BS, cache.segment_ids_BS
+    mask = attention_mask(segment_ids_BL, kv_segment_ids_BS, positions_BL, kv_positions_BS)
     if cfg.attention_impl == "xla":
-      out_BLNH = attention(q_BLNH, k_BLKH, v_BLKH, mask)
+      out_BLNH = attention(q_BLNH, k_BSKH, v_BSKH, mask)
     else:  # jax's fused kernels (cuDNN on GPUs).
       out_BLNH = jax.nn.dot_product_attention(
-          q_BLNH, k_BLKH, v_BLKH, mask=mask, implementation=None if cfg.attention_impl == "auto" else "cudnn")
+          q_BLNH, k_BSKH, v_BSKH, mask=mask, implementation=None if cfg.attention_impl == "auto" else "cudnn")
     out_BLD = (out_BLNH.reshape(b * l, n * h) @ self.wo_NHD[...].astype(dt).reshape(n * h, d)).reshape(b, l, d)
     if cfg.use_bias:
       out_BLD = out_BLD + self.bias_o_D[...].astype(dt)
-    return out_BLD
+    return out_BLD, cache
 
 
 class MLP(nnx.Module):
@@ -264,9 +307,11 @@ class Block(nnx.Module):
     self.mlp_norm = _norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
-    x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
-    return x_BLD + self.mlp(self.mlp_norm(x_BLD))
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
+               cache: KVCache | None = None, layer=0) -> tuple[jax.Array, KVCache | None]:
+    attn_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL, cache, layer)
+    x_BLD = x_BLD + attn_BLD
+    return x_BLD + self.mlp(self.mlp_norm(x_BLD)), cache
 
 
 _REMAT_POLICIES = {
@@ -303,30 +348,45 @@ class Transformer(nnx.Module):
   def backbone(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None) -> jax.Array:
     """Final-norm hidden states [B, L, D]. Without segment ids the row is one document (no padding)."""
-    cfg = self.cfg
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones_like(tokens_BL)
+    return self._layers(tokens_BL, positions_BL, segment_ids_BL, None)[0]
+
+  def backbone_with_cache(self, tokens_BL: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
+                          cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Like `backbone`, for L new tokens that also attend to the cache's; writes their keys/values into it.
+
+    Prefill is a call with the (left-padded) prompts, decoding one call per token with L = 1.
+    """
+    cache = cache.add_tokens(positions_BL, segment_ids_BL)
+    h_BLD, cache = self._layers(tokens_BL, positions_BL, segment_ids_BL, cache)
+    return h_BLD, dataclasses.replace(cache, index=cache.index + tokens_BL.shape[1])
+
+  def _layers(self, tokens_BL, positions_BL, segment_ids_BL, cache):
+    cfg = self.cfg
     x_BLD = self.embed(tokens_BL)
     if cfg.position == "learned":
       x_BLD = x_BLD + self.pos_embed(positions_BL)
 
-    def run_block(block: Block, x_BLD: jax.Array) -> jax.Array:
-      return block(x_BLD, positions_BL, segment_ids_BL)
-    if cfg.remat != "none":
+    def run_block(block: Block, x_BLD: jax.Array, cache, layer):
+      return block(x_BLD, positions_BL, segment_ids_BL, cache, layer)
+    if cfg.remat != "none" and cache is None:
       run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat])
 
     if cfg.scan_layers:
       @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def run_stack(block: Block, x_BLD: jax.Array) -> jax.Array:
-        return run_block(block, x_BLD)
-      x_BLD = run_stack(self.blocks, x_BLD)
+      def run_stack(block: Block, carry):
+        x_BLD, cache, layer = carry
+        x_BLD, cache = run_block(block, x_BLD, cache, layer)
+        return x_BLD, cache, layer + 1
+      x_BLD, cache, _ = run_stack(self.blocks, (x_BLD, cache, jnp.int32(0)))
     else:
-      for block in self.blocks:
-        x_BLD = run_block(block, x_BLD)
-    return self.final_norm(x_BLD)
+      for layer, block in enumerate(self.blocks):
+        x_BLD, cache = run_block(block, x_BLD, cache, layer)
+    return self.final_norm(x_BLD), cache
 
   def logits(self, h_BLD: jax.Array) -> jax.Array:
     """The LM head: hidden states → float32 logits [B, L, V]."""

@@ -64,7 +64,7 @@ def test_attention_matches_numpy_multi_head_reference(num_kv_heads):
   x = np.asarray(jax.random.normal(jax.random.key(0), (2, 10, cfg.d_model)))
   positions = np.broadcast_to(np.arange(10), (2, 10))
   segments = np.ones((2, 10), int)
-  out = attn(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(segments))
+  out, _ = attn(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(segments))
   group = cfg.num_heads // num_kv_heads
   # GQA ≡ MHA whose K/V heads are repeated for each group of query heads.
   wk = np.repeat(np.asarray(attn.wk_DKH[...]), group, axis=1)

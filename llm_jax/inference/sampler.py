@@ -1,0 +1,231 @@
+"""Batched, sharded decoding with a KV cache: prefill once, then one token per step inside a jitted loop.
+
+    prompts (left-padded to a bucket length P) ──prefill──▶ KV cache [layers, B, P + N, K, H] + first logits
+        └─ lax.while_loop: sample → append → forward 1 token against the cache, until every row has stopped
+           (a stop id, or N new tokens); no host round trip per token.
+
+Every row stops at its first stop id (default <eos>); what follows is padding. The returned log-probabilities
+are those of the chosen tokens under the distribution actually sampled from (after temperature, top-k and
+top-p): RLHF needs exactly these. With temperature 1 and no top-k/top-p that is the policy's own distribution.
+
+Randomness: row b at step t draws with `fold_in(fold_in(key, b), t)`, so the same key gives the same tokens,
+and a row's draws do not depend on the batch size.
+
+Streaming runs the same loop in chunks of a few tokens (the loop state is donated from chunk to chunk), so a
+single prompt prints as it is produced with no per-token host callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llm_jax import sharding
+from llm_jax.errors import UserError
+from llm_jax.model import KVCache, Transformer
+from llm_jax.tokenizer import EOS_ID, PAD_ID
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 64
+  temperature: float = 1.0  # 0: greedy.
+  top_k: int = 0  # 0: off.
+  top_p: float = 1.0  # 1: off.
+  stop_ids: tuple[int, ...] = (EOS_ID,)
+
+  def validate(self) -> None:
+    if self.max_new_tokens < 1:
+      raise UserError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.temperature < 0:
+      raise UserError(f"temperature={self.temperature} must be >= 0")
+    if self.top_k < 0:
+      raise UserError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
+    if not 0 < self.top_p <= 1:
+      raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature: float, top_k: int, top_p: float
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row; returns it and its log-probability under the distribution sampled from."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if temperature == 0:
+    token_B = jnp.argmax(logits_BV, axis=-1)
+    return token_B, _log_prob(jax.nn.log_softmax(logits_BV), token_B)
+  logits_BV = logits_BV / temperature
+  if top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf)
+  if top_p < 1:
+    # Keep the most likely tokens until their mass reaches top_p (the token that crosses it included).
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    cutoff_B1 = jnp.min(jnp.where(mass_before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
+  log_probs_BV = jax.nn.log_softmax(logits_BV)
+  token_B = jax.vmap(jax.random.categorical)(keys_B, log_probs_BV)
+  return token_B, _log_prob(log_probs_BV, token_B)
+
+
+def _log_prob(log_probs_BV, token_B):
+  return jnp.take_along_axis(log_probs_BV, token_B[:, None], axis=-1)[:, 0]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  cache: KVCache
+  logits_BV: jax.Array  # The model's prediction for the next token of each row.
+  tokens_BN: jax.Array  # Generated tokens (PAD_ID after a row stops).
+  log_probs_BN: jax.Array
+  lengths_B: jax.Array  # Tokens generated so far (the stop token included).
+  done_B: jax.Array
+  next_position_B: jax.Array
+  step: jax.Array  # int32 scalar: tokens generated so far by the longest row.
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[list[int]]  # Per prompt, up to and including the stop token.
+  log_probs: list[list[float]]
+  prompt_tokens: list[list[int]]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts right-aligned in [B, length] arrays: tokens, and 1 where a token is real (its segment id)."""
+  tokens = np.full((len(prompts), length), PAD_ID, np.int32)
+  segments = np.zeros((len(prompts), length), np.int32)
+  for row, prompt in enumerate(prompts):
+    if len(prompt):
+      tokens[row, length - len(prompt):] = prompt
+      segments[row, length - len(prompt):] = 1
+  return tokens, segments
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """The next power of two ≥ n: prompt lengths share a few compiled shapes."""
+  return max(minimum, 1 << (n - 1).bit_length())
+
+
+class Sampler:
+  """Generates from a model whose parameters are sharded on `mesh` (see `llm_jax.train.loop.ModelState`).
+
+  Compiled functions are cached per (batch, prompt bucket, cache length, sampling settings): calls with the
+  same shapes never recompile.
+  """
+
+  def __init__(self, graphdef, params, mesh: Mesh, cache_dtype=None):
+    self.graphdef, self.params, self.mesh = graphdef, params, mesh
+    self.model_cfg = nnx.merge(graphdef, params).cfg
+    self.cache_dtype = cache_dtype or self.model_cfg.dtype
+
+  # ---- jitted pieces (shapes static; params and arrays traced) ----
+
+  def _cache_sharding(self, cache: KVCache) -> KVCache:
+    """KV cache on batch ("data", "fsdp") and kv heads ("tensor") when they divide; the rest replicated."""
+    def constrain(x, names):
+      spec = sharding.logical_to_spec(names, x.shape, self.mesh)
+      return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+    kv_names = ("layers", "batch", None, "kv_heads", "head_dim")
+    return KVCache(constrain(cache.k_LBSKH, kv_names), constrain(cache.v_LBSKH, kv_names),
+                   constrain(cache.positions_BS, ("batch", None)), constrain(cache.segment_ids_BS, ("batch", None)),
+                   cache.index)
+
+  def prefill(self, params, tokens_BP, segment_ids_BP, cache_length: int) -> DecodeState:
+    """Runs the prompts through the model, filling the cache; returns the state before the first sample."""
+    model: Transformer = nnx.merge(self.graphdef, params)
+    batch, prompt_len = tokens_BP.shape
+    cache = self._cache_sharding(KVCache.empty(model.cfg, batch, cache_length, self.cache_dtype))
+    prompt_lengths_B = segment_ids_BP.sum(axis=1)
+    positions_BP = jnp.maximum(jnp.arange(prompt_len)[None, :] - (prompt_len - prompt_lengths_B[:, None]), 0)
+    h_BPD, cache = model.backbone_with_cache(tokens_BP, positions_BP, segment_ids_BP, cache)
+    logits_BV = model.logits(h_BPD[:, -1:])[:, 0]
+    n = cache_length - prompt_len
+    return DecodeState(cache=cache, logits_BV=logits_BV, tokens_BN=jnp.full((batch, n), PAD_ID, jnp.int32),
+                       log_probs_BN=jnp.zeros((batch, n), jnp.float32), lengths_B=jnp.zeros((batch,), jnp.int32),
+                       done_B=jnp.zeros((batch,), bool), next_position_B=prompt_lengths_B.astype(jnp.int32),
+                       step=jnp.zeros((), jnp.int32))
+
+  def decode(self, params, state: DecodeState, key, until_step, sampling: SamplingConfig) -> DecodeState:
+    """Samples tokens until every row is done or `state.step` reaches `until_step` (a traced int)."""
+    model: Transformer = nnx.merge(self.graphdef, params)
+    batch, max_new = state.tokens_BN.shape
+    row_keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+    stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
+
+    def not_finished(s: DecodeState):
+      return (s.step < jnp.minimum(until_step, max_new)) & ~jnp.all(s.done_B)
+
+    def one_token(s: DecodeState) -> DecodeState:
+      keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, s.step)
+      token_B, log_prob_B = sample_logits(s.logits_BV, keys_B, sampling.temperature, sampling.top_k,
+                                          sampling.top_p)
+      token_B = jnp.where(s.done_B, PAD_ID, token_B).astype(jnp.int32)
+      log_prob_B = jnp.where(s.done_B, 0.0, log_prob_B)
+      tokens_BN = jax.lax.dynamic_update_slice_in_dim(s.tokens_BN, token_B[:, None], s.step, axis=1)
+      log_probs_BN = jax.lax.dynamic_update_slice_in_dim(s.log_probs_BN, log_prob_B[:, None], s.step, axis=1)
+      lengths_B = s.lengths_B + (~s.done_B).astype(jnp.int32)
+      done_B = s.done_B | jnp.isin(token_B, stop_ids)
+      # Feed the token back; finished rows feed padding (segment 0), which nothing attends to.
+      h_B1D, cache = model.backbone_with_cache(token_B[:, None], s.next_position_B[:, None],
+                                               (~s.done_B).astype(jnp.int32)[:, None], s.cache)
+      return DecodeState(cache=cache, logits_BV=model.logits(h_B1D)[:, 0], tokens_BN=tokens_BN,
+                         log_probs_BN=log_probs_BN, lengths_B=lengths_B, done_B=done_B,
+                         next_position_B=s.next_position_B + 1, step=s.step + 1)
+
+    return jax.lax.while_loop(not_finished, one_token, state)
+
+  @functools.cached_property
+  def _jitted(self):
+    return (jax.jit(self.prefill, static_argnames=("cache_length",)),
+            jax.jit(self.decode, static_argnames=("sampling",), donate_argnames=("state",)))
+
+  # ---- host API ----
+
+  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, key: jax.Array,
+               stream: Callable[[list[int]], None] | None = None, stream_chunk: int = 4) -> Generation:
+    """Continues each prompt (token ids). `stream(new_tokens_of_row_0)` is called as tokens are produced."""
+    sampling.validate()
+    context = self.model_cfg.max_seq_len
+    for i, prompt in enumerate(prompts):
+      if not len(prompt):
+        raise UserError(f"prompt {i} is empty")
+      if len(prompt) >= context:
+        raise UserError(f"prompt {i} has {len(prompt)} tokens; the model's context is {context} "
+                        "(prompt + at least one new token must fit)")
+    prompt_len = min(bucket(max(len(p) for p in prompts)), context - 1)
+    prompt_len = max(prompt_len, max(len(p) for p in prompts))
+    cache_length = min(prompt_len + sampling.max_new_tokens, context)
+    # Pad the batch to a multiple of the batch shards with one-token dummy rows (dropped below).
+    shards = sharding.num_batch_shards(self.mesh)
+    rows = list(prompts) + [[EOS_ID]] * (-len(prompts) % shards)
+    tokens, segments = left_pad(rows, prompt_len)
+    tokens, segments = (jax.device_put(x, sharding.batch_sharding(self.mesh)) for x in (tokens, segments))
+    prefill, decode = self._jitted
+    state = prefill(self.params, tokens, segments, cache_length=cache_length)
+    if stream is None:
+      state = decode(self.params, state, key, jnp.int32(cache_length), sampling=sampling)
+    else:
+      shown = 0
+      while True:
+        state = decode(self.params, state, key, state.step + stream_chunk, sampling=sampling)
+        new = jax.device_get(state.tokens_BN[0, shown:state.lengths_B[0]]).tolist()
+        if new:
+          stream(new)
+        shown += len(new)
+        if bool(state.done_B[0]) or int(state.step) >= state.tokens_BN.shape[1]:
+          break
+      state = decode(self.params, state, key, jnp.int32(cache_length), sampling=sampling)  # Finish the rest.
+    tokens_BN, log_probs_BN, lengths_B = jax.device_get((state.tokens_BN, state.log_probs_BN, state.lengths_B))
+    n = len(prompts)
+    return Generation(tokens=[tokens_BN[b, :lengths_B[b]].tolist() for b in range(n)],
+                      log_probs=[log_probs_BN[b, :lengths_B[b]].tolist() for b in range(n)],
+                      prompt_tokens=[list(p) for p in prompts])

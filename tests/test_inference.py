@@ -1,0 +1,168 @@
+"""KV-cache decoding: cache ≡ full forward, greedy ≡ argmax, sampling filters, batch and mesh invariance."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import sharding
+from llm_jax.errors import UserError
+from llm_jax.inference.sampler import DecodeState, Sampler, SamplingConfig, left_pad, sample_logits
+from llm_jax.model import PRESETS, KVCache, Transformer
+from llm_jax.train import loop
+
+TINY = PRESETS["tiny"]  # RoPE, RMSNorm, SwiGLU, 4 heads / 2 kv heads.
+VARIANTS = {
+    "llama_gqa": TINY,
+    "gpt2": dataclasses.replace(TINY, position="learned", norm="layernorm", mlp="gelu", num_kv_heads=4,
+                                tie_embeddings=True, use_bias=True),
+    "llama_scan": dataclasses.replace(TINY, scan_layers=True, num_kv_heads=1),
+}
+GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_ids=())
+
+
+def make_sampler(cfg, devices=None, mesh_shape=(-1, 1, 1)):
+  mesh = sharding.make_mesh(*mesh_shape, devices=devices or jax.devices()[:1])
+  factory = lambda rngs: Transformer(cfg, rngs=rngs)
+  state = loop.model_state(factory, mesh)
+  params = loop.init_params(factory, state, seed=0)
+  # Larger weights than the init: random models then have peaked, prompt-dependent predictions.
+  params = jax.tree.map(lambda p: p * 4.0 if p.ndim > 1 else p, params)
+  return Sampler(state.graphdef, params, mesh), state.merge(params)
+
+
+def prompts(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(8, 264, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_cached_logits_equal_full_forward_at_every_step(name):
+  sampler, model = make_sampler(VARIANTS[name])
+  rows = prompts([3, 9, 6])
+  continuation = prompts([5, 5, 5], seed=1)
+  tokens, segments = left_pad(rows, 10)
+  state = sampler.prefill(sampler.params, jnp.asarray(tokens), jnp.asarray(segments), cache_length=16)
+  cache, logits = state.cache, state.logits_BV
+  positions = np.array([len(r) for r in rows])
+  for step in range(5):
+    for b, row in enumerate(rows):
+      prefix = row + continuation[b][:step]
+      full = model(jnp.asarray([prefix]))[0, -1]
+      np.testing.assert_allclose(logits[b], full, rtol=1e-5, atol=1e-5, err_msg=f"step {step} row {b}")
+    fed = jnp.asarray([[c[step]] for c in continuation])
+    h, cache = model.backbone_with_cache(fed, jnp.asarray(positions[:, None] + step), jnp.ones_like(fed), cache)
+    logits = model.logits(h)[:, 0]
+
+
+def test_greedy_equals_iterated_argmax_of_the_full_forward():
+  sampler, model = make_sampler(TINY)
+  prompt = prompts([7])[0]
+  out = sampler.generate([prompt], GREEDY, jax.random.key(0))
+  sequence = list(prompt)
+  for _ in range(GREEDY.max_new_tokens):
+    sequence.append(int(jnp.argmax(model(jnp.asarray([sequence]))[0, -1])))
+  assert out.tokens[0] == sequence[len(prompt):]
+  assert len(set(out.tokens[0])) > 1  # Not a degenerate constant output.
+
+
+def test_sampling_limits_equal_greedy_and_plain_sampling():
+  sampler, _ = make_sampler(TINY)
+  rows = prompts([4, 11])
+  key = jax.random.key(3)
+  generate = lambda **kw: sampler.generate(rows, dataclasses.replace(GREEDY, **kw), key).tokens
+  greedy = generate()
+  assert generate(temperature=1.0, top_k=1) == greedy
+  assert generate(temperature=1e-6) == greedy
+  plain = generate(temperature=1.0)
+  assert generate(temperature=1.0, top_p=1.0, top_k=TINY.vocab_size) == plain
+  assert generate(temperature=1.0) == plain  # Same key, same tokens.
+  assert sampler.generate(rows, dataclasses.replace(GREEDY, temperature=1.0), jax.random.key(4)).tokens != plain
+
+
+def chi_square(counts, probs):
+  expected = probs * counts.sum()
+  return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sampled_frequencies_match_the_softmax():
+  logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0])
+  n = 20_000
+  keys = jax.random.split(jax.random.key(0), n)
+  draw = lambda **kw: np.asarray(sample_logits(jnp.broadcast_to(logits, (n, 5)), keys, **kw)[0])
+  # Critical values at p = 0.001: 18.47 (4 degrees of freedom), 13.82 (2).
+  probs = np.asarray(jax.nn.softmax(logits))
+  assert chi_square(np.bincount(draw(temperature=1.0, top_k=0, top_p=1.0), minlength=5), probs) < 18.47
+  probs_t = np.asarray(jax.nn.softmax(logits / 2.0))
+  assert chi_square(np.bincount(draw(temperature=2.0, top_k=0, top_p=1.0), minlength=5), probs_t) < 18.47
+  top3 = np.bincount(draw(temperature=1.0, top_k=3, top_p=1.0), minlength=5)
+  assert top3[3:].sum() == 0 and chi_square(top3[:3], probs[:3] / probs[:3].sum()) < 13.82
+  # top_p = 0.8: the first two tokens hold 0.70 of the mass, so the third (crossing 0.8) is kept too.
+  nucleus = np.bincount(draw(temperature=1.0, top_k=0, top_p=0.8), minlength=5)
+  assert nucleus[3:].sum() == 0 and chi_square(nucleus[:3], probs[:3] / probs[:3].sum()) < 13.82
+  # A wrong distribution is rejected: the test can fail.
+  assert chi_square(np.bincount(draw(temperature=1.0, top_k=0, top_p=1.0), minlength=5), probs_t) > 18.47
+
+
+def test_recorded_log_probs_equal_a_fresh_forward_pass():
+  sampler, model = make_sampler(TINY)
+  rows = prompts([5, 8])
+  out = sampler.generate(rows, SamplingConfig(max_new_tokens=8, temperature=1.0, stop_ids=()), jax.random.key(1))
+  for prompt, tokens, log_probs in zip(rows, out.tokens, out.log_probs):
+    full = jax.nn.log_softmax(model(jnp.asarray([prompt + tokens]))[0])
+    expected = [float(full[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
+    np.testing.assert_allclose(log_probs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prompt_decodes_the_same_alone_and_in_a_mixed_batch():
+  sampler, _ = make_sampler(TINY)
+  target, short, long = prompts([6, 2, 30])
+  alone = sampler.generate([target], GREEDY, jax.random.key(0))
+  batched = sampler.generate([short, target, long], GREEDY, jax.random.key(0))
+  assert batched.tokens[1] == alone.tokens[0]
+  np.testing.assert_allclose(batched.log_probs[1], alone.log_probs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_stop_at_their_stop_token_and_are_padded_after():
+  sampler, _ = make_sampler(TINY)
+  rows = prompts([4, 7, 5])
+  free = sampler.generate(rows, GREEDY, jax.random.key(0)).tokens
+  stop = free[1][3]  # Make row 1's fourth greedy token a stop token.
+  stopped = sampler.generate(rows, dataclasses.replace(GREEDY, stop_ids=(stop,)), jax.random.key(0)).tokens
+  for free_row, stopped_row in zip(free, stopped):
+    cut = free_row.index(stop) + 1 if stop in free_row else len(free_row)
+    assert stopped_row == free_row[:cut]
+  assert len(stopped[1]) <= 4
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2), (8, 1, 1)])
+def test_sharded_decode_equals_one_device(mesh_shape):
+  cfg = dataclasses.replace(TINY, num_kv_heads=2)
+  one, _ = make_sampler(cfg)
+  eight, _ = make_sampler(cfg, devices=jax.devices(), mesh_shape=mesh_shape)
+  rows = prompts([3, 12, 7])
+  sampling = dataclasses.replace(GREEDY, temperature=1.0, top_k=20)
+  a, b = one.generate(rows, sampling, jax.random.key(5)), eight.generate(rows, sampling, jax.random.key(5))
+  assert a.tokens == b.tokens
+  for x, y in zip(a.log_probs, b.log_probs):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_yields_the_same_tokens():
+  sampler, _ = make_sampler(TINY)
+  prompt = prompts([5])[0]
+  streamed = []
+  out = sampler.generate([prompt], GREEDY, jax.random.key(0), stream=streamed.extend, stream_chunk=3)
+  assert streamed == out.tokens[0] == sampler.generate([prompt], GREEDY, jax.random.key(0)).tokens[0]
+
+
+def test_bad_prompts_are_user_errors():
+  sampler, _ = make_sampler(TINY)
+  with pytest.raises(UserError, match="prompt 1 is empty"):
+    sampler.generate([[9], []], GREEDY, jax.random.key(0))
+  with pytest.raises(UserError, match="prompt 0 has 128 tokens; the model's context is 128"):
+    sampler.generate([[9] * 128], GREEDY, jax.random.key(0))
+  with pytest.raises(UserError, match="top_p"):
+    sampler.generate([[9]], dataclasses.replace(GREEDY, top_p=0.0), jax.random.key(0))
