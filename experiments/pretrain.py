@@ -23,13 +23,20 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  import jax
+  from llm_jax.inference.sampler import Sampler, SamplingConfig
+  from llm_jax.tokenizer import load_tokenizer
   from llm_jax.train import pretrain
-  from llm_jax import sampling
 
   def run():
     result = pretrain.run(FLAGS.config, FLAGS.workdir)
     if FLAGS.sample_tokens:
-      sampling.print_samples(FLAGS.workdir, result, FLAGS.sample_prompt, FLAGS.sample_tokens)
+      sampler = Sampler(result.state.graphdef, result.params, result.mesh)
+      sampling = SamplingConfig(max_new_tokens=FLAGS.sample_tokens, temperature=0.8)
+      completions = sampler.complete(load_tokenizer(FLAGS.workdir), FLAGS.sample_prompt, sampling,
+                                     jax.random.key(FLAGS.config.seed))
+      for prompt, completion in zip(FLAGS.sample_prompt, completions):
+        print(f"sample: {prompt}|{completion}", flush=True)
   cli.run(run)
 
 

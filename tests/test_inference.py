@@ -166,3 +166,40 @@ def test_bad_prompts_are_user_errors():
     sampler.generate([[9] * 128], GREEDY, jax.random.key(0))
   with pytest.raises(UserError, match="top_p"):
     sampler.generate([[9]], dataclasses.replace(GREEDY, top_p=0.0), jax.random.key(0))
+
+
+def test_generate_cli_and_its_bad_inputs(tmp_path):
+  import os
+  import subprocess
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import pretrain as pretrain_config
+  from llm_jax.train import pretrain
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("the cat sat on the mat. " * 200)
+  config = pretrain_config.get_config()
+  config.model, config.data.path, config.data.tokenizer = "tiny", str(corpus), "char"
+  config.steps, config.warmup_steps, config.batch_size, config.seq_len = 2, 0, 8, 32
+  workdir = str(tmp_path / "run")
+  pretrain.run(config, workdir, devices=jax.devices()[:1])
+  (tmp_path / "no_checkpoint").mkdir()
+  (tmp_path / "no_checkpoint" / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+  (tmp_path / "no_checkpoint" / "tokenizer.json").write_text('{"kind": "char"}')
+
+  def run(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root, XLA_FLAGS="")
+    return subprocess.run([sys.executable, os.path.join(root, "experiments", "generate.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+  ok = run(f"--workdir={workdir}", "--prompt=the cat", "--prompt=a", "--max_new_tokens=5", "--temperature=0")
+  assert ok.returncode == 0, ok.stderr
+  lines = ok.stdout.splitlines()
+  assert len(lines) == 2 and lines[0].startswith("the cat") and lines[1].startswith("a")
+  for args, message in (([f"--workdir={workdir}", "--prompt= "], "prompt 0 is empty"),
+                        ([f"--workdir={workdir}", "--prompt=" + "x" * 200], "prompt 0 has 201 tokens"),
+                        ([f"--workdir={tmp_path}/no_checkpoint", "--prompt=hi"], "no checkpoints"),
+                        ([f"--checkpoint={workdir}/checkpoints/7", "--prompt=hi"], "cannot restore")):
+    proc = run(*args)
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (args, proc.stderr)

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from llm_jax import sharding
 from llm_jax.errors import UserError
 from llm_jax.model import KVCache, Transformer
-from llm_jax.tokenizer import EOS_ID, PAD_ID
+from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,3 +229,18 @@ class Sampler:
     return Generation(tokens=[tokens_BN[b, :lengths_B[b]].tolist() for b in range(n)],
                       log_probs=[log_probs_BN[b, :lengths_B[b]].tolist() for b in range(n)],
                       prompt_tokens=[list(p) for p in prompts])
+
+  def complete(self, tokenizer: Tokenizer, prompts: Sequence[str], sampling: SamplingConfig, key: jax.Array,
+               stream: Callable[[str], None] | None = None) -> list[str]:
+    """Text in, text out: each prompt (after <bos>) continued until <eos>. `stream` receives row 0's text."""
+    if stream is None:
+      on_tokens = None
+    else:
+      shown: list[int] = []
+
+      def on_tokens(new_tokens: list[int]) -> None:
+        before = tokenizer.decode(shown)
+        shown.extend(new_tokens)
+        stream(tokenizer.decode(shown)[len(before):])
+    result = self.generate([[BOS_ID] + tokenizer.encode(p) for p in prompts], sampling, key, stream=on_tokens)
+    return [tokenizer.decode(tokens) for tokens in result.tokens]

@@ -183,6 +183,7 @@ def evaluate(eval_step, params, batches: list[dict[str, np.ndarray]], mesh: Mesh
 @dataclasses.dataclass
 class TrainResult:
   state: ModelState
+  mesh: Mesh
   params: Any
   step: int
   last_metrics: dict[str, float]
@@ -328,7 +329,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh,
     writer.close()
     if hasattr(data_iter, "close"):
       data_iter.close()
-  return TrainResult(state=state, params=params, step=step if end > start else start,
+  return TrainResult(state=state, mesh=mesh, params=params, step=step if end > start else start,
                      last_metrics=last_metrics, last_eval=last_eval)
 
 

@@ -1,0 +1,72 @@
+"""Generate text from a trained model with KV-cache decoding (greedy or sampled).
+
+  python experiments/generate.py --workdir=DIR --prompt="The capital of France is" [--prompt=...] \
+    --max_new_tokens=64 --temperature=1.0 --top_k=0 --top_p=1.0 --seed=0
+
+`--temperature=0` is greedy; `--top_k=0` and `--top_p=1` are off. A single prompt streams its tokens as they
+are produced. `--checkpoint=DIR/checkpoints/STEP` picks one checkpoint instead of the latest.
+"""
+
+import sys
+
+from absl import app, flags
+
+from llm_jax import cli
+
+flags.DEFINE_string("workdir", "", "A training workdir (its latest checkpoint is used).")
+flags.DEFINE_string("checkpoint", "", "One checkpoint: WORKDIR/checkpoints/STEP.")
+flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+flags.DEFINE_string("prompt_file", "", "A file with one prompt per line.")
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (at most).")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = off.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
+flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same tokens.")
+flags.DEFINE_integer("mesh_data", -1, "Mesh axes for the batch and parameters (-1 fills).")
+flags.DEFINE_integer("mesh_fsdp", 1, "")
+flags.DEFINE_integer("mesh_tensor", 1, "")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+
+  def run():
+    import jax
+    from llm_jax import sharding
+    from llm_jax.errors import UserError
+    from llm_jax.inference.loading import load_sampler, split_checkpoint_path
+    from llm_jax.inference.sampler import SamplingConfig
+
+    if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
+      raise UserError("give exactly one of --workdir or --checkpoint")
+    workdir, step = split_checkpoint_path(FLAGS.checkpoint) if FLAGS.checkpoint else (FLAGS.workdir, None)
+    prompts = list(FLAGS.prompt)
+    if FLAGS.prompt_file:
+      try:
+        with open(FLAGS.prompt_file, encoding="utf-8") as f:
+          prompts += [line.rstrip("\n") for line in f if line.strip()]
+      except OSError as e:
+        raise UserError(f"--prompt_file={FLAGS.prompt_file}: {e.strerror}") from None
+    if not prompts:
+      raise UserError("no prompt: give --prompt or --prompt_file")
+    for i, prompt in enumerate(prompts):
+      if not prompt.strip():
+        raise UserError(f"prompt {i} is empty")
+    mesh = sharding.make_mesh(FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)
+    sampler, tokenizer, meta = load_sampler(workdir, mesh, step)
+    sampling = SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                              top_k=FLAGS.top_k, top_p=FLAGS.top_p, stop_ids=(tokenizer.eos_id,))
+    key = jax.random.key(FLAGS.seed)
+    if len(prompts) == 1:  # Stream the answer as it is produced.
+      sys.stdout.write(prompts[0])
+      sampler.complete(tokenizer, prompts, sampling, key, stream=lambda text: print(text, end="", flush=True))
+      print()
+    else:
+      for prompt, completion in zip(prompts, sampler.complete(tokenizer, prompts, sampling, key)):
+        print(prompt + completion, flush=True)
+  cli.run(run)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,44 @@
+"""Load a trained model from any stage's workdir (or one checkpoint of it) onto a mesh, ready to sample."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jax.sharding import Mesh
+
+from llm_jax import checkpoint as ckpt_lib
+from llm_jax.errors import UserError
+from llm_jax.inference.sampler import Sampler
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.tokenizer import Tokenizer, load_tokenizer
+from llm_jax.train import loop
+
+
+def split_checkpoint_path(path: str) -> tuple[str, int]:
+  """`WORKDIR/checkpoints/STEP` → (WORKDIR, STEP)."""
+  path = os.path.abspath(path.rstrip("/"))
+  parent, step = os.path.split(path)
+  if not step.isdigit() or os.path.basename(parent) != ckpt_lib.CHECKPOINT_DIR:
+    raise UserError(f"--checkpoint={path}: expected WORKDIR/{ckpt_lib.CHECKPOINT_DIR}/STEP")
+  return os.path.dirname(parent), int(step)
+
+
+def read_model_config(workdir: str) -> ModelConfig:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{path}: not found; {workdir} is not an llm_jax workdir")
+  try:
+    with open(path) as f:
+      return ModelConfig(**json.load(f)["model"])
+  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise UserError(f"{path}: unreadable model description ({type(e).__name__}: {e})") from None
+
+
+def load_sampler(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[Sampler, Tokenizer, dict]:
+  """The latest (or `step`'s) parameters of `workdir`, sharded on `mesh`, with the workdir's tokenizer."""
+  model_cfg = read_model_config(workdir)
+  tokenizer = load_tokenizer(workdir)
+  state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
+  params, meta = ckpt_lib.restore_params(workdir, state.abstract_params, step)
+  return Sampler(state.graphdef, params, mesh), tokenizer, meta
