@@ -203,3 +203,14 @@ def test_generate_cli_and_its_bad_inputs(tmp_path):
     proc = run(*args)
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (args, proc.stderr)
+
+
+def test_prompts_in_the_same_bucket_reuse_the_compiled_loop():
+  sampler, _ = make_sampler(TINY)
+  prefill, decode = sampler._jitted
+  sampler.generate(prompts([3, 9]), GREEDY, jax.random.key(0))
+  sizes = (prefill._cache_size(), decode._cache_size())
+  sampler.generate(prompts([12, 5], seed=2), GREEDY, jax.random.key(1))  # Same 16-token bucket.
+  assert (prefill._cache_size(), decode._cache_size()) == sizes
+  sampler.generate(prompts([20]), GREEDY, jax.random.key(0))  # Next bucket: one new compilation.
+  assert prefill._cache_size() == sizes[0] + 1
