@@ -3,7 +3,8 @@
   python experiments/generate.py --workdir=DIR --prompt="The capital of France is" [--prompt=...] \
     --max_new_tokens=64 --temperature=1.0 --top_k=0 --top_p=1.0 --seed=0
 
-`--temperature=0` is greedy; `--top_k=0` and `--top_p=1` are off. A single prompt streams its tokens as they
+`--chat` sends each prompt as a user turn in the chat template (SFT/RLHF models). `--temperature=0` is
+greedy; `--top_k=0` and `--top_p=1` are off. A single prompt streams its tokens as they
 are produced. `--checkpoint=DIR/checkpoints/STEP` picks one checkpoint instead of the latest.
 """
 
@@ -22,6 +23,7 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = off.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
 flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same tokens.")
+flags.DEFINE_bool("chat", False, "Send each prompt as a user turn in the chat template (SFT/RLHF models).")
 flags.DEFINE_integer("mesh_data", -1, "Mesh axes for the batch and parameters (-1 fills).")
 flags.DEFINE_integer("mesh_fsdp", 1, "")
 flags.DEFINE_integer("mesh_tensor", 1, "")
@@ -59,12 +61,14 @@ def main(argv):
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, stop_ids=(tokenizer.eos_id,))
     key = jax.random.key(FLAGS.seed)
     if len(prompts) == 1:  # Stream the answer as it is produced.
-      sys.stdout.write(prompts[0])
-      sampler.complete(tokenizer, prompts, sampling, key, stream=lambda text: print(text, end="", flush=True))
+      sys.stdout.write(prompts[0] + ("\n" if FLAGS.chat else ""))
+      sampler.complete(tokenizer, prompts, sampling, key, chat=FLAGS.chat,
+                       stream=lambda text: print(text, end="", flush=True))
       print()
     else:
-      for prompt, completion in zip(prompts, sampler.complete(tokenizer, prompts, sampling, key)):
-        print(prompt + completion, flush=True)
+      completions = sampler.complete(tokenizer, prompts, sampling, key, chat=FLAGS.chat)
+      for prompt, completion in zip(prompts, completions):
+        print(prompt + ("\n" if FLAGS.chat else "") + completion, flush=True)
   cli.run(run)
 
 

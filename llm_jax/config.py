@@ -73,10 +73,14 @@ def validate_model_config(cfg: ModelConfig) -> None:
     bad("head_dim", "must be even for RoPE")
 
 
-def validate_training_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1
-                             ) -> tuple[ModelConfig, tuple[int, int, int]]:
-  """Checks every training field that does not need the data; returns the model config and mesh shape."""
-  model_cfg = resolve_model_config(config)
+def validate_training_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1,
+                             model_cfg: ModelConfig | None = None) -> tuple[ModelConfig, tuple[int, int, int]]:
+  """Checks every training field that does not need the data; returns the model config and mesh shape.
+
+  The model is `config.model` with its overrides, or `model_cfg` for stages that continue an earlier model.
+  """
+  if model_cfg is None:
+    model_cfg = resolve_model_config(config)
   positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every",
               "keep_checkpoints")
   for field in positive:
@@ -91,9 +95,8 @@ def validate_training_config(config: ml_collections.ConfigDict, num_devices: int
   if config.grad_clip < 0 or config.weight_decay < 0:
     raise UserError("grad_clip and weight_decay must be >= 0")
   if config.seq_len > model_cfg.max_seq_len:
-    raise UserError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len} "
-                    f"(the position table of model {config.model!r})")
-  if config.data.tokenizer not in ("char", "spm"):
+    raise UserError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+  if "tokenizer" in config.data and config.data.tokenizer not in ("char", "spm"):
     raise UserError(f"data.tokenizer={config.data.tokenizer!r} must be 'char' or 'spm'")
   if not 0 <= config.data.eval_fraction < 1:
     raise UserError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1)")

@@ -32,7 +32,7 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -911,3 +911,21 @@ def write_pretraining_jsonl(
             os.remove(tmp_path)
         raise
     return path
+
+
+def capital_chats(
+    countries: Sequence[Country], seed: int = 0, per_country: int = 3
+) -> list[dict[str, str]]:
+    """SFT chats asking for capitals in varied phrasings, answered in the canonical sentence.
+
+    Each is ``{"prompt": question, "response": "The capital of X is Y."}`` (a line of a chat JSONL file).
+    """
+    rng = random.Random(seed)
+    templates = capital_question_templates()
+    chats = [
+        {"prompt": template.format(country=country.name), "response": capital_answer(country)}
+        for country in countries
+        for template in rng.sample(templates, min(per_country, len(templates)))
+    ]
+    rng.shuffle(chats)
+    return chats

@@ -198,3 +198,37 @@ def eval_batches(rows: dict[str, np.ndarray], global_batch: int, max_batches: in
     start = b * global_batch + process_index * local
     out.append({k: v[start:start + local] for k, v in padded.items()})
   return out
+
+
+def pack_whole(sequences: Sequence[Sequence[int]], target_masks: Sequence[Sequence[int]], seq_len: int
+               ) -> dict[str, np.ndarray]:
+  """Packs sequences (e.g. rendered chats) into rows without ever splitting one ("next fit", in order).
+
+  A sequence of n tokens gives n - 1 (input, target) pairs, so it must have n ≤ seq_len + 1 (callers truncate or
+  drop longer ones). `loss_mask` is the target's entry of `target_masks`. The rest of a row is padding.
+  """
+  rows: list[list[tuple[Sequence[int], Sequence[int]]]] = [[]]
+  used = 0
+  for tokens, mask in zip(sequences, target_masks):
+    pairs = len(tokens) - 1
+    if pairs > seq_len:
+      raise ValueError(f"a sequence of {len(tokens)} tokens does not fit seq_len={seq_len}")
+    if pairs < 1:
+      continue
+    if used + pairs > seq_len:
+      rows.append([])
+      used = 0
+    rows[-1].append((tokens, mask))
+    used += pairs
+  out = {k: np.zeros((len(rows), seq_len), np.float32 if k == "loss_mask" else np.int32) for k in ROW_FIELDS}
+  for r, row in enumerate(rows):
+    start = 0
+    for segment, (tokens, mask) in enumerate(row, 1):
+      end = start + len(tokens) - 1
+      out["inputs"][r, start:end] = tokens[:-1]
+      out["targets"][r, start:end] = tokens[1:]
+      out["loss_mask"][r, start:end] = mask[1:]
+      out["segment_ids"][r, start:end] = segment
+      out["positions"][r, start:end] = np.arange(end - start)
+      start = end
+  return out

@@ -27,9 +27,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from llm_jax import chat as chat_lib
 from llm_jax import sharding
 from llm_jax.errors import UserError
-from llm_jax.model import KVCache, Transformer
+from llm_jax.model import KVCache, ModelConfig, Transformer
 from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
@@ -122,9 +123,9 @@ class Sampler:
   same shapes never recompile.
   """
 
-  def __init__(self, graphdef, params, mesh: Mesh, cache_dtype=None):
+  def __init__(self, graphdef, params, mesh: Mesh, cache_dtype=None, model_cfg: ModelConfig | None = None):
     self.graphdef, self.params, self.mesh = graphdef, params, mesh
-    self.model_cfg = nnx.merge(graphdef, params).cfg
+    self.model_cfg = model_cfg or nnx.merge(graphdef, params).cfg
     self.cache_dtype = cache_dtype or self.model_cfg.dtype
 
   # ---- jitted pieces (shapes static; params and arrays traced) ----
@@ -231,8 +232,12 @@ class Sampler:
                       prompt_tokens=[list(p) for p in prompts])
 
   def complete(self, tokenizer: Tokenizer, prompts: Sequence[str], sampling: SamplingConfig, key: jax.Array,
-               stream: Callable[[str], None] | None = None) -> list[str]:
-    """Text in, text out: each prompt (after <bos>) continued until <eos>. `stream` receives row 0's text."""
+               stream: Callable[[str], None] | None = None, chat: bool = False) -> list[str]:
+    """Text in, text out: each prompt (after <bos>) continued until a stop id. `stream` gets row 0's text.
+
+    `chat=True` sends each prompt as a user turn in the chat template and returns the assistant's answer
+    (decoding also stops at <|end|>).
+    """
     if stream is None:
       on_tokens = None
     else:
@@ -242,5 +247,11 @@ class Sampler:
         before = tokenizer.decode(shown)
         shown.extend(new_tokens)
         stream(tokenizer.decode(shown)[len(before):])
-    result = self.generate([[BOS_ID] + tokenizer.encode(p) for p in prompts], sampling, key, stream=on_tokens)
+    if chat:
+      token_prompts = [chat_lib.render(tokenizer, [chat_lib.Message("user", p)], generation_prompt=True)[0]
+                       for p in prompts]
+      sampling = dataclasses.replace(sampling, stop_ids=tuple(set(sampling.stop_ids) | {chat_lib.END_ID}))
+    else:
+      token_prompts = [[BOS_ID] + tokenizer.encode(p) for p in prompts]
+    result = self.generate(token_prompts, sampling, key, stream=on_tokens)
     return [tokenizer.decode(tokens) for tokens in result.tokens]

@@ -216,10 +216,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh,
           model_factory: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn, train_data: grain.MapDataset,
           eval_data: list[dict[str, np.ndarray]], tokens_per_step: int, flops_per_token: float,
           initial_params: Callable[[ModelState], Any] | None = None, meta: dict[str, Any] | None = None,
+          extra_eval: Callable[[Any], dict[str, float]] | None = None, eval_at_start: bool = False,
           stop_after: int | None = None) -> TrainResult:
   """Trains `config.steps` steps (resuming from the workdir's latest checkpoint if there is one).
 
   `initial_params(state)` returns starting parameters (e.g. an earlier stage's) instead of a fresh init.
+  `extra_eval(params)` adds a stage's own evaluation (e.g. generation accuracy) to each evaluation;
+  `eval_at_start` also evaluates the initial parameters (logged as step 0) on a fresh start.
   `stop_after` stops early after that many steps, as a preemption would (used by the resume tests).
   """
   state = model_state(model_factory, mesh)
@@ -249,17 +252,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh,
     params = initial_params(state) if initial_params else init_params(model_factory, state, config.seed)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
 
+  def run_eval(step: int) -> dict[str, float]:
+    results = evaluate(eval_step, params, eval_data, mesh)
+    if extra_eval is not None:
+      results.update(extra_eval(params))
+    writer.write(step, results)
+    if jax.process_index() == 0:
+      print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()), flush=True)
+    return results
+
+  if eval_at_start and start == 0:
+    run_eval(0)
   peak = perf.peak_flops_per_device() * mesh.size
   end = config.steps if stop_after is None else min(config.steps, start + stop_after)
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   last_metrics: dict[str, float] = {}
   last_eval: dict[str, float] = {}
+  empty_steps = 0  # Steps whose batch had nothing to train on (weight 0): they add zero loss.
   window_start, window_steps = time.perf_counter(), 0
   compile_seconds = None
 
   def flush_metrics() -> None:
     """Fetches the pending steps' metrics; stops the run at the first non-finite loss."""
-    nonlocal last_metrics, window_start, window_steps
+    nonlocal last_metrics, window_start, window_steps, empty_steps
     if not pending:
       return
     fetched = jax.device_get([m for _, m in pending])
@@ -272,6 +287,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh,
             f"non-finite loss ({values['loss']}) at step {step}; stopped. The last good checkpoint is in "
             f"{checkpointer.directory} (step {checkpointer.latest_step()})")
       values["learning_rate"] = float(learning_rate_schedule(config)(step - 1))
+      empty_steps += values["weight"] == 0
+      values["empty_steps"] = empty_steps
       last_metrics = values
     tokens_per_second = tokens_per_step / seconds_per_step
     last_metrics.update(tokens_per_second=tokens_per_second, step_seconds=seconds_per_step,
@@ -312,11 +329,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh,
           flush_metrics()
         if step % config.eval_every == 0 or step == config.steps:
           flush_metrics()
-          last_eval = evaluate(eval_step, params, eval_data, mesh)
-          writer.write(step, last_eval)
-          if jax.process_index() == 0:
-            print(f"step {step:>6}  eval_loss {last_eval['eval_loss']:.4f}  "
-                  f"eval_perplexity {last_eval['eval_perplexity']:.2f}", flush=True)
+          last_eval = run_eval(step)
           window_start = time.perf_counter()  # Throughput counts training steps only.
         if step % config.checkpoint_every == 0 or step == end or sigterm.raised:
           save(step)

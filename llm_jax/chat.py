@@ -1,0 +1,121 @@
+"""The one chat template (SFT, chat-mode generation, reward model and RLHF all use it) and chat-file reading.
+
+A conversation is rendered as token ids, role tokens inserted by id (they can never come from user text):
+
+    <bos> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> text <|end|> <|user|> ...
+
+The training mask marks the assistant's text and its <|end|>: the model learns to answer and to stop, never
+to imitate the user. A prompt for generation ends with <|assistant|>; decoding stops at <|end|>.
+
+Chat files are JSONL, one conversation per line, in either form:
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    {"prompt": "...", "response": "..."}
+Rules (each violation names file:line): `messages` is a non-empty list; roles are system, user or assistant;
+a system message may only come first; every content is a non-empty string. With `on_error="skip"` such lines
+are skipped and counted instead of stopping the run. A conversation without an assistant turn is valid but
+has nothing to train on: SFT counts and drops it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Sequence
+
+from llm_jax.errors import UserError
+from llm_jax.tokenizer import BOS_ID, SPECIAL_TOKENS, Tokenizer
+
+ROLES = ("system", "user", "assistant")
+ROLE_IDS = {role: SPECIAL_TOKENS.index(f"<|{role}|>") for role in ROLES}
+END_ID = SPECIAL_TOKENS.index("<|end|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+  role: str
+  content: str
+
+
+Chat = tuple[Message, ...]
+
+
+def render(tokenizer: Tokenizer, messages: Sequence[Message], generation_prompt: bool = False
+           ) -> tuple[list[int], list[int]]:
+  """Token ids of a conversation and its training mask (1 on assistant text and its <|end|>).
+
+  `generation_prompt=True` appends <|assistant|> so that the model's continuation is the answer.
+  """
+  tokens, mask = [BOS_ID], [0]
+  for message in messages:
+    content = tokenizer.encode(message.content)
+    trained = int(message.role == "assistant")
+    tokens += [ROLE_IDS[message.role], *content, END_ID]
+    mask += [0] + [trained] * (len(content) + 1)
+  if generation_prompt:
+    tokens.append(ROLE_IDS["assistant"])
+    mask.append(0)
+  return tokens, mask
+
+
+def prompt_and_answer(chat: Chat) -> tuple[Chat, str]:
+  """The conversation up to its last assistant turn, and that turn's text (for exact-match evaluation)."""
+  last = max(i for i, m in enumerate(chat) if m.role == "assistant")
+  return chat[:last], chat[last].content
+
+
+def parse_chat(obj) -> Chat:
+  """One JSON object → a validated conversation; raises ValueError saying what is wrong."""
+  if not isinstance(obj, dict):
+    raise ValueError("expected a JSON object")
+  if "messages" in obj:
+    raw = obj["messages"]
+    if not isinstance(raw, list) or not raw:
+      raise ValueError("'messages' must be a non-empty list")
+  elif "prompt" in obj and "response" in obj:
+    raw = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+  else:
+    raise ValueError("expected a 'messages' list or 'prompt' and 'response' fields")
+  chat = []
+  for i, message in enumerate(raw):
+    if not isinstance(message, dict):
+      raise ValueError(f"message {i} is not an object")
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+      raise ValueError(f"message {i}: unknown role {role!r} (expected one of {list(ROLES)})")
+    if role == "system" and i != 0:
+      raise ValueError(f"message {i}: a system message may only come first")
+    if not isinstance(content, str) or not content.strip():
+      raise ValueError(f"message {i} ({role}): 'content' must be a non-empty string")
+    chat.append(Message(role, content))
+  return tuple(chat)
+
+
+@dataclasses.dataclass
+class ChatFile:
+  chats: list[Chat]
+  skipped_lines: int  # Malformed lines skipped (on_error="skip").
+
+
+def read_chats(path: str, on_error: str = "raise") -> ChatFile:
+  """Reads a JSONL chat file (module docstring); `on_error` is "raise" or "skip"."""
+  if on_error not in ("raise", "skip"):
+    raise UserError(f"data.on_error={on_error!r} must be 'raise' or 'skip'")
+  chats, skipped = [], 0
+  try:
+    f = open(path, encoding="utf-8")
+  except OSError as e:
+    raise UserError(f"{path}: {e.strerror}") from None
+  with f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        chats.append(parse_chat(json.loads(line)))
+      except (json.JSONDecodeError, ValueError) as e:
+        if on_error == "raise":
+          reason = f"malformed JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+          raise UserError(f"{path}:{line_no}: {reason}") from None
+        skipped += 1
+  if not chats:
+    raise UserError(f"{path}: no valid conversation")
+  return ChatFile(chats, skipped)
