@@ -19,7 +19,7 @@ _ACCELERATOR_PEAKS = {
 @functools.cache
 def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
   """FLOP/s of a jitted n×n float32 matmul on device 0: the practical peak of a CPU."""
-  a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices()[0])
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = float("inf")
@@ -31,7 +31,7 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
 
 
 def peak_flops_per_device() -> float:
-  kind = jax.devices()[0].device_kind
+  kind = jax.local_devices()[0].device_kind
   for prefix, flops in _ACCELERATOR_PEAKS.items():
     if kind.startswith(prefix):
       return flops
