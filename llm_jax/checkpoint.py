@@ -1,10 +1,11 @@
 """Orbax checkpoints: one format for every stage.
 
-A checkpoint `WORKDIR/checkpoints/<step>/` holds four items:
+A checkpoint `WORKDIR/checkpoints/<step>/` holds these items:
   params     the model parameters (a pure dict of arrays),
   opt_state  the optax state,
   data_iter  the Grain iterator state (one file per process),
-  meta       JSON: step, stage, model config.
+  meta       JSON: step, stage, model config,
+  extra      (some stages) arrays kept beside the model, e.g. RLHF's value function.
 `params` alone is what later stages (SFT, reward model, RLHF, generation) restore. Orbax writes each
 checkpoint to a temporary directory and renames it when complete, so a crash mid-save leaves the previous
 checkpoint intact; saves run asynchronously. Restoring takes abstract arrays that carry the target
@@ -31,25 +32,33 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if not create and not os.path.isdir(self.directory):
       raise UserError(f"{self.directory}: no checkpoints here")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True)
+    # Several processes: process 0 lists the steps and broadcasts them, so all resume from the same step.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True,
+                                           single_host_load_and_broadcast=jax.process_count() > 1)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, params: Any, opt_state: Any, data_iter, meta: dict[str, Any]) -> None:
+  def save(self, step: int, params: Any, opt_state: Any, data_iter, meta: dict[str, Any], extra: Any = None
+           ) -> None:
+    """`extra`: more arrays a stage keeps beside its model parameters (e.g. RLHF's value function)."""
     items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                  meta=ocp.args.JsonSave(meta))
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    if extra:
+      items["extra"] = ocp.args.StandardSave(extra)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None, data_iter=None
-              ) -> dict[str, Any]:
+  def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None, data_iter=None,
+              abstract_extra: Any = None) -> dict[str, Any]:
     """Restores the items asked for (abstract trees carry the target shardings); `data_iter` in place."""
     items: dict[str, Any] = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
     if abstract_opt_state is not None:
       items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    if abstract_extra:
+      items["extra"] = ocp.args.StandardRestore(abstract_extra)
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     path = os.path.join(self.directory, str(step))

@@ -186,7 +186,7 @@ def eval_batches(rows: dict[str, np.ndarray], global_batch: int, max_batches: in
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
   """The validation rows in order, as this process's share of each global batch; the last batch is padded
   with rows whose loss_mask is 0 (they count for nothing)."""
-  n = len(rows["inputs"])
+  n = len(next(iter(rows.values())))
   num_batches = -(-n // global_batch)
   if max_batches:
     num_batches = min(num_batches, max_batches)

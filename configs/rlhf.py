@@ -1,0 +1,61 @@
+"""RLHF config: PPO (or GRPO / RLOO) of an SFT policy against a reward model, KL-penalized to the SFT model.
+
+  python experiments/rlhf.py --config=configs/rlhf.py --workdir=/tmp/rl --config.init_from=/tmp/sft \
+    --config.reward_model=/tmp/rm --config.data.path=PROMPTS.jsonl --config.algorithm=ppo
+
+Prompts: JSONL {"prompt": "..."} or {"messages": [...]}. Rollouts sample from the policy itself (temperature
+1, no top-k/top-p): the KL estimate and the PPO ratios assume it.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.init_from = ""  # SFT workdir: the initial policy and the frozen reference.
+  config.reward_model = ""  # Reward-model workdir (frozen scorer; PPO's value model starts from it).
+  config.algorithm = "ppo"  # "ppo", "grpo" or "rloo".
+  config.value_init = "reward_model"  # PPO value function: "reward_model" (separate network) or "policy_head".
+
+  config.iterations = 50
+  config.prompts_per_iteration = 16
+  config.group_size = 4  # Samples per prompt for GRPO/RLOO.
+  config.max_new_tokens = 32
+  config.temperature = 1.0
+  config.ppo_epochs = 2
+  config.minibatch_size = 8
+  config.gamma = 1.0
+  config.lam = 0.95
+  config.clip = 0.2
+  config.value_clip = 0.2
+  config.value_coef = 0.5
+  config.kl_coef = 0.05  # β; adapted toward target_kl when target_kl > 0.
+  config.target_kl = 0.0  # Per-sequence KL target of the adaptive controller (0 = fixed β).
+  config.kl_horizon = 10_000
+  config.whiten_rewards = False
+  config.reward_clip = 0.0  # Clip reward-model scores to ±reward_clip (0 = off).
+
+  # Optimizer (read by the shared train step).
+  config.steps = 10_000  # Schedule length in updates; the learning rate stays near its peak for short runs.
+  config.learning_rate = 1e-5
+  config.warmup_steps = 0
+  config.min_lr_ratio = 1.0
+  config.weight_decay = 0.0
+  config.b1 = 0.9
+  config.b2 = 0.95
+  config.grad_clip = 1.0
+  config.grad_accum = 1
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.path = ""
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+
+  config.log_every = 1
+  config.checkpoint_every = 25
+  config.keep_checkpoints = 2
+  return config

@@ -1,0 +1,23 @@
+"""Train a reward model (Bradley-Terry on ranked pairs). See configs/reward_model.py for the command and data."""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llm_jax import cli
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "reward_model.py"), "Config file.")
+flags.DEFINE_string("workdir", "workdirs/reward_model", "Checkpoints, tokenizer, metrics; rerun to resume.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from llm_jax.train import reward
+  cli.run(lambda: reward.run(FLAGS.config, FLAGS.workdir))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,23 @@
+"""RLHF: PPO, GRPO or RLOO against a reward model. See configs/rlhf.py for the command and data format."""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llm_jax import cli
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "rlhf.py"), "Config file.")
+flags.DEFINE_string("workdir", "workdirs/rlhf", "Checkpoints, tokenizer, metrics; rerun to resume.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from llm_jax.train import rl
+  cli.run(lambda: rl.run(FLAGS.config, FLAGS.workdir))
+
+
+if __name__ == "__main__":
+  app.run(main)

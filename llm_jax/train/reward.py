@@ -1,0 +1,206 @@
+"""Reward model: the transformer backbone plus a scalar head, trained on ranked pairs (Bradley-Terry).
+
+    score(prompt, response) = head(backbone(chat)[last token])     the last token is the answer's <|end|>
+    loss = -log σ(score(chosen) - score(rejected) - margin)
+
+Pairs are JSONL `{"prompt": "..." | "messages": [...], "chosen": "...", "rejected": "..."}`, rendered with the one
+chat template (llm_jax/chat.py). The backbone starts from an SFT workdir; the head starts at zero, so every
+pair starts at loss log 2. The stage runs on the shared training loop; its metrics are pairwise accuracy and the
+mean score margin on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from llm_jax import chat as chat_lib
+from llm_jax import checkpoint as ckpt_lib
+from llm_jax import config as config_lib
+from llm_jax import sharding
+from llm_jax.data import text
+from llm_jax.errors import UserError
+from llm_jax.inference.loading import read_model_config
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.tokenizer import PAD_ID, Tokenizer, load_tokenizer
+from llm_jax.train import loop, pretrain
+
+
+class ScalarHead(nnx.Module):
+  """hidden [B, T, D] → scalar [B, T]; zero-initialized."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    del rngs
+    self.w_D = nnx.Param(jnp.zeros((cfg.d_model,), cfg.param_dtype), out_sharding=("embed",),
+                         eager_sharding=False)
+    self.bias = nnx.Param(jnp.zeros((), cfg.param_dtype), out_sharding=(), eager_sharding=False)
+
+  def __call__(self, h_BTD: jax.Array) -> jax.Array:
+    return (h_BTD.astype(jnp.float32) @ self.w_D[...].astype(jnp.float32)) + self.bias[...]
+
+
+class RewardModel(nnx.Module):
+  """A transformer whose output is a scalar per position (the LM head is kept but unused)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.transformer = Transformer(cfg, rngs=rngs)
+    self.head = ScalarHead(cfg, rngs=rngs)
+
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT) -> jax.Array:
+    return self.head(self.transformer.backbone(tokens_BT, positions_BT, segment_ids_BT))
+
+
+def last_token_index(segment_ids_BT: jax.Array) -> jax.Array:
+  """Index of each row's last real (segment ≠ 0) token."""
+  t = segment_ids_BT.shape[1]
+  return jnp.max(jnp.where(segment_ids_BT != 0, jnp.arange(t)[None, :], 0), axis=1)
+
+
+def sequence_scores(model: RewardModel, tokens_BT, segment_ids_BT) -> jax.Array:
+  """The score of each row, read at its last real token. Rows may be left- or right-padded."""
+  positions_BT = jnp.maximum(jnp.cumsum(segment_ids_BT != 0, axis=1) - 1, 0)
+  scores_BT = model(tokens_BT, positions_BT, segment_ids_BT)
+  return jnp.take_along_axis(scores_BT, last_token_index(segment_ids_BT)[:, None], axis=1)[:, 0]
+
+
+def bradley_terry_loss(model: RewardModel, batch, rng, margin: float = 0.0):
+  """Summed −log σ(r_chosen − r_rejected − margin) over the real pairs (see loop.LossFn)."""
+  del rng
+  chosen_B = sequence_scores(model, batch["chosen"], batch["chosen_segment_ids"])
+  rejected_B = sequence_scores(model, batch["rejected"], batch["rejected_segment_ids"])
+  pair_B = batch["pair_mask"].astype(jnp.float32)
+  diff_B = chosen_B - rejected_B
+  loss_B = -jax.nn.log_sigmoid(diff_B - margin)
+  return jnp.sum(loss_B * pair_B), {"weight": jnp.sum(pair_B), "accuracy": jnp.sum((diff_B > 0) * pair_B),
+                                    "margin": jnp.sum(diff_B * pair_B)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data.
+
+
+def read_pairs(path: str) -> list[tuple[chat_lib.Chat, str, str]]:
+  """(context, chosen, rejected) triples; errors name file and line."""
+  pairs = []
+  try:
+    f = open(path, encoding="utf-8")
+  except OSError as e:
+    raise UserError(f"{path}: {e.strerror}") from None
+  with f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+        if not isinstance(obj, dict):
+          raise ValueError("expected a JSON object")
+        for field in ("chosen", "rejected"):
+          if not isinstance(obj.get(field), str) or not obj[field].strip():
+            raise ValueError(f"{field!r} must be a non-empty string")
+        if "messages" in obj:
+          context = chat_lib.parse_chat({"messages": obj["messages"]})
+        elif isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+          context = (chat_lib.Message("user", obj["prompt"]),)
+        else:
+          raise ValueError("expected a non-empty 'prompt' string or a 'messages' list")
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
+      except ValueError as e:
+        raise UserError(f"{path}:{line_no}: {e}") from None
+      pairs.append((context, obj["chosen"], obj["rejected"]))
+  if not pairs:
+    raise UserError(f"{path}: no preference pairs")
+  return pairs
+
+
+def render_response(tokenizer: Tokenizer, context: chat_lib.Chat, response: str) -> list[int]:
+  return chat_lib.render(tokenizer, (*context, chat_lib.Message("assistant", response)))[0]
+
+
+def pair_arrays(pairs, tokenizer: Tokenizer, seq_len: int) -> tuple[dict[str, np.ndarray], int]:
+  """Right-padded [num_pairs, seq_len] arrays; pairs longer than seq_len are dropped (and counted)."""
+  rows = {k: [] for k in ("chosen", "rejected")}
+  dropped = 0
+  for context, chosen, rejected in pairs:
+    c, r = render_response(tokenizer, context, chosen), render_response(tokenizer, context, rejected)
+    if max(len(c), len(r)) > seq_len:
+      dropped += 1
+      continue
+    rows["chosen"].append(c)
+    rows["rejected"].append(r)
+  if not rows["chosen"]:
+    raise UserError(f"every preference pair is longer than seq_len={seq_len}")
+  out = {}
+  for name, sequences in rows.items():
+    tokens = np.full((len(sequences), seq_len), PAD_ID, np.int32)
+    segments = np.zeros((len(sequences), seq_len), np.int32)
+    for i, s in enumerate(sequences):
+      tokens[i, :len(s)], segments[i, :len(s)] = s, 1
+    out[name], out[f"{name}_segment_ids"] = tokens, segments
+  out["pair_mask"] = np.ones(len(rows["chosen"]), np.float32)
+  return out, dropped
+
+
+def load_reward_model(workdir: str, mesh) -> tuple[loop.ModelState, dict, ModelConfig]:
+  """A trained reward model's state and parameters (sharded on `mesh`)."""
+  model_cfg = read_model_config(workdir)
+  state = loop.model_state(lambda rngs: RewardModel(model_cfg, rngs=rngs), mesh)
+  params, meta = ckpt_lib.restore_params(workdir, state.abstract_params)
+  if meta.get("stage") != "reward_model":
+    raise UserError(f"{workdir}: a {meta.get('stage')!r} checkpoint, not a reward model")
+  return state, params, model_cfg
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.TrainResult:
+  devices = jax.devices() if devices is None else devices
+  if not config.init_from:
+    raise UserError("init_from: give the SFT workdir the reward model starts from")
+  model_cfg = read_model_config(config.init_from)
+  config_lib.validate_training_config(config, len(devices), jax.process_count(), model_cfg=model_cfg)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = load_tokenizer(config.init_from)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir)
+  pretrain.check_workdir_config(workdir, config, model_cfg)
+  if not config.data.path:
+    raise UserError("data.path: give a JSONL file of preference pairs")
+  pairs = read_pairs(config.data.path)
+  if config.data.eval_path:
+    train_pairs, eval_pairs = pairs, read_pairs(config.data.eval_path)
+  else:
+    order = np.random.default_rng(config.seed).permutation(len(pairs))
+    num_eval = max(1, int(round(len(pairs) * config.data.eval_fraction)))
+    if num_eval >= len(pairs):
+      raise UserError(f"{config.data.path}: {len(pairs)} pairs are too few to hold out {num_eval}")
+    eval_pairs = [pairs[i] for i in sorted(order[:num_eval])]
+    train_pairs = [pairs[i] for i in sorted(order[num_eval:])]
+  train_rows, dropped = pair_arrays(train_pairs, tokenizer, config.seq_len)
+  eval_rows, eval_dropped = pair_arrays(eval_pairs, tokenizer, config.seq_len)
+  print(f"pairs: {len(train_rows['pair_mask'])} train, {len(eval_rows['pair_mask'])} held out; "
+        f"{dropped + eval_dropped} dropped as longer than seq_len={config.seq_len}", flush=True)
+
+  factory = lambda rngs: RewardModel(model_cfg, rngs=rngs)
+
+  def initial_params(state: loop.ModelState):
+    params = loop.init_params(factory, state, config.seed)
+    backbone, _ = ckpt_lib.restore_params(config.init_from, state.abstract_params["transformer"])
+    return {**params, "transformer": backbone}
+
+  pid, count = jax.process_index(), jax.process_count()
+  loss_fn = lambda model, batch, rng: bradley_terry_loss(model, batch, rng, config.margin)
+  return loop.train(
+      config, workdir, mesh=mesh, model_factory=factory, loss_fn=loss_fn,
+      train_data=text.train_dataset(train_rows, config.batch_size, config.seed, pid, count),
+      eval_data=text.eval_batches(eval_rows, config.batch_size, config.eval_batches, pid, count),
+      tokens_per_step=2 * config.batch_size * config.seq_len,
+      flops_per_token=model_cfg.train_flops_per_token(config.seq_len),
+      initial_params=initial_params, eval_at_start=True,
+      meta={"stage": "reward_model", "model": dataclasses.asdict(model_cfg), "init_from": config.init_from})

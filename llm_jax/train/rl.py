@@ -1,0 +1,439 @@
+"""RLHF: policy-gradient fine-tuning of an SFT model against a reward model, with a KL penalty to the SFT model.
+
+One iteration:
+  1. rollout    sample one response per prompt (k per prompt for GRPO/RLOO) with the KV-cache sampler, from
+                the policy's own distribution (temperature 1, no top-k/top-p: otherwise log π below is not the
+                probability of what was sampled and the KL estimate is wrong);
+  2. score      the reward model's score of prompt + response (read at the response's last token);
+                log π, log π_ref and (PPO) values for every response token, in one jitted pass;
+  3. rewards    per token −β·(log π − log π_ref); the score is added at the last token;
+  4. advantages PPO: GAE(γ, λ) against the value model, whitened; GRPO: (R − mean_group) / std_group;
+                RLOO: R − mean of the other k − 1 samples of the prompt (R = the sequence's total reward);
+  5. update     `ppo_epochs` passes over minibatches of the clipped surrogate (+ the clipped value loss for
+                PPO), each a step of the shared jitted train step (`loop.make_train_step`).
+β is fixed, or adapted toward `target_kl` (Ziegler et al. 2019). Padding and tokens after <|end|>/<eos> are
+masked everywhere. The value model is a separate network initialized from the reward model
+(`value_init="reward_model"`) or a scalar head on the policy's own hidden states (`value_init="policy_head"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from llm_jax import chat as chat_lib
+from llm_jax import checkpoint as ckpt_lib
+from llm_jax import sharding
+from llm_jax.errors import UserError
+from llm_jax.inference.loading import read_model_config
+from llm_jax.inference.sampler import Sampler, SamplingConfig, bucket, left_pad
+from llm_jax.metrics import MetricWriter
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.tokenizer import EOS_ID, load_tokenizer
+from llm_jax.train import loop, pretrain
+from llm_jax.train.reward import RewardModel, ScalarHead, load_reward_model, sequence_scores
+
+ALGORITHMS = ("ppo", "grpo", "rloo")
+
+
+class ActorCritic(nnx.Module):
+  """The trained parameters: the policy, and for PPO its value function (a network or a head)."""
+
+  def __init__(self, cfg: ModelConfig, value: str, *, rngs: nnx.Rngs):
+    self.policy = Transformer(cfg, rngs=rngs)
+    self.value_mode = value
+    if value == "reward_model":
+      self.value = RewardModel(cfg, rngs=rngs)
+    elif value == "policy_head":
+      self.value_head = ScalarHead(cfg, rngs=rngs)
+
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT) -> tuple[jax.Array, jax.Array | None]:
+    """Logits [B, T, V] and values [B, T] (None without a value function)."""
+    h_BTD = self.policy.backbone(tokens_BT, positions_BT, segment_ids_BT)
+    logits_BTV = self.policy.logits(h_BTD)
+    if self.value_mode == "reward_model":
+      return logits_BTV, self.value(tokens_BT, positions_BT, segment_ids_BT)
+    if self.value_mode == "policy_head":
+      return logits_BTV, self.value_head(h_BTD)
+    return logits_BTV, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The math (each piece tested against NumPy).
+
+
+def response_log_probs(logits_BTV, tokens_BT, prompt_len: int) -> tuple[jax.Array, jax.Array]:
+  """log p and entropy of each response token [B, N]; the response starts at column `prompt_len`."""
+  logits_BNV = logits_BTV[:, prompt_len - 1:-1].astype(jnp.float32)
+  log_probs_BNV = jax.nn.log_softmax(logits_BNV)
+  chosen_BN = jnp.take_along_axis(log_probs_BNV, tokens_BT[:, prompt_len:, None], axis=-1)[..., 0]
+  entropy_BN = -jnp.sum(jnp.exp(log_probs_BNV) * log_probs_BNV, axis=-1)
+  return chosen_BN, entropy_BN
+
+
+def gae(rewards_BN, values_BN, mask_BN, gamma: float, lam: float) -> tuple[jax.Array, jax.Array]:
+  """Generalized advantage estimation over the masked response tokens; returns (advantages, returns)."""
+  next_values_BN = jnp.concatenate([values_BN[:, 1:] * mask_BN[:, 1:], jnp.zeros_like(values_BN[:, :1])], 1)
+  deltas_BN = rewards_BN + gamma * next_values_BN - values_BN
+
+  def backward(next_advantage_B, xs):
+    delta_B, next_mask_B = xs
+    advantage_B = delta_B + gamma * lam * next_mask_B * next_advantage_B
+    return advantage_B, advantage_B
+  next_mask_BN = jnp.concatenate([mask_BN[:, 1:], jnp.zeros_like(mask_BN[:, :1])], 1)
+  _, advantages_NB = jax.lax.scan(backward, jnp.zeros_like(rewards_BN[:, 0]),
+                                  (deltas_BN.T, next_mask_BN.T), reverse=True)
+  advantages_BN = advantages_NB.T * mask_BN
+  return advantages_BN, (advantages_BN + values_BN) * mask_BN
+
+
+def masked_whiten(x, mask, eps: float = 1e-8):
+  count = jnp.maximum(mask.sum(), 1.0)
+  mean = (x * mask).sum() / count
+  var = (((x - mean) * mask) ** 2).sum() / count
+  return (x - mean) * jax.lax.rsqrt(var + eps) * mask
+
+
+def group_advantages(returns_B, group_size: int, algorithm: str) -> jax.Array:
+  """Critic-free sequence advantages; rows [g·k, (g+1)·k) are the k samples of prompt g."""
+  r_GK = returns_B.reshape(-1, group_size)
+  if algorithm == "grpo":
+    adv_GK = (r_GK - r_GK.mean(1, keepdims=True)) / (r_GK.std(1, keepdims=True) + 1e-6)
+  else:  # RLOO: leave-one-out mean of the other samples.
+    adv_GK = r_GK - (r_GK.sum(1, keepdims=True) - r_GK) / (group_size - 1)
+  return adv_GK.reshape(-1)
+
+
+def policy_loss(new_log_probs, old_log_probs, advantages, mask, clip: float):
+  ratio = jnp.exp(new_log_probs - old_log_probs)
+  unclipped, clipped = -advantages * ratio, -advantages * jnp.clip(ratio, 1 - clip, 1 + clip)
+  loss = jnp.maximum(unclipped, clipped)
+  return jnp.sum(loss * mask), {
+      "clip_fraction": jnp.sum((jnp.abs(ratio - 1) > clip) * mask),
+      "approx_kl": jnp.sum(((ratio - 1) - (new_log_probs - old_log_probs)) * mask),
+      "unclipped_loss": jnp.sum(unclipped * mask), "ratio": jnp.sum(ratio * mask)}
+
+
+def value_loss(new_values, old_values, returns, mask, clip: float):
+  clipped = old_values + jnp.clip(new_values - old_values, -clip, clip)
+  loss = 0.5 * jnp.maximum((new_values - returns) ** 2, (clipped - returns) ** 2)
+  return jnp.sum(loss * mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollout batches.
+
+
+def sequences(prompts: list[list[int]], responses: list[list[int]], prompt_len: int, max_new: int
+              ) -> dict[str, np.ndarray]:
+  """[B, P + N] arrays: left-padded prompt, then the response, then padding; and the response mask [B, N]."""
+  tokens, segments = left_pad(prompts, prompt_len)
+  response = np.zeros((len(prompts), max_new), np.int32)
+  response_mask = np.zeros((len(prompts), max_new), np.float32)
+  for i, r in enumerate(responses):
+    response[i, :len(r)], response_mask[i, :len(r)] = r, 1
+  return {"tokens": np.concatenate([tokens, response], 1),
+          "segment_ids": np.concatenate([segments, response_mask.astype(np.int32)], 1),
+          "response_mask": response_mask}
+
+
+def positions_of(segment_ids_BT):
+  return jnp.maximum(jnp.cumsum(segment_ids_BT != 0, axis=1) - 1, 0)
+
+
+@dataclasses.dataclass
+class RLConfig:
+  """The fields of the config that the math needs (static for jit)."""
+  algorithm: str
+  prompt_len: int
+  group_size: int
+  gamma: float
+  lam: float
+  clip: float
+  value_clip: float
+  value_coef: float
+  whiten_rewards: bool
+  reward_clip: float
+
+
+def make_scorer(rl: RLConfig, ac_state: loop.ModelState, ref_state: loop.ModelState,
+                reward_fn: Callable[[Any, jax.Array], jax.Array]):
+  """One jitted pass over a rollout batch: log π, log π_ref, values, scores → advantages and returns."""
+
+  @jax.jit
+  def score(params, ref_params, reward_params, batch, beta):
+    tokens, segments, mask = batch["tokens"], batch["segment_ids"], batch["response_mask"]
+    positions = positions_of(segments)
+    logits, values_BT = ac_state.merge(params)(tokens, positions, segments)
+    log_probs, entropy = response_log_probs(logits, tokens, rl.prompt_len)
+    ref_log_probs, _ = response_log_probs(ref_state.merge(ref_params)(tokens, positions, segments), tokens,
+                                          rl.prompt_len)
+    scores = reward_fn(reward_params, batch)
+    if rl.whiten_rewards:
+      scores = (scores - scores.mean()) / (scores.std() + 1e-6)
+    if rl.reward_clip > 0:
+      scores = jnp.clip(scores, -rl.reward_clip, rl.reward_clip)
+    log_ratio = (log_probs - ref_log_probs) * mask
+    kl_rewards = -beta * log_ratio
+    last = jnp.maximum(mask.sum(1).astype(jnp.int32) - 1, 0)
+    rewards = kl_rewards + jax.nn.one_hot(last, mask.shape[1]) * scores[:, None] * mask
+    out = {"old_log_probs": log_probs, "response_mask": mask}
+    if rl.algorithm == "ppo":
+      values = values_BT[:, rl.prompt_len - 1:-1] * mask
+      advantages, returns = gae(rewards, values, mask, rl.gamma, rl.lam)
+      out.update(advantages=masked_whiten(advantages, mask), returns=returns, old_values=values)
+      explained = 1 - _masked_var(returns - values, mask) / (_masked_var(returns, mask) + 1e-8)
+    else:
+      sequence_returns = rewards.sum(1)
+      out["advantages"] = group_advantages(sequence_returns, rl.group_size, rl.algorithm)[:, None] * mask
+      explained = jnp.nan
+    count = jnp.maximum(mask.sum(), 1.0)
+    stats = {"score": jnp.mean(reward_fn(reward_params, batch)), "kl_k1": jnp.sum(log_ratio) / mask.shape[0],
+             "kl_k3": jnp.sum((jnp.exp(-log_ratio) - 1 + log_ratio) * mask) / mask.shape[0],
+             "entropy": jnp.sum(entropy * mask) / count, "response_length": mask.sum(1).mean(),
+             "explained_variance": explained}
+    return out, stats
+  return score
+
+
+def _masked_var(x, mask):
+  count = jnp.maximum(mask.sum(), 1.0)
+  mean = (x * mask).sum() / count
+  return (((x - mean) * mask) ** 2).sum() / count
+
+
+def make_loss(rl: RLConfig):
+  def loss_fn(model: ActorCritic, batch, rng):
+    del rng
+    tokens, segments, mask = batch["tokens"], batch["segment_ids"], batch["response_mask"]
+    logits, values_BT = model(tokens, positions_of(segments), segments)
+    log_probs, entropy = response_log_probs(logits, tokens, rl.prompt_len)
+    loss, metrics = policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask, rl.clip)
+    metrics["entropy"] = jnp.sum(entropy * mask)
+    if rl.algorithm == "ppo":
+      values = values_BT[:, rl.prompt_len - 1:-1]
+      v_loss = value_loss(values, batch["old_values"], batch["returns"], mask, rl.value_clip)
+      metrics["value_loss"] = v_loss
+      loss = loss + rl.value_coef * v_loss
+    metrics["weight"] = jnp.sum(mask)
+    return loss, metrics
+  return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The RL loop.
+
+
+def read_prompts(path: str) -> list[chat_lib.Chat]:
+  """JSONL lines with "prompt" (a user turn) or "messages" (a conversation to continue)."""
+  chats = []
+  try:
+    f = open(path, encoding="utf-8")
+  except OSError as e:
+    raise UserError(f"{path}: {e.strerror}") from None
+  with f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+          chats.append((chat_lib.Message("user", obj["prompt"]),))
+        elif isinstance(obj, dict) and "messages" in obj:
+          chats.append(chat_lib.parse_chat({"messages": obj["messages"]}))
+        else:
+          raise ValueError("expected a non-empty 'prompt' string or a 'messages' list")
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
+      except ValueError as e:
+        raise UserError(f"{path}:{line_no}: {e}") from None
+  if not chats:
+    raise UserError(f"{path}: no prompts")
+  return chats
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  if config.algorithm not in ALGORITHMS:
+    raise UserError(f"algorithm={config.algorithm!r} must be one of {list(ALGORITHMS)}")
+  if config.value_init not in ("reward_model", "policy_head"):
+    raise UserError(f"value_init={config.value_init!r} must be 'reward_model' or 'policy_head'")
+  if config.algorithm != "ppo" and config.group_size < 2:
+    raise UserError(f"group_size={config.group_size} must be >= 2 for {config.algorithm}")
+  for field in ("iterations", "prompts_per_iteration", "ppo_epochs", "minibatch_size", "max_new_tokens"):
+    if config[field] <= 0:
+      raise UserError(f"{field}={config[field]} must be positive")
+  rollout = config.prompts_per_iteration * (config.group_size if config.algorithm != "ppo" else 1)
+  if rollout % config.minibatch_size:
+    raise UserError(f"minibatch_size={config.minibatch_size} must divide the rollout batch ({rollout})")
+  shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+  if config.minibatch_size % (shape[0] * shape[1]):
+    raise UserError(f"minibatch_size={config.minibatch_size} must be divisible by mesh.data*mesh.fsdp")
+  if config.temperature != 1.0:
+    logging.warning("temperature=%s: rollouts are not sampled from the policy itself; KL and ratios are "
+                    "computed for the policy at temperature 1", config.temperature)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
+        reward_fn: Callable[[list[int]], float] | None = None, prompts: list[list[int]] | None = None
+        ) -> list[dict[str, float]]:
+  """Runs `config.iterations` RL iterations; returns the per-iteration metrics.
+
+  `reward_fn(response_tokens) -> float`, a rule instead of a reward model, and raw token `prompts` serve tests
+  and toy tasks; normally the reward model at `config.reward_model` scores, on prompts from `config.data.path`.
+  """
+  devices = jax.devices() if devices is None else devices
+  validate(config, len(devices))
+  if not config.init_from:
+    raise UserError("init_from: give the SFT workdir (the policy and the frozen reference)")
+  model_cfg = read_model_config(config.init_from)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = load_tokenizer(config.init_from)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir)
+  pretrain.check_workdir_config(workdir, config, model_cfg)
+
+  # Prompts (token ids, ending where the assistant's answer begins).
+  if prompts is None:
+    chats = read_prompts(config.data.path)
+    prompts = [chat_lib.render(tokenizer, chat, generation_prompt=True)[0] for chat in chats]
+  too_long = [i for i, p in enumerate(prompts) if len(p) + config.max_new_tokens > model_cfg.max_seq_len]
+  if too_long:
+    raise UserError(f"{len(too_long)} prompts (first: #{too_long[0]}) leave no room for max_new_tokens="
+                    f"{config.max_new_tokens} in the model's context of {model_cfg.max_seq_len}")
+  prompt_len = min(bucket(max(len(p) for p in prompts)), model_cfg.max_seq_len - config.max_new_tokens)
+  rl = RLConfig(config.algorithm, prompt_len, config.group_size if config.algorithm != "ppo" else 1,
+                config.gamma, config.lam, config.clip, config.value_clip, config.value_coef,
+                config.whiten_rewards, config.reward_clip)
+
+  # The policy (+ value), the frozen reference and the frozen reward model.
+  value_mode = config.value_init if config.algorithm == "ppo" else "none"
+  factory = lambda rngs: ActorCritic(model_cfg, value_mode, rngs=rngs)
+  ac_state = loop.model_state(factory, mesh)
+  ref_state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
+  ref_params, _ = ckpt_lib.restore_params(config.init_from, ref_state.abstract_params)
+  if reward_fn is None:
+    rm_state, rm_params, _ = load_reward_model(config.reward_model, mesh)
+    reward = lambda params, batch: sequence_scores(rm_state.merge(params), batch["tokens"], batch["segment_ids"])
+  else:
+    rm_params = None
+    reward = lambda params, batch: batch["rule_scores"]
+
+  def initial_params(state):
+    params = loop.init_params(factory, state, config.seed)
+    params = {**params, "policy": jax.tree.map(jnp.copy, ref_params)}  # A copy: updates donate their inputs.
+    if value_mode == "reward_model":
+      params["value"] = rm_params if rm_params is not None else params["value"]
+    return params
+
+  optimizer = loop.make_optimizer(config, ac_state.abstract_params)
+  opt_shardings = loop.opt_state_shardings(optimizer, ac_state, mesh)
+  rollout_size = config.prompts_per_iteration * rl.group_size
+  fields = ["tokens", "segment_ids", "response_mask", "old_log_probs", "advantages"]
+  fields += ["returns", "old_values"] if rl.algorithm == "ppo" else []
+  batch_shardings = {k: sharding.batch_sharding(mesh, 2) for k in fields}
+  update = loop.make_train_step(ac_state, make_loss(rl), optimizer, mesh, opt_shardings, batch_shardings, 1,
+                                config.seed)
+  score = make_scorer(rl, ac_state, ref_state, reward)
+  sampler = Sampler(ref_state.graphdef, None, mesh, model_cfg=model_cfg)
+  sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                            stop_ids=(chat_lib.END_ID, EOS_ID))
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start = checkpointer.latest_step()
+  if start is None:
+    params, start, beta = initial_params(ac_state), 0, config.kl_coef
+    params = jax.device_put(params, ac_state.param_shardings)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  else:
+    abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, ac_state.abstract_params),
+                                                    opt_shardings)
+    abstract_value = {k: v for k, v in ac_state.abstract_params.items() if k != "policy"}
+    restored = checkpointer.restore(start, ac_state.abstract_params["policy"], abstract_opt,
+                                    abstract_extra=abstract_value)
+    params = {"policy": restored["params"], **restored["extra"]}
+    opt_state, beta = restored["opt_state"], restored["meta"]["beta"]
+    print(f"resuming from iteration {start}", flush=True)
+  writer = MetricWriter(workdir)
+  history = []
+  rng = np.random.default_rng(config.seed)
+  order = [int(i) for i in rng.permutation(len(prompts))]
+  update_step = start * config.ppo_epochs * (rollout_size // config.minibatch_size)
+  try:
+    for iteration in range(start + 1, config.iterations + 1):
+      t0 = time.perf_counter()
+      # 1. Rollout from the current policy.
+      picked = [order[(iteration * config.prompts_per_iteration + j) % len(order)]
+                for j in range(config.prompts_per_iteration)]
+      batch_prompts = [prompts[i] for i in picked for _ in range(rl.group_size)]
+      sampler.params = params["policy"]
+      generation = sampler.generate(batch_prompts, sampling, jax.random.key(config.seed * 100_003 + iteration))
+      t_rollout = time.perf_counter() - t0
+      host = sequences(batch_prompts, generation.tokens, prompt_len, config.max_new_tokens)
+      if reward_fn is not None:
+        host["rule_scores"] = np.array([reward_fn(t) for t in generation.tokens], np.float32)
+      batch = sharding.global_batch(host, mesh)
+      # 2-4. Scores, rewards, advantages.
+      prepared, stats = score(params, ref_params, rm_params, batch, jnp.float32(beta))
+      prepared.update(tokens=batch["tokens"], segment_ids=batch["segment_ids"])
+      # 5. Clipped updates over minibatches.
+      metrics_sum: dict[str, float] = {}
+      minibatches = rollout_size // config.minibatch_size
+      rollout = jax.device_get({k: prepared[k] for k in fields})
+      for epoch in range(config.ppo_epochs):
+        perm = np.random.default_rng(config.seed + iteration * 1000 + epoch).permutation(rollout_size)
+        for m in range(minibatches):
+          idx = np.sort(perm[m * config.minibatch_size:(m + 1) * config.minibatch_size])
+          mb = {k: v[idx] for k, v in rollout.items()}
+          params, opt_state, metrics = update(params, opt_state, sharding.global_batch(mb, mesh),
+                                              jnp.int32(update_step))
+          update_step += 1
+          if epoch == 0 and m == 0:
+            first = {f"first_{k}": float(v) for k, v in jax.device_get(metrics).items()}
+          for k, v in jax.device_get(metrics).items():
+            metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v)
+      stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+      row = {**stats, **{k: v / (config.ppo_epochs * minibatches) for k, v in metrics_sum.items()},
+             "first_ratio": first["first_ratio"], "beta": beta, "rollout_seconds": t_rollout,
+             "rollout_tokens_per_second": sum(len(t) for t in generation.tokens) / t_rollout,
+             "iteration_seconds": time.perf_counter() - t0}
+      if stats["kl_k1"] < 0:
+        logging.warning("mean KL estimate is negative (%.4f): are rollouts sampled from the policy itself "
+                        "(temperature 1, no top-k/top-p)?", stats["kl_k1"])
+        print(f"WARNING: negative mean KL {stats['kl_k1']:.4f} at iteration {iteration}", flush=True)
+      if not math.isfinite(row["loss"]):
+        raise loop.NonFiniteLossError(f"non-finite loss at iteration {iteration}; stopped")
+      if config.target_kl > 0:  # Adaptive KL controller (Ziegler et al. 2019).
+        error = float(np.clip(stats["kl_k1"] / config.target_kl - 1, -0.2, 0.2))
+        beta *= 1 + error * rollout_size / config.kl_horizon
+      history.append(row)
+      writer.write(iteration, row)
+      if jax.process_index() == 0 and (iteration % config.log_every == 0 or iteration == config.iterations):
+        print(f"iteration {iteration:>4}/{config.iterations}  score {stats['score']:.3f}  "
+              f"kl {stats['kl_k1']:.4f} (k3 {stats['kl_k3']:.4f})  beta {beta:.4f}  "
+              f"clip {row['clip_fraction']:.3f}  len {stats['response_length']:.1f}  "
+              f"rollout {row['rollout_tokens_per_second']:,.0f} tok/s  {row['iteration_seconds']:.1f} s/it",
+              flush=True)
+      if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+        # `params` holds the policy alone (what generation and evaluation load); the value function is extra.
+        value = {k: v for k, v in params.items() if k != "policy"}
+        checkpointer.save(iteration, params["policy"], opt_state, None,
+                          {"stage": "rlhf", "step": iteration, "beta": beta, "algorithm": config.algorithm,
+                           "model": dataclasses.asdict(model_cfg), "init_from": config.init_from},
+                          extra=value)
+    checkpointer.wait()
+  finally:
+    checkpointer.close()
+    writer.close()
+  return history
