@@ -37,12 +37,10 @@ def main(argv):
     import jax
     from llm_jax import sharding
     from llm_jax.errors import UserError
-    from llm_jax.inference.loading import load_sampler, split_checkpoint_path
+    from llm_jax.inference.loading import load_sampler, resolve
     from llm_jax.inference.sampler import SamplingConfig
 
-    if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-      raise UserError("give exactly one of --workdir or --checkpoint")
-    workdir, step = split_checkpoint_path(FLAGS.checkpoint) if FLAGS.checkpoint else (FLAGS.workdir, None)
+    workdir, step = resolve(FLAGS.workdir, FLAGS.checkpoint)
     prompts = list(FLAGS.prompt)
     if FLAGS.prompt_file:
       try:

@@ -19,9 +19,9 @@ has nothing to train on: SFT counts and drops it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Sequence
 
+from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
 from llm_jax.tokenizer import BOS_ID, SPECIAL_TOKENS, Tokenizer
 
@@ -98,24 +98,7 @@ class ChatFile:
 
 def read_chats(path: str, on_error: str = "raise") -> ChatFile:
   """Reads a JSONL chat file (module docstring); `on_error` is "raise" or "skip"."""
-  if on_error not in ("raise", "skip"):
-    raise UserError(f"data.on_error={on_error!r} must be 'raise' or 'skip'")
-  chats, skipped = [], 0
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise UserError(f"{path}: {e.strerror}") from None
-  with f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        chats.append(parse_chat(json.loads(line)))
-      except (json.JSONDecodeError, ValueError) as e:
-        if on_error == "raise":
-          reason = f"malformed JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-          raise UserError(f"{path}:{line_no}: {reason}") from None
-        skipped += 1
+  chats, skipped = read_jsonl(path, parse_chat, on_error)
   if not chats:
     raise UserError(f"{path}: no valid conversation")
   return ChatFile(chats, skipped)

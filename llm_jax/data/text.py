@@ -25,6 +25,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
 from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -67,19 +68,11 @@ def read_documents(pattern: str, text_field: str = "text") -> list[str]:
 
 
 def _read_jsonl(path: str, field: str) -> list[str]:
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
-      if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-        raise UserError(f"{path}:{line_no}: expected an object with a string field {field!r}")
-      out.append(obj[field])
-  return out
+  def parse(obj) -> str:
+    if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+      raise ValueError(f"expected an object with a string field {field!r}")
+    return obj[field]
+  return read_jsonl(path, parse)[0]
 
 
 def _record_text(record: bytes, path: str, index: int, field: str) -> str:

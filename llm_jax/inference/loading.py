@@ -24,6 +24,13 @@ def split_checkpoint_path(path: str) -> tuple[str, int]:
   return os.path.dirname(parent), int(step)
 
 
+def resolve(workdir: str, checkpoint: str) -> tuple[str, int | None]:
+  """The --workdir / --checkpoint pair of the command-line tools → (workdir, step or None for the latest)."""
+  if bool(workdir) == bool(checkpoint):
+    raise UserError("give exactly one of --workdir or --checkpoint")
+  return split_checkpoint_path(checkpoint) if checkpoint else (workdir, None)
+
+
 def read_model_config(workdir: str) -> ModelConfig:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):

@@ -7,15 +7,12 @@ The stage contributes its loss (cross-entropy on the tokens whose target is in t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
-from flax import nnx
 
 from llm_jax import config as config_lib
 from llm_jax import sharding
@@ -23,10 +20,7 @@ from llm_jax.data import builtin_corpus, text
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
 from llm_jax.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
-from llm_jax.train import loop
-
-CONFIG_FILE = "config.json"
-
+from llm_jax.train import loop, stage
 
 def next_token_loss(model: Transformer, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Summed cross-entropy over the tokens whose `loss_mask` is set (see loop.LossFn)."""
@@ -76,24 +70,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Tokenizer,
   return tokenizer, data, model_cfg
 
 
-def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
-  """Saves config.json on the first run; a resumed run must keep the model it started with."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  record = {"config": config.to_dict(), "model": dataclasses.asdict(model_cfg)}
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f).get("model")
-    if previous and previous != record["model"]:
-      changed = sorted(k for k in record["model"] if previous.get(k) != record["model"][k])
-      raise UserError(f"{path}: this workdir was trained with a different model (fields {changed} differ); "
-                      "use a new workdir")
-    return
-  if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=2, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
         devices=None) -> loop.TrainResult:
   """Pretrains on `devices` (default: all). `stop_after=N` stops after N steps, as a preemption would."""
@@ -102,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   os.makedirs(workdir, exist_ok=True)
   tokenizer, data, model_cfg = prepare(config, workdir)
-  check_workdir_config(workdir, config, model_cfg)
+  stage.check_workdir_config(workdir, config, model_cfg)
   print(f"corpus: {data.num_documents:,} documents, {data.num_tokens:,} tokens ({tokenizer.kind} tokenizer, "
         f"vocab {tokenizer.vocab_size}); {data.num_train_rows:,} train rows and "
         f"{len(data.eval['inputs']):,} eval rows of {config.seq_len}", flush=True)

@@ -12,8 +12,6 @@ mean score margin on held-out pairs.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +21,13 @@ from flax import nnx
 
 from llm_jax import chat as chat_lib
 from llm_jax import checkpoint as ckpt_lib
-from llm_jax import config as config_lib
-from llm_jax import sharding
 from llm_jax.data import text
+from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
 from llm_jax.inference.loading import read_model_config
 from llm_jax.model import ModelConfig, Transformer
-from llm_jax.tokenizer import PAD_ID, Tokenizer, load_tokenizer
-from llm_jax.train import loop, pretrain
+from llm_jax.tokenizer import PAD_ID, Tokenizer
+from llm_jax.train import loop, stage
 
 
 class ScalarHead(nnx.Module):
@@ -86,35 +83,27 @@ def bradley_terry_loss(model: RewardModel, batch, rng, margin: float = 0.0):
 # Data.
 
 
+def _parse_pair(obj) -> tuple[chat_lib.Chat, str, str]:
+  if not isinstance(obj, dict):
+    raise ValueError("expected a JSON object")
+  for field in ("chosen", "rejected"):
+    if not isinstance(obj.get(field), str) or not obj[field].strip():
+      raise ValueError(f"{field!r} must be a non-empty string")
+  return prompt_context(obj), obj["chosen"], obj["rejected"]
+
+
+def prompt_context(obj) -> chat_lib.Chat:
+  """The conversation an answer continues: {"prompt": "..."} (one user turn) or {"messages": [...]}."""
+  if isinstance(obj, dict) and "messages" in obj:
+    return chat_lib.parse_chat({"messages": obj["messages"]})
+  if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+    return (chat_lib.Message("user", obj["prompt"]),)
+  raise ValueError("expected a non-empty 'prompt' string or a 'messages' list")
+
+
 def read_pairs(path: str) -> list[tuple[chat_lib.Chat, str, str]]:
   """(context, chosen, rejected) triples; errors name file and line."""
-  pairs = []
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise UserError(f"{path}: {e.strerror}") from None
-  with f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-        if not isinstance(obj, dict):
-          raise ValueError("expected a JSON object")
-        for field in ("chosen", "rejected"):
-          if not isinstance(obj.get(field), str) or not obj[field].strip():
-            raise ValueError(f"{field!r} must be a non-empty string")
-        if "messages" in obj:
-          context = chat_lib.parse_chat({"messages": obj["messages"]})
-        elif isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
-          context = (chat_lib.Message("user", obj["prompt"]),)
-        else:
-          raise ValueError("expected a non-empty 'prompt' string or a 'messages' list")
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
-      except ValueError as e:
-        raise UserError(f"{path}:{line_no}: {e}") from None
-      pairs.append((context, obj["chosen"], obj["rejected"]))
+  pairs, _ = read_jsonl(path, _parse_pair)
   if not pairs:
     raise UserError(f"{path}: no preference pairs")
   return pairs
@@ -160,16 +149,7 @@ def load_reward_model(workdir: str, mesh) -> tuple[loop.ModelState, dict, ModelC
 
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.TrainResult:
   devices = jax.devices() if devices is None else devices
-  if not config.init_from:
-    raise UserError("init_from: give the SFT workdir the reward model starts from")
-  model_cfg = read_model_config(config.init_from)
-  config_lib.validate_training_config(config, len(devices), jax.process_count(), model_cfg=model_cfg)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer = load_tokenizer(config.init_from)
-  if jax.process_index() == 0:
-    tokenizer.save(workdir)
-  pretrain.check_workdir_config(workdir, config, model_cfg)
+  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "SFT")
   if not config.data.path:
     raise UserError("data.path: give a JSONL file of preference pairs")
   pairs = read_pairs(config.data.path)

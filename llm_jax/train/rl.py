@@ -19,9 +19,7 @@ masked everywhere. The value model is a separate network initialized from the re
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -35,14 +33,15 @@ from flax import nnx
 from llm_jax import chat as chat_lib
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import sharding
+from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
-from llm_jax.inference.loading import read_model_config
 from llm_jax.inference.sampler import Sampler, SamplingConfig, bucket, left_pad
 from llm_jax.metrics import MetricWriter
 from llm_jax.model import ModelConfig, Transformer
-from llm_jax.tokenizer import EOS_ID, load_tokenizer
-from llm_jax.train import loop, pretrain
-from llm_jax.train.reward import RewardModel, ScalarHead, load_reward_model, sequence_scores
+from llm_jax.tokenizer import EOS_ID
+from llm_jax.train import loop, stage
+from llm_jax.train.reward import (RewardModel, ScalarHead, load_reward_model, prompt_context,
+                                  sequence_scores)
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
 
@@ -237,27 +236,7 @@ def make_loss(rl: RLConfig):
 
 def read_prompts(path: str) -> list[chat_lib.Chat]:
   """JSONL lines with "prompt" (a user turn) or "messages" (a conversation to continue)."""
-  chats = []
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise UserError(f"{path}: {e.strerror}") from None
-  with f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
-          chats.append((chat_lib.Message("user", obj["prompt"]),))
-        elif isinstance(obj, dict) and "messages" in obj:
-          chats.append(chat_lib.parse_chat({"messages": obj["messages"]}))
-        else:
-          raise ValueError("expected a non-empty 'prompt' string or a 'messages' list")
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
-      except ValueError as e:
-        raise UserError(f"{path}:{line_no}: {e}") from None
+  chats, _ = read_jsonl(path, prompt_context)
   if not chats:
     raise UserError(f"{path}: no prompts")
   return chats
@@ -294,15 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   """
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
-  if not config.init_from:
-    raise UserError("init_from: give the SFT workdir (the policy and the frozen reference)")
-  model_cfg = read_model_config(config.init_from)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer = load_tokenizer(config.init_from)
-  if jax.process_index() == 0:
-    tokenizer.save(workdir)
-  pretrain.check_workdir_config(workdir, config, model_cfg)
+  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "SFT", validate_training=False)
 
   # Prompts (token ids, ending where the assistant's answer begins).
   if prompts is None:

@@ -13,7 +13,6 @@ printed, as are chats with nothing to train on (no assistant turn, or truncated 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import ml_collections
@@ -21,15 +20,12 @@ import numpy as np
 
 from llm_jax import chat as chat_lib
 from llm_jax import checkpoint as ckpt_lib
-from llm_jax import config as config_lib
-from llm_jax import sharding
 from llm_jax.data import text
 from llm_jax.errors import UserError
-from llm_jax.inference.loading import read_model_config
 from llm_jax.inference.sampler import Sampler, SamplingConfig
 from llm_jax.model import Transformer
-from llm_jax.tokenizer import EOS_ID, Tokenizer, load_tokenizer
-from llm_jax.train import loop, pretrain
+from llm_jax.tokenizer import EOS_ID, Tokenizer
+from llm_jax.train import loop, pretrain, stage
 
 
 @dataclasses.dataclass
@@ -112,16 +108,7 @@ def exact_match_eval(sampler: Sampler, tokenizer: Tokenizer, chats, max_answer_t
 
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.TrainResult:
   devices = jax.devices() if devices is None else devices
-  if not config.init_from:
-    raise UserError("init_from: give the pretraining (or earlier SFT) workdir to start from")
-  model_cfg = read_model_config(config.init_from)
-  config_lib.validate_training_config(config, len(devices), jax.process_count(), model_cfg=model_cfg)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer = load_tokenizer(config.init_from)
-  if jax.process_index() == 0:
-    tokenizer.save(workdir)
-  pretrain.check_workdir_config(workdir, config, model_cfg)
+  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "pretraining (or SFT)")
   data = prepare(config, tokenizer)
   print(f"chats: {data.report}; {len(data.train_rows['inputs'])} train rows, {len(data.eval_rows['inputs'])} "
         f"eval rows of {config.seq_len}; {len(data.eval_chats)} held-out chats for exact match", flush=True)

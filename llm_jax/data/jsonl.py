@@ -1,0 +1,37 @@
+"""Reading JSONL with errors that name the file and line (every JSONL reader of the project uses this)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, TypeVar
+
+from llm_jax.errors import UserError
+
+T = TypeVar("T")
+
+
+def read_jsonl(path: str, parse: Callable[[Any], T], on_error: str = "raise") -> tuple[list[T], int]:
+  """`parse(obj)` for each non-blank line; it raises ValueError to reject a line.
+
+  With on_error="raise" the first bad line stops with `UserError("FILE:LINE: reason")`; with "skip" bad lines
+  are skipped and counted. Returns (items, skipped).
+  """
+  if on_error not in ("raise", "skip"):
+    raise UserError(f"on_error={on_error!r} must be 'raise' or 'skip'")
+  items, skipped = [], 0
+  try:
+    f = open(path, encoding="utf-8")
+  except OSError as e:
+    raise UserError(f"{path}: {e.strerror}") from None
+  with f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        items.append(parse(json.loads(line)))
+      except (json.JSONDecodeError, ValueError) as e:
+        if on_error == "raise":
+          reason = f"malformed JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+          raise UserError(f"{path}:{line_no}: {reason}") from None
+        skipped += 1
+  return items, skipped
