@@ -124,7 +124,7 @@ def main(argv):
     assert int(final.step) == n and (np.asarray(final.lengths_B) == n).all(), "a row stopped early"
     row["decode tok/s"] = b * n / decode_s
     row["ms/step"] = 1000 * decode_s / n
-    kv_bytes = final.cache.k_LBSKH.nbytes + final.cache.v_LBSKH.nbytes
+    kv_bytes = final.cache.k_LBKSH.nbytes + final.cache.v_LBKSH.nbytes
     row["KV MiB"] = kv_bytes / 2**20
     if not on_cpu:
       row["HBM bound ms/step"] = 1000 * (param_bytes + kv_bytes) / (FLAGS.hbm_gbps * 1e9)

@@ -160,20 +160,29 @@ class KVCache:
   """Keys and values of every layer for decoding, and what each of the S slots holds.
 
   All rows write the same slot (`index`); rows of different lengths are left-padded, and a slot whose
-  segment id is 0 (padding, or not yet written) is never attended.
+  segment id is 0 (padding, or not yet written) is never attended. Keys/values are stored heads-first,
+  [layers, B, K, S, H]: each (row, kv head) is then a contiguous [S, H] matrix, the layout both attention
+  matmuls want, so a decode step reads the cache in place instead of transposing a copy of it.
   """
-  k_LBSKH: jax.Array
-  v_LBSKH: jax.Array
+  k_LBKSH: jax.Array
+  v_LBKSH: jax.Array
   positions_BS: jax.Array  # Position of the token in each slot.
   segment_ids_BS: jax.Array  # 1: a token of the row; 0: padding or empty.
   index: jax.Array  # int32 scalar: the next slot to write.
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
     zeros = jnp.zeros(shape, dtype or cfg.dtype)
     return cls(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch, length), jnp.int32),
                jnp.zeros((), jnp.int32))
+
+  def pad_to(self, length: int) -> "KVCache":
+    """The same cache with empty slots (segment 0, never attended) appended up to `length` slots."""
+    extra = length - self.segment_ids_BS.shape[1]
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
+    return dataclasses.replace(self, k_LBKSH=pad(self.k_LBKSH, 3), v_LBKSH=pad(self.v_LBKSH, 3),
+                               positions_BS=pad(self.positions_BS, 1), segment_ids_BS=pad(self.segment_ids_BS, 1))
 
   def add_tokens(self, positions_BL: jax.Array, segment_ids_BL: jax.Array) -> "KVCache":
     """Records the positions and segments of L new tokens at `index` (before the layers write K/V)."""
@@ -183,25 +192,42 @@ class KVCache:
 
   def write_layer(self, layer, k_BLKH: jax.Array, v_BLKH: jax.Array) -> "KVCache":
     """Writes one layer's new keys/values in place (a dynamic-update-slice of the stacked buffers)."""
-    start = (layer, 0, self.index, 0, 0)
-    return dataclasses.replace(
-        self, k_LBSKH=jax.lax.dynamic_update_slice(self.k_LBSKH, k_BLKH[None].astype(self.k_LBSKH.dtype), start),
-        v_LBSKH=jax.lax.dynamic_update_slice(self.v_LBSKH, v_BLKH[None].astype(self.v_LBSKH.dtype), start))
+    start = (layer, 0, 0, self.index, 0)
+    write = lambda buf, new_BLKH: jax.lax.dynamic_update_slice(
+        buf, new_BLKH.transpose(0, 2, 1, 3)[None].astype(buf.dtype), start)
+    return dataclasses.replace(self, k_LBKSH=write(self.k_LBKSH, k_BLKH), v_LBKSH=write(self.v_LBKSH, v_BLKH))
 
 
-def attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
+def attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1LS: jax.Array, *,
+              kv_heads_first: bool = False) -> jax.Array:
   """Masked softmax attention; K < N heads is grouped-query attention (each K/V head serves N/K queries).
 
   The same math as `jax.nn.dot_product_attention(implementation="xla")` (float32 softmax), written out because
   it is faster on CPU: q is scaled on [B, L, N, H] instead of the scores on [B, N, L, S], the mask is an
   additive bias, and the softmax is normalized after the value matmul (again on [B, L, N, H]).
+
+  `kv_heads_first`: k and v are [B, K, S, H], the KV cache's layout (decoding). The queries are then grouped,
+  [B, L, K, N/K, H], so each matmul reads the cache in place: no repeated K/V and no transposed copy of the
+  cache per step. On [B, S, K, H] (training, prefill) the K/V heads are repeated to N instead: with long L
+  that is faster on CPU (measured ~1.5x on the fwd+bwd for baby_char/tiny/small shapes).
   """
-  n, k, h = q_BLNH.shape[2], k_BSKH.shape[2], q_BLNH.shape[3]
+  b, l, n, h = q_BLNH.shape
+  q_BLNH = q_BLNH * jnp.asarray(1 / math.sqrt(h), q_BLNH.dtype)
+  bias = lambda mask: jnp.where(mask, 0.0, -0.7 * float(jnp.finfo(jnp.float32).max))
+  if kv_heads_first:
+    k = k_BSKH.shape[1]
+    q_BLKGH = q_BLNH.reshape(b, l, k, n // k, h)
+    logits_BKGLS = jnp.einsum("blkgh,bksh->bkgls", q_BLKGH, k_BSKH, preferred_element_type=jnp.float32)
+    logits_BKGLS = logits_BKGLS + bias(mask_B1LS[:, :, None])
+    exp_BKGLS = jnp.exp(logits_BKGLS - jax.lax.stop_gradient(jnp.max(logits_BKGLS, axis=-1, keepdims=True)))
+    out_BLKGH = jnp.einsum("bkgls,bksh->blkgh", exp_BKGLS.astype(v_BSKH.dtype), v_BSKH)
+    sum_BLKG = jnp.einsum("bkgls->blkg", exp_BKGLS)
+    return (out_BLKGH / sum_BLKG[..., None]).reshape(b, l, n, h).astype(v_BSKH.dtype)
+  k = k_BSKH.shape[2]
   if k != n:
     k_BSKH, v_BSKH = jnp.repeat(k_BSKH, n // k, axis=2), jnp.repeat(v_BSKH, n // k, axis=2)
-  q_BLNH = q_BLNH * jnp.asarray(1 / math.sqrt(h), q_BLNH.dtype)
   logits_BNLS = jnp.einsum("blnh,bsnh->bnls", q_BLNH, k_BSKH, preferred_element_type=jnp.float32)
-  logits_BNLS = logits_BNLS + jnp.where(mask_B1LS, 0.0, -0.7 * float(jnp.finfo(jnp.float32).max))
+  logits_BNLS = logits_BNLS + bias(mask_B1LS)
   exp_BNLS = jnp.exp(logits_BNLS - jax.lax.stop_gradient(jnp.max(logits_BNLS, axis=-1, keepdims=True)))
   out_BLNH = jnp.einsum("bnls,bsnh->blnh", exp_BNLS.astype(v_BSKH.dtype), v_BSKH)
   sum_BLN = jnp.einsum("bnls->bln", exp_BNLS)
@@ -244,16 +270,22 @@ class Attention(nnx.Module):
     if cfg.position == "rope":
       q_BLNH = apply_rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = apply_rope(k_BLKH, positions_BL, cfg.rope_theta)
-    if cache is None:
-      k_BSKH, v_BSKH, kv_positions_BS, kv_segment_ids_BS = k_BLKH, v_BLKH, positions_BL, segment_ids_BL
-    else:
+    if cache is not None:
       cache = cache.write_layer(layer, k_BLKH, v_BLKH)
-      k_BSKH, v_BSKH = cache.k_LBSKH[layer].astype(dt), cache.v_LBSKH[layer].astype(dt)
+    kv_heads_first = cache is not None and cache.segment_ids_BS.shape[1] != l
+    if not kv_heads_first:
+      # Training, or a prefill into a cache of exactly the prompt's length (it then holds just these tokens):
+      # attend to the new keys/values themselves.
+      k_BSKH, v_BSKH, kv_positions_BS, kv_segment_ids_BS = k_BLKH, v_BLKH, positions_BL, segment_ids_BL
+    else:  # Decoding: the cache's own heads-first layout, [B, K, S, H], read in place.
+      k_BSKH, v_BSKH = cache.k_LBKSH[layer].astype(dt), cache.v_LBKSH[layer].astype(dt)
       kv_positions_BS, kv_segment_ids_BS = cache.positions_BS, cache.segment_ids_BS
     mask = attention_mask(segment_ids_BL, kv_segment_ids_BS, positions_BL, kv_positions_BS)
     if cfg.attention_impl == "xla":
-      out_BLNH = attention(q_BLNH, k_BSKH, v_BSKH, mask)
-    else:  # jax's fused kernels (cuDNN on GPUs).
+      out_BLNH = attention(q_BLNH, k_BSKH, v_BSKH, mask, kv_heads_first=kv_heads_first)
+    else:  # jax's fused kernels (cuDNN on GPUs), on [B, S, K, H].
+      if kv_heads_first:
+        k_BSKH, v_BSKH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
       out_BLNH = jax.nn.dot_product_attention(
           q_BLNH, k_BSKH, v_BSKH, mask=mask, implementation=None if cfg.attention_impl == "auto" else "cudnn")
     out_BLD = (out_BLNH.reshape(b * l, n * h) @ self.wo_NHD[...].astype(dt).reshape(n * h, d)).reshape(b, l, d)

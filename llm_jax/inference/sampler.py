@@ -1,6 +1,6 @@
 """Batched, sharded decoding with a KV cache: prefill once, then one token per step inside a jitted loop.
 
-    prompts (left-padded to a bucket length P) ──prefill──▶ KV cache [layers, B, P + N, K, H] + first logits
+    prompts (left-padded to a bucket length P) ──prefill──▶ KV cache [layers, B, K, P + N, H] + first logits
         └─ lax.while_loop: sample → append → forward 1 token against the cache, until every row has stopped
            (a stop id, or N new tokens); no host round trip per token.
 
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from llm_jax import chat as chat_lib
@@ -100,6 +101,12 @@ class Generation:
   prompt_tokens: list[list[int]]
 
 
+def _fetch(tree):
+  """Host copies; arrays that span several processes are all-gathered (every process calls this)."""
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x) if x.is_fully_addressable
+                                           else multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
   """Prompts right-aligned in [B, length] arrays: tokens, and 1 where a token is real (its segment id)."""
   tokens = np.full((len(prompts), length), PAD_ID, np.int32)
@@ -135,19 +142,24 @@ class Sampler:
     def constrain(x, names):
       spec = sharding.logical_to_spec(names, x.shape, self.mesh)
       return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
-    kv_names = ("layers", "batch", None, "kv_heads", "head_dim")
-    return KVCache(constrain(cache.k_LBSKH, kv_names), constrain(cache.v_LBSKH, kv_names),
+    kv_names = ("layers", "batch", "kv_heads", None, "head_dim")
+    return KVCache(constrain(cache.k_LBKSH, kv_names), constrain(cache.v_LBKSH, kv_names),
                    constrain(cache.positions_BS, ("batch", None)), constrain(cache.segment_ids_BS, ("batch", None)),
                    cache.index)
 
   def prefill(self, params, tokens_BP, segment_ids_BP, cache_length: int) -> DecodeState:
-    """Runs the prompts through the model, filling the cache; returns the state before the first sample."""
+    """Runs the prompts through the model, filling the cache; returns the state before the first sample.
+
+    The prompts attend only to each other: they fill a cache of exactly their length, which is then padded
+    with empty slots (segment 0, never attended) to `cache_length` for decoding.
+    """
     model: Transformer = nnx.merge(self.graphdef, params)
     batch, prompt_len = tokens_BP.shape
-    cache = self._cache_sharding(KVCache.empty(model.cfg, batch, cache_length, self.cache_dtype))
+    cache = self._cache_sharding(KVCache.empty(model.cfg, batch, prompt_len, self.cache_dtype))
     prompt_lengths_B = segment_ids_BP.sum(axis=1)
     positions_BP = jnp.maximum(jnp.arange(prompt_len)[None, :] - (prompt_len - prompt_lengths_B[:, None]), 0)
     h_BPD, cache = model.backbone_with_cache(tokens_BP, positions_BP, segment_ids_BP, cache)
+    cache = self._cache_sharding(cache.pad_to(cache_length))
     logits_BV = model.logits(h_BPD[:, -1:])[:, 0]
     n = cache_length - prompt_len
     return DecodeState(cache=cache, logits_BV=logits_BV, tokens_BN=jnp.full((batch, n), PAD_ID, jnp.int32),
@@ -225,7 +237,7 @@ class Sampler:
         if bool(state.done_B[0]) or int(state.step) >= state.tokens_BN.shape[1]:
           break
       state = decode(self.params, state, key, jnp.int32(cache_length), sampling=sampling)  # Finish the rest.
-    tokens_BN, log_probs_BN, lengths_B = jax.device_get((state.tokens_BN, state.log_probs_BN, state.lengths_B))
+    tokens_BN, log_probs_BN, lengths_B = _fetch((state.tokens_BN, state.log_probs_BN, state.lengths_B))
     n = len(prompts)
     return Generation(tokens=[tokens_BN[b, :lengths_B[b]].tolist() for b in range(n)],
                       log_probs=[log_probs_BN[b, :lengths_B[b]].tolist() for b in range(n)],
