@@ -75,7 +75,8 @@ def bradley_terry_loss(model: RewardModel, batch, rng, margin: float = 0.0):
   pair_B = batch["pair_mask"].astype(jnp.float32)
   diff_B = chosen_B - rejected_B
   loss_B = -jax.nn.log_sigmoid(diff_B - margin)
-  return jnp.sum(loss_B * pair_B), {"weight": jnp.sum(pair_B), "accuracy": jnp.sum((diff_B > 0) * pair_B),
+  correct_B = (diff_B > 0) + 0.5 * (diff_B == 0)  # A tie (e.g. the zero-initialized head) is a coin flip.
+  return jnp.sum(loss_B * pair_B), {"weight": jnp.sum(pair_B), "accuracy": jnp.sum(correct_B * pair_B),
                                     "margin": jnp.sum(diff_B * pair_B)}
 
 

@@ -305,7 +305,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
     params = loop.init_params(factory, state, config.seed)
     params = {**params, "policy": jax.tree.map(jnp.copy, ref_params)}  # A copy: updates donate their inputs.
     if value_mode == "reward_model":
-      params["value"] = rm_params if rm_params is not None else params["value"]
+      params["value"] = jax.tree.map(jnp.copy, rm_params) if rm_params is not None else params["value"]
     return params
 
   optimizer = loop.make_optimizer(config, ac_state.abstract_params)
