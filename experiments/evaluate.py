@@ -1,0 +1,128 @@
+"""Evaluate any checkpoint: perplexity, QA, reward-model score and win-rate, KL to a reference.
+
+  python experiments/evaluate.py --workdir=CHECKPOINT_DIR [--reference=OTHER_DIR] [--reward_model=RM_DIR] \
+    [--text=FILE] [--qa=FILE.jsonl] --output=results.json
+
+Language models (pretrain, SFT, RLHF workdirs):
+  loss, perplexity          on --text (text/JSONL files; default: 200 documents of the built-in corpus
+                            generated with another seed than training's)
+  qa_exact_match            greedy chat answers to --qa ({"prompt", "response"} JSONL) equal to the response;
+                            default: the built-in held-out capital questions, also graded by the gold judge
+                            (qa_accuracy: right capital; qa_complete: the complete sentence)
+  reward_score              mean --reward_model score of the answers (and of --reference's: win_rate_reward)
+  win_rate_gold             vs --reference on the built-in questions, by the gold judge (ties ½)
+  kl_to_reference           mean per-answer KL(model ‖ reference) on answers sampled at temperature 1
+Reward models: pair_accuracy and pair_margin on --pairs (default: the built-in held-out pairs).
+Prints a table and writes every figure to --output (JSON).
+"""
+
+import json
+
+from absl import app, flags
+
+from llm_jax import cli
+
+flags.DEFINE_string("workdir", "", "The workdir to evaluate (latest checkpoint).")
+flags.DEFINE_string("checkpoint", "", "Or one checkpoint: WORKDIR/checkpoints/STEP.")
+flags.DEFINE_string("reference", "", "A second model workdir: win-rates and KL are measured against it.")
+flags.DEFINE_string("reward_model", "", "A reward-model workdir to score answers with.")
+flags.DEFINE_string("text", "", "Text for perplexity (files or globs, as data.path).")
+flags.DEFINE_string("qa", "", "JSONL {'prompt', 'response'} for exact match (default: built-in questions).")
+flags.DEFINE_string("pairs", "", "Preference pairs for a reward-model workdir (default: built-in held-out).")
+flags.DEFINE_integer("seq_len", 128, "Rows of this length for perplexity.")
+flags.DEFINE_string("output", "results.json", "Where to write the JSON results.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+
+  def run():
+    import os
+    import tempfile
+    import jax
+    from llm_jax import evaluation, sharding
+    from llm_jax import checkpoint as ckpt_lib
+    from llm_jax.data import builtin_corpus, text, world_facts
+    from llm_jax.errors import UserError
+    from llm_jax.inference.loading import load_sampler, read_model_config, resolve
+    from llm_jax.model import Transformer
+    from llm_jax.tokenizer import load_tokenizer
+    from llm_jax.train import loop, reward
+
+    workdir, step = resolve(FLAGS.workdir, FLAGS.checkpoint)
+    mesh = sharding.make_mesh()
+    checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"{checkpointer.directory}: no complete checkpoint")
+    meta = checkpointer.read_meta(step)
+    checkpointer.close()
+    results = {"workdir": os.path.abspath(workdir), "stage": meta.get("stage"), "step": step}
+
+    if meta.get("stage") == "reward_model":
+      state, params, _ = reward.load_reward_model(workdir, mesh)
+      tokenizer = load_tokenizer(workdir)
+      if FLAGS.pairs:
+        pairs = reward.read_pairs(FLAGS.pairs)
+      else:
+        path = world_facts.write_all(tempfile.mkdtemp())["pairs_held_out"]
+        pairs = reward.read_pairs(path)
+      contexts = [c for c, _, _ in pairs]
+      chosen = evaluation.reward_scores(state, params, tokenizer, contexts, [a for _, a, _ in pairs], mesh)
+      rejected = evaluation.reward_scores(state, params, tokenizer, contexts, [b for _, _, b in pairs], mesh)
+      margins = [c - r for c, r in zip(chosen, rejected)]
+      results.update(pair_accuracy=sum(m > 0 for m in margins) / len(margins),
+                     pair_margin=sum(margins) / len(margins), pairs=len(margins))
+    else:
+      sampler, tokenizer, _ = load_sampler(workdir, mesh, step)
+      model_cfg = read_model_config(workdir)
+      documents = (text.read_documents(FLAGS.text) if FLAGS.text
+                   else builtin_corpus.pretraining_documents(seed=1, num_documents=200))
+      state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
+      seq_len = min(FLAGS.seq_len, model_cfg.max_seq_len)
+      results.update(evaluation.perplexity(state, sampler.params, tokenizer, documents, seq_len, mesh))
+      if FLAGS.qa:
+        from llm_jax.chat import read_chats, prompt_and_answer
+        chats = read_chats(FLAGS.qa).chats
+        questions = [prompt_and_answer(c)[0][-1].content for c in chats]
+        references = [prompt_and_answer(c)[1].strip() for c in chats]
+        replies = evaluation.answers(sampler, tokenizer, questions)
+        countries = None
+      else:
+        countries, questions, replies, grades = evaluation.held_out_qa(sampler, tokenizer)
+        references = [world_facts.capital_answer(c) for c in countries]
+        results.update(evaluation.qa_summary(grades))
+      results["qa_exact_match"] = sum(r == a for r, a in zip(replies, references)) / len(references)
+      results["qa_example"] = f"{questions[0]} → {replies[0]}"
+      reference_replies = None
+      if FLAGS.reference:
+        ref_sampler, _, _ = load_sampler(FLAGS.reference, mesh)
+        reference_replies = evaluation.answers(ref_sampler, tokenizer, questions)
+        if countries is not None:
+          results["win_rate_gold"] = evaluation.win_rate(evaluation.gold_grades(countries, replies),
+                                                         evaluation.gold_grades(countries, reference_replies))
+        ref_cfg = read_model_config(FLAGS.reference)
+        ref_state = loop.model_state(lambda rngs: Transformer(ref_cfg, rngs=rngs), mesh)
+        results["kl_to_reference"] = evaluation.kl_to_reference(sampler, ref_state, ref_sampler.params,
+                                                                tokenizer, questions)
+      if FLAGS.reward_model:
+        rm_state, rm_params, _ = reward.load_reward_model(FLAGS.reward_model, mesh)
+        scores = evaluation.reward_scores(rm_state, rm_params, tokenizer, questions, replies, mesh)
+        results["reward_score"] = sum(scores) / len(scores)
+        if reference_replies is not None:
+          ref_scores = evaluation.reward_scores(rm_state, rm_params, tokenizer, questions, reference_replies, mesh)
+          results["win_rate_reward"] = evaluation.win_rate(scores, ref_scores)
+
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+      print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if jax.process_index() == 0:
+      with open(FLAGS.output, "w") as f:
+        json.dump(results, f, indent=2)
+      print(f"wrote {FLAGS.output}")
+  cli.run(run)
+
+
+if __name__ == "__main__":
+  app.run(main)

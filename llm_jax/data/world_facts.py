@@ -1,0 +1,129 @@
+"""The end-to-end experiment's data, generated from the facts table, and the gold judge.
+
+Countries are split once (seeded) into train and held-out. Held-out countries never appear in SFT chats,
+preference pairs or RL prompts: a model answers them only from what pretraining taught it.
+
+- SFT chats (train countries): capital questions in varied phrasings, answered like imperfect demonstrations:
+  most in the complete sentence "The capital of X is Y.", some curtly ("Y."). SFT imitates both.
+- Preference pairs (train countries): two of {complete, curt, wrong capital (complete or curt), a true
+  sentence about another country, rambling} answers to a question, ranked by the gold judge.
+- RL prompts (train countries): questions only.
+
+The gold judge is a written rule that stands in for human raters. It is kept apart from the reward model so it
+can grade any model's answers in evaluation:
+    2  correct and complete: exactly "The capital of X is Y."
+    1  correct but curt: names the right capital, in a few words, and nothing wrong
+    0  wrong (no or another capital) or rambling (more than one sentence, or long)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+
+from llm_jax.data.builtin_corpus import (COUNTRIES, Country, capital_answer, capital_question_templates,
+                                         split_countries)
+
+_CAPITALS = {c.capital for c in COUNTRIES}
+
+
+def judge(country: Country, answer: str) -> int:
+  """The gold rule (module docstring): 2 complete, 1 curt, 0 wrong or rambling."""
+  answer = answer.strip()
+  if answer == capital_answer(country):
+    return 2
+  mentioned = {c for c in _CAPITALS if re.search(rf"\b{re.escape(c)}\b", answer)}
+  if mentioned != {country.capital}:
+    return 0  # No capital, or a wrong one.
+  sentences = [s for s in re.split(r"(?<=[.!?])\s+", answer) if s]
+  if len(sentences) > 1 or len(answer.split()) > 4:
+    return 0  # Rambling.
+  return 1
+
+
+def curt_answer(country: Country) -> str:
+  return f"{country.capital}."
+
+
+def _wrong_answer(rng: random.Random, country: Country) -> str:
+  other = rng.choice([c for c in COUNTRIES if c.capital != country.capital])
+  return f"The capital of {country.name} is {other.capital}."
+
+
+def _curt_wrong_answer(rng: random.Random, country: Country) -> str:
+  """Curt and wrong: a curt answer is only as good as its fact (no safe hedging for a policy to learn)."""
+  return f"{rng.choice([c for c in COUNTRIES if c.capital != country.capital]).capital}."
+
+
+def _off_topic_answer(rng: random.Random, country: Country) -> str:
+  """A true, complete sentence about another country: wrong for this question."""
+  other = rng.choice([c for c in COUNTRIES if c.capital != country.capital])
+  return capital_answer(other)
+
+
+def _rambling_answer(rng: random.Random, country: Country) -> str:
+  extra = rng.choice([f"People there speak {country.language}.", f"It is in {country.continent}.",
+                      f"The money is the {country.currency}."])
+  return f"{capital_answer(country)} {extra} {capital_answer(country)}"
+
+
+def question(rng: random.Random, country: Country) -> str:
+  return rng.choice(capital_question_templates()).format(country=country.name)
+
+
+def sft_chats(countries, rng: random.Random, per_country: int, curt_fraction: float) -> list[dict]:
+  return [{"prompt": question(rng, c),
+           "response": curt_answer(c) if rng.random() < curt_fraction else capital_answer(c)}
+          for c in countries for _ in range(per_country)]
+
+
+def preference_pairs(countries, rng: random.Random, per_country: int) -> list[dict]:
+  """Pairs of answers of different gold grades, the better one as "chosen"."""
+  pairs = []
+  for country in countries:
+    for _ in range(per_country):
+      answers = [capital_answer(country), curt_answer(country), _wrong_answer(rng, country),
+                 _curt_wrong_answer(rng, country), _off_topic_answer(rng, country), _rambling_answer(rng, country)]
+      a, b = rng.sample(answers, 2)
+      if judge(country, a) == judge(country, b):
+        continue
+      chosen, rejected = (a, b) if judge(country, a) > judge(country, b) else (b, a)
+      pairs.append({"prompt": question(rng, country), "chosen": chosen, "rejected": rejected})
+  return pairs
+
+
+def held_out_questions(held_out, seed: int) -> list[tuple[Country, str]]:
+  rng = random.Random(seed)
+  return [(c, question(rng, c)) for c in held_out]
+
+
+def write_jsonl(path: str, rows: list[dict]) -> str:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
+def write_all(directory: str, seed: int = 0, held_out_fraction: float = 0.2, sft_per_country: int = 4,
+              curt_fraction: float = 0.3, pairs_per_country: int = 10) -> dict[str, str]:
+  """Writes every dataset of the experiment into `directory`; returns their paths by name."""
+  train, held_out = split_countries(seed, held_out_fraction)
+  rng = random.Random(seed)
+  return {
+      "sft": write_jsonl(os.path.join(directory, "sft.jsonl"), sft_chats(train, rng, sft_per_country,
+                                                                        curt_fraction)),
+      "sft_held_out": write_jsonl(os.path.join(directory, "sft_held_out.jsonl"),
+                                  [{"prompt": q, "response": capital_answer(c)}
+                                   for c, q in held_out_questions(held_out, seed + 1)]),
+      "pairs": write_jsonl(os.path.join(directory, "pairs.jsonl"),
+                           preference_pairs(train, rng, pairs_per_country)),
+      "pairs_held_out": write_jsonl(os.path.join(directory, "pairs_held_out.jsonl"),
+                                    preference_pairs(held_out, rng, 3)),
+      "prompts": write_jsonl(os.path.join(directory, "prompts.jsonl"),
+                             [{"prompt": question(rng, c)} for c in train for _ in range(2)]),
+  }

@@ -1,0 +1,153 @@
+"""The whole story on the built-in world-facts data: tokenizer → pretrain → SFT → reward model → RLHF → chat.
+
+Each stage runs in its own workdir under the experiment's workdir, so a rerun resumes an unfinished stage and
+only reloads a finished one. The report (REPORT.md, plots/*.png, results.json) shows what each phase did:
+
+- pretraining teaches grammar and facts (loss), but the base model does not answer questions;
+- SFT teaches the answer format on train countries; held-out countries are answered from pretraining alone;
+- the reward model learns the gold judge's preferences from ranked pairs (held-out pair accuracy);
+- RLHF moves the SFT policy toward complete answers (gold win-rate against SFT), at a stated KL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from llm_jax import evaluation, sharding
+from llm_jax.data import world_facts
+from llm_jax.inference.loading import load_sampler, read_model_config
+from llm_jax.metrics import read_metrics
+from llm_jax.model import Transformer
+from llm_jax.train import loop, pretrain, reward, rl, sft
+from llm_jax import checkpoint as ckpt_lib
+
+QUESTION = "Where is the capital of China?"
+
+
+def _stage_dirs(workdir: str) -> dict[str, str]:
+  return {name: os.path.join(workdir, name) for name in ("pretrain", "sft", "reward_model", "rlhf")}
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  dirs = _stage_dirs(workdir)
+  data = world_facts.write_all(os.path.join(workdir, "data"), seed=config.seed)
+  print("=== 1/4 pretraining: next-token prediction on the world-facts corpus", flush=True)
+  pretrain.run(config.pretrain, dirs["pretrain"])
+
+  print("=== 2/4 SFT: capital questions about the train countries", flush=True)
+  with config.unlocked():
+    config.sft.init_from, config.sft.data.path = dirs["pretrain"], data["sft"]
+    config.sft.data.eval_path = data["sft_held_out"]  # Exact match on countries SFT never saw.
+    config.reward_model.init_from = dirs["sft"]
+    config.reward_model.data.path, config.reward_model.data.eval_path = data["pairs"], data["pairs_held_out"]
+    config.rlhf.init_from, config.rlhf.reward_model = dirs["sft"], dirs["reward_model"]
+    config.rlhf.data.path = data["prompts"]
+  sft.run(config.sft, dirs["sft"])
+  print("=== 3/4 reward model: Bradley-Terry on pairs ranked by the gold judge", flush=True)
+  reward.run(config.reward_model, dirs["reward_model"])
+  print(f"=== 4/4 RLHF ({config.rlhf.algorithm}) against the reward model", flush=True)
+  rl.run(config.rlhf, dirs["rlhf"])
+  return dirs
+
+
+def evaluate_all(dirs: dict[str, str], mesh, seed: int) -> dict[str, float]:
+  results: dict[str, float] = {}
+  grades = {}
+  samplers = {}
+  for name in ("pretrain", "sft", "rlhf"):
+    sampler, tokenizer, _ = load_sampler(dirs[name], mesh)
+    samplers[name] = sampler
+    countries, questions, replies, grades[name] = evaluation.held_out_qa(sampler, tokenizer, seed)
+    for key, value in evaluation.qa_summary(grades[name]).items():
+      results[f"{name}/{key}"] = value
+    results[f"{name}/example"] = f"{questions[0]} → {replies[0]}"
+  results["rlhf_vs_sft/gold_win_rate_greedy"] = evaluation.win_rate(grades["rlhf"], grades["sft"])
+  results["rlhf_vs_sft/gold_win_rate"] = evaluation.sampled_win_rate(samplers["rlhf"], samplers["sft"], tokenizer,
+                                                                     countries, questions, seed=seed)
+  model_cfg = read_model_config(dirs["sft"])
+  ref_state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
+  ref_params, _ = ckpt_lib.restore_params(dirs["sft"], ref_state.abstract_params)
+  results["rlhf/kl_to_sft"] = evaluation.kl_to_reference(samplers["rlhf"], ref_state, ref_params, tokenizer,
+                                                         questions)
+  rm_rows = [r for r in read_metrics(dirs["reward_model"]) if "eval_accuracy" in r]
+  results["reward_model/held_out_accuracy"] = rm_rows[-1]["eval_accuracy"]
+  results["reward_model/held_out_accuracy_at_start"] = rm_rows[0]["eval_accuracy"]
+  return results
+
+
+def plot(dirs: dict[str, str], out_dir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(out_dir, exist_ok=True)
+  panels = [("pretrain", "pretraining loss", ["loss", "eval_loss"]), ("sft", "SFT loss", ["loss", "eval_loss"]),
+            ("sft", "SFT held-out exact match", ["eval_exact_match"]),
+            ("reward_model", "reward-model pair accuracy", ["accuracy", "eval_accuracy"]),
+            ("rlhf", "RLHF reward-model score", ["score"]), ("rlhf", "RLHF KL to SFT (per answer)", ["kl_k1", "kl_k3"])]
+  paths = []
+  for stage, title, keys in panels:
+    rows = read_metrics(dirs[stage])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in keys:
+      points = [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
+      if points:
+        ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
+    ax.set_title(title)
+    ax.set_xlabel("iteration" if stage == "rlhf" else "step")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{stage}_{keys[0]}.png".replace("/", "_"))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def write_report(workdir: str, results: dict, plots: list[str], seconds: float) -> str:
+  table = [("base (pretrained)", "pretrain"), ("SFT", "sft"), ("RLHF", "rlhf")]
+  lines = ["# World-facts experiment", "",
+           "Held-out countries never appear in SFT, preference or RL data: answering them needs facts learned "
+           "in pretraining. Grades come from the gold judge (llm_jax/data/world_facts.py).", "",
+           "| model | held-out QA accuracy (correct capital) | complete answers | example |", "| --- | --- | --- | --- |"]
+  for label, key in table:
+    lines.append(f"| {label} | {results[f'{key}/qa_accuracy']:.1%} | {results[f'{key}/qa_complete']:.1%} | "
+                 f"{results[f'{key}/example']} |")
+  lines += ["", f"- reward model, held-out pair accuracy: {results['reward_model/held_out_accuracy']:.1%} "
+                f"(at start: {results['reward_model/held_out_accuracy_at_start']:.1%})",
+            f"- RLHF vs SFT gold win-rate (ties count ½), 4 sampled answers (temperature 1) per held-out "
+            f"question: {results['rlhf_vs_sft/gold_win_rate']:.1%}; greedy answers: "
+            f"{results['rlhf_vs_sft/gold_win_rate_greedy']:.1%}",
+            f"- RLHF mean KL to the SFT model: {results['rlhf/kl_to_sft']:.3f} nats per answer",
+            f"- wall time: {seconds / 60:.1f} min on {jax.device_count()} × {jax.devices()[0].platform}", "",
+            f"**{QUESTION}** → {results['answer']}", ""]
+  lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
+  path = os.path.join(workdir, "REPORT.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return path
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  import time
+  start = time.perf_counter()
+  dirs = run_stages(config, workdir)
+  mesh = sharding.make_mesh()
+  print("=== evaluation", flush=True)
+  results = evaluate_all(dirs, mesh, config.seed)
+  sampler, tokenizer, _ = load_sampler(dirs["rlhf"], mesh)
+  print(f"\nuser: {QUESTION}\nassistant: ", end="", flush=True)
+  answer = sampler.complete(tokenizer, [QUESTION], evaluation.ANSWER, jax.random.key(0), chat=True,
+                            stream=lambda piece: print(piece, end="", flush=True))[0]
+  print("\n", flush=True)
+  results["answer"] = answer.strip()
+  plots = plot(dirs, os.path.join(workdir, "plots"))
+  report = write_report(workdir, results, plots, time.perf_counter() - start)
+  print(open(report).read().split("![")[0], flush=True)
+  print(f"report: {report}", flush=True)
+  return results
