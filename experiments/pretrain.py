@@ -36,7 +36,8 @@ def main(argv):
       completions = sampler.complete(load_tokenizer(FLAGS.workdir), FLAGS.sample_prompt, sampling,
                                      jax.random.key(FLAGS.config.seed))
       for prompt, completion in zip(FLAGS.sample_prompt, completions):
-        print(f"sample: {prompt}|{completion}", flush=True)
+        if jax.process_index() == 0:
+          print(f"sample: {prompt}|{completion}", flush=True)
   cli.run(run)
 
 

@@ -107,6 +107,9 @@ def validate_training_config(config: ml_collections.ConfigDict, num_devices: int
                     f"{shards}*{config.grad_accum}")
   if config.batch_size % process_count:
     raise UserError(f"batch_size={config.batch_size} must be divisible by the process count {process_count}")
+  if shards % process_count:  # Each process feeds its own rows: its devices must hold whole batch shards.
+    raise UserError(f"mesh.data*mesh.fsdp = {shards} must be a multiple of the process count {process_count} "
+                    "(each process feeds its own rows of the batch)")
   return model_cfg, shape
 
 

@@ -214,3 +214,17 @@ def test_prompts_in_the_same_bucket_reuse_the_compiled_loop():
   assert (prefill._cache_size(), decode._cache_size()) == sizes
   sampler.generate(prompts([20]), GREEDY, jax.random.key(0))  # Next bucket: one new compilation.
   assert prefill._cache_size() == sizes[0] + 1
+
+
+def test_scanned_layers_decode_like_unrolled_layers():
+  plain, _ = make_sampler(TINY)
+  scanned_cfg = dataclasses.replace(TINY, scan_layers=True)
+  mesh = plain.mesh
+  state = loop.model_state(lambda rngs: Transformer(scanned_cfg, rngs=rngs), mesh)
+  stacked = dict(plain.params, blocks=jax.tree.map(lambda *layers: jnp.stack(layers),
+                                                   *plain.params["blocks"].values()))
+  scanned = Sampler(state.graphdef, stacked, mesh)
+  rows = prompts([4, 9])
+  a, b = plain.generate(rows, GREEDY, jax.random.key(0)), scanned.generate(rows, GREEDY, jax.random.key(0))
+  assert a.tokens == b.tokens
+  np.testing.assert_allclose(np.concatenate(a.log_probs), np.concatenate(b.log_probs), rtol=1e-5, atol=1e-5)

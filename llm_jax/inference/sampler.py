@@ -169,7 +169,6 @@ class Sampler:
 
   def decode(self, params, state: DecodeState, key, until_step, sampling: SamplingConfig) -> DecodeState:
     """Samples tokens until every row is done or `state.step` reaches `until_step` (a traced int)."""
-    model: Transformer = nnx.merge(self.graphdef, params)
     batch, max_new = state.tokens_BN.shape
     row_keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
     stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
@@ -178,6 +177,8 @@ class Sampler:
       return (s.step < jnp.minimum(until_step, max_new)) & ~jnp.all(s.done_B)
 
     def one_token(s: DecodeState) -> DecodeState:
+      # Merged inside the loop body: nnx transforms (scan over layers) refuse a module from an outer trace.
+      model: Transformer = nnx.merge(self.graphdef, params)
       keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, s.step)
       token_B, log_prob_B = sample_logits(s.logits_BV, keys_B, sampling.temperature, sampling.top_k,
                                           sampling.top_p)

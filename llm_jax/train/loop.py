@@ -290,17 +290,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh,
       empty_steps += values["weight"] == 0
       values["empty_steps"] = empty_steps
       last_metrics = values
-    tokens_per_second = tokens_per_step / seconds_per_step
-    last_metrics.update(tokens_per_second=tokens_per_second, step_seconds=seconds_per_step,
-                        mfu=flops_per_token * tokens_per_second / peak)
     step = pending[-1][0]
+    speed = ""
+    if window_steps:  # The compiling first step is not a throughput sample.
+      tokens_per_second = tokens_per_step / seconds_per_step
+      last_metrics.update(tokens_per_second=tokens_per_second, step_seconds=seconds_per_step,
+                          mfu=flops_per_token * tokens_per_second / peak)
+      speed = (f"  {tokens_per_second:,.0f} tok/s  step {1000 * seconds_per_step:.1f} ms  "
+               f"MFU {100 * last_metrics['mfu']:.1f}%  ETA {_format_seconds(seconds_per_step * (end - step))}")
     writer.write(step, last_metrics)
     if jax.process_index() == 0:
-      eta = seconds_per_step * (end - step)
       print(f"step {step:>6}/{config.steps}  loss {last_metrics['loss']:.4f}  lr {last_metrics['learning_rate']:.2e}"
-            f"  grad_norm {last_metrics['grad_norm']:.3f}  {tokens_per_second:,.0f} tok/s"
-            f"  step {1000 * seconds_per_step:.1f} ms  MFU {100 * last_metrics['mfu']:.1f}%"
-            f"  ETA {_format_seconds(eta)}", flush=True)
+            f"  grad_norm {last_metrics['grad_norm']:.3f}{speed}", flush=True)
     pending.clear()
     window_start, window_steps = time.perf_counter(), 0
 
