@@ -29,23 +29,23 @@ arguments + outputs − donated + temporaries, v5p HBM 95 GiB; sequence length 2
 moments, bf16 compute):
 
   python experiments/aot_compile.py --config.model=llama_7b --topology=v5p:4x4x4 --config.seq_len=2048 \
-    --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 --config.batch_size=256 --config.grad_accum=4
+    --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 --config.batch_size=256
 
-  llama_7b (6.74 B) on v5p-128 (v5p:4x4x4, 64 chips), remat=full, scan_layers=True (the preset):
-    batch 256, fsdp=64, grad_accum=4 (1 row/chip/microbatch)   34.2 GiB  fits   <- use this
+  llama_7b (6.74 B) on v5p-128 (v5p:4x4x4, 64 chips), remat=full, scan_layers=True (the preset), with the
+  activations pinned to the batch axes (model.batch_sharded):
+    batch 256, fsdp=64, grad_accum=1 (4 rows/chip)             10.8 GiB  fits   <- use this
+    2 layers only, batch 64                                      2.1 GiB  fits
+  Before the activations were pinned (XLA computed the LM head on the whole global batch on every chip:
+  [64, 2048, 32000] bf16 logits per chip), the same settings needed 98.2 GiB (does not fit) and 31.7 GiB; the
+  other measurements of that version:
+    batch 256, fsdp=64, grad_accum=4                            34.2 GiB  fits
     batch 128, fsdp=16 × tensor=4, grad_accum=1                18.8 GiB  fits
-    batch  64, fsdp=64 (1 row/chip)                             33.9 GiB  fits
-    batch 256, fsdp=64, grad_accum=1 (4 rows/chip)              98.2 GiB  does not fit (compiler: out of HBM)
     batch  64, fsdp=64, remat=dots                             199.6 GiB  does not fit
     batch 256, fsdp=64, scan_layers=False                     1095.7 GiB  does not fit
-  ~31 GiB of the 34 is independent of depth (8 layers: 31.8 GiB, 2 layers: 31.7): the LM head and loss run on
-  the whole global (micro)batch — [64, 2048, 32000] bf16 logits per chip — because nothing pins the hidden
-  states to the batch sharding. Constraining the final hidden states and logits to P(("data", "fsdp"), None,
-  None) cut the 2-layer case from 31.7 to 2.1 GiB (measured; not yet in model.py).
   Decoding 256 prompts × (1024 + 1024 new) on the same mesh: prefill 18.5 GiB, decode loop 8.7 GiB (measured
   with scan_layers=False, before decoding scanned models was fixed).
 
-  70B class (Llama-2-70B shape: --config.model=llama_7b --config.model_overrides.num_layers=80
+  70B class (measured before the activations were pinned; Llama-2-70B shape: --config.model=llama_7b --config.model_overrides.num_layers=80
   --config.model_overrides.d_model=8192 --config.model_overrides.num_heads=64 --config.model_overrides.num_kv_heads=8
   --config.model_overrides.d_ff=28672; 69 B parameters), remat=full, scan:
     v5p-256 (v5p:4x4x8, 128 chips), fsdp=32 × tensor=4, batch 128             45.3 GiB  fits

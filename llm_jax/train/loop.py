@@ -113,6 +113,21 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, state: ModelSta
 # The jitted steps.
 
 
+class OnMesh:
+  """A jitted function traced under `jax.set_mesh(mesh)`, so the model can pin activations to the batch axes."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+
+
 def make_train_step(state: ModelState, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
                     opt_shardings, batch_shardings, grad_accum: int, seed: int):
   """One optimizer update on a global batch, split into `grad_accum` microbatches scanned inside the jit."""
@@ -151,17 +166,18 @@ def make_train_step(state: ModelState, loss_fn: LossFn, optimizer: optax.Gradien
     metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
-  return jax.jit(step, donate_argnums=(0, 1),
-                 in_shardings=(state.param_shardings, opt_shardings, batch_shardings, sharding.replicated(mesh)),
-                 out_shardings=(state.param_shardings, opt_shardings, sharding.replicated(mesh)))
+  return OnMesh(jax.jit(step, donate_argnums=(0, 1),
+                        in_shardings=(state.param_shardings, opt_shardings, batch_shardings,
+                                      sharding.replicated(mesh)),
+                        out_shardings=(state.param_shardings, opt_shardings, sharding.replicated(mesh))), mesh)
 
 
 def make_eval_step(state: ModelState, loss_fn: LossFn, mesh: Mesh, batch_shardings):
   def step(params, batch):
     loss_sum, sums = loss_fn(state.merge(params), batch, jax.random.key(0))
     return {"loss": loss_sum, **sums}
-  return jax.jit(step, in_shardings=(state.param_shardings, batch_shardings),
-                 out_shardings=sharding.replicated(mesh))
+  return OnMesh(jax.jit(step, in_shardings=(state.param_shardings, batch_shardings),
+                        out_shardings=sharding.replicated(mesh)), mesh)
 
 
 def evaluate(eval_step, params, batches: list[dict[str, np.ndarray]], mesh: Mesh) -> dict[str, float]:
