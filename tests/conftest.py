@@ -8,8 +8,27 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import json  # noqa: E402
+
 import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 flags.FLAGS.mark_as_parsed()
+
+
+SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing in the morning.",
+             "the sun is warm today.", "we walk to the old bridge."]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  """A small JSONL corpus of five sentences in random triples (tiny-model training tests)."""
+  path = tmp_path / "corpus.jsonl"
+  rng = np.random.default_rng(0)
+  with open(path, "w") as f:
+    for _ in range(200):
+      f.write(json.dumps({"text": " ".join(rng.choice(SENTENCES, 3))}) + "\n")
+  return str(path)

@@ -9,8 +9,8 @@ import pytest
 
 from llm_jax import sharding
 from llm_jax.errors import UserError
-from llm_jax.inference.sampler import DecodeState, Sampler, SamplingConfig, left_pad, sample_logits
-from llm_jax.model import PRESETS, KVCache, Transformer
+from llm_jax.inference.sampler import Sampler, SamplingConfig, left_pad, sample_logits
+from llm_jax.model import PRESETS, Transformer
 from llm_jax.train import loop
 
 TINY = PRESETS["tiny"]  # RoPE, RMSNorm, SwiGLU, 4 heads / 2 kv heads.

@@ -23,9 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import pretrain as pretrain_config  # noqa: E402  (configs/pretrain.py)
 
-SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing in the morning.",
-             "the sun is warm today.", "we walk to the old bridge."]
-
 # The schedule must not depend on `steps` (min_lr_ratio=1: constant after warmup), so a 3-step run resumed to
 # 6 steps is the same computation as one 6-step run.
 OVERRIDES = {"model": "tiny", "data.tokenizer": "char", "batch_size": 8, "seq_len": 32, "learning_rate": 3e-3,
@@ -33,15 +30,6 @@ OVERRIDES = {"model": "tiny", "data.tokenizer": "char", "batch_size": 8, "seq_le
              "eval_batches": 2, "model_overrides.num_kv_heads": 2, "mesh.data": 2, "mesh.fsdp": 2,
              "mesh.tensor": 2}
 
-
-@pytest.fixture
-def corpus(tmp_path):
-  path = tmp_path / "corpus.jsonl"
-  rng = np.random.default_rng(0)
-  with open(path, "w") as f:
-    for _ in range(200):
-      f.write(json.dumps({"text": " ".join(rng.choice(SENTENCES, 3))}) + "\n")
-  return str(path)
 
 
 def env():

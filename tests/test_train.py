@@ -18,19 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import pretrain as pretrain_config  # noqa: E402  (configs/pretrain.py)
 
-SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing in the morning.",
-             "the sun is warm today.", "we walk to the old bridge."]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-  path = tmp_path / "corpus.jsonl"
-  rng = np.random.default_rng(0)
-  import json
-  with open(path, "w") as f:
-    for _ in range(200):
-      f.write(json.dumps({"text": " ".join(rng.choice(SENTENCES, 3))}) + "\n")
-  return str(path)
 
 
 def tiny_config(corpus, **overrides):

@@ -178,7 +178,7 @@ def make_scorer(rl: RLConfig, ac_state: loop.ModelState, ref_state: loop.ModelSt
     log_probs, entropy = response_log_probs(logits, tokens, rl.prompt_len)
     ref_log_probs, _ = response_log_probs(ref_state.merge(ref_params)(tokens, positions, segments), tokens,
                                           rl.prompt_len)
-    scores = reward_fn(reward_params, batch)
+    raw_scores = scores = reward_fn(reward_params, batch)
     if rl.whiten_rewards:
       scores = (scores - scores.mean()) / (scores.std() + 1e-6)
     if rl.reward_clip > 0:
@@ -198,7 +198,7 @@ def make_scorer(rl: RLConfig, ac_state: loop.ModelState, ref_state: loop.ModelSt
       out["advantages"] = group_advantages(sequence_returns, rl.group_size, rl.algorithm)[:, None] * mask
       explained = jnp.nan
     count = jnp.maximum(mask.sum(), 1.0)
-    stats = {"score": jnp.mean(reward_fn(reward_params, batch)), "kl_k1": jnp.sum(log_ratio) / mask.shape[0],
+    stats = {"score": jnp.mean(raw_scores), "kl_k1": jnp.sum(log_ratio) / mask.shape[0],
              "kl_k3": jnp.sum((jnp.exp(-log_ratio) - 1 + log_ratio) * mask) / mask.shape[0],
              "entropy": jnp.sum(entropy * mask) / count, "response_length": mask.sum(1).mean(),
              "explained_variance": explained}
@@ -359,7 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
       prepared, stats = score(params, ref_params, rm_params, batch, jnp.float32(beta))
       prepared.update(tokens=batch["tokens"], segment_ids=batch["segment_ids"])
       # 5. Clipped updates over minibatches.
-      metrics_sum: dict[str, float] = {}
+      step_metrics = []  # Fetched once per iteration: no host sync between updates.
       minibatches = rollout_size // config.minibatch_size
       rollout = jax.device_get({k: prepared[k] for k in fields})
       for epoch in range(config.ppo_epochs):
@@ -370,13 +370,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
           params, opt_state, metrics = update(params, opt_state, sharding.global_batch(mb, mesh),
                                               jnp.int32(update_step))
           update_step += 1
-          if epoch == 0 and m == 0:
-            first = {f"first_{k}": float(v) for k, v in jax.device_get(metrics).items()}
-          for k, v in jax.device_get(metrics).items():
-            metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v)
-      stats = {k: float(v) for k, v in jax.device_get(stats).items()}
-      row = {**stats, **{k: v / (config.ppo_epochs * minibatches) for k, v in metrics_sum.items()},
-             "first_ratio": first["first_ratio"], "beta": beta, "rollout_seconds": t_rollout,
+          step_metrics.append(metrics)
+      step_metrics, stats = jax.device_get((step_metrics, stats))
+      stats = {k: float(v) for k, v in stats.items()}
+      row = {**stats, **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]},
+             "first_ratio": float(step_metrics[0]["ratio"]), "beta": beta, "rollout_seconds": t_rollout,
              "rollout_tokens_per_second": sum(len(t) for t in generation.tokens) / t_rollout,
              "iteration_seconds": time.perf_counter() - t0}
       if stats["kl_k1"] < 0:
