@@ -1,7 +1,7 @@
 """The end-to-end world-facts experiment (README's main job): pretrain → SFT → reward model → RLHF → chat.
 
   python experiments/end_to_end.py --workdir=workdirs/end_to_end
-  # ~15 min on a 2-core CPU. Writes REPORT.md, plots/ and results.json; ends by answering
+  # ~4-8 min on a 2-core CPU. Writes REPORT.md, plots/ and results.json; ends by answering
   # "Where is the capital of China?" with "The capital of China is Beijing."
 
 Each stage's config is the stage's own config file with the overrides below; any field can be changed on the
