@@ -1,11 +1,16 @@
 """The end-to-end world-facts experiment (README's main job): pretrain → SFT → reward model → RLHF → chat.
 
   python experiments/end_to_end.py --workdir=workdirs/end_to_end
-  # ~4-8 min on a 2-core CPU. Writes REPORT.md, plots/ and results.json; ends by answering
-  # "Where is the capital of China?" with "The capital of China is Beijing."
+  # ~9 min on a 2-core CPU (6 of them pretraining). Writes REPORT.md, plots/ and results.json; ends by
+  # answering "Where is the capital of China?" with "The capital of China is Beijing."
+
+Expected (measured, seed 0): held-out-country QA base 0 % → SFT 86 % → RLHF 89 %; reward model 98 % on
+held-out pairs (87 % on pairs about held-out countries); RLHF vs SFT gold win-rate 73 % on held-out prompts and
+68 % on held-out countries (sampled answers, ties ½) at a KL of about 1 nat per answer.
 
 Each stage's config is the stage's own config file with the overrides below; any field can be changed on the
-command line, e.g. --config.pretrain.steps=2000 or --config.rlhf.algorithm=grpo.
+command line, e.g. --config.pretrain.steps=1200 (4.5 min; held-out countries then fare worse, see README) or
+--config.rlhf.algorithm=grpo.
 """
 
 import importlib.util
@@ -25,12 +30,20 @@ def _stage_config(name: str) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.data = ml_collections.ConfigDict()  # The generated datasets (llm_jax/data/world_facts.py).
+  config.data.sft_per_country = 4
+  # Imperfect demonstrations: half the SFT answers are curt ("Beijing."), which SFT imitates and the ranked
+  # pairs rank below the complete sentence; this is what RLHF has to fix.
+  config.data.curt_fraction = 0.5
+  config.data.pairs_per_country = 10
 
   config.pretrain = _stage_config("pretrain")  # The `small` model on the built-in corpus, spm 2048.
-  config.pretrain.steps = 1200
+  # 3000 steps (28 epochs of the corpus): facts about the held-out countries become sharp enough to be sampled
+  # right at temperature 1. At 1200 steps, RLHF's win-rate on held-out countries is 61 % instead of 68 %.
+  config.pretrain.steps = 3000
   config.pretrain.log_every = 100
-  config.pretrain.eval_every = 400
-  config.pretrain.checkpoint_every = 400
+  config.pretrain.eval_every = 1000
+  config.pretrain.checkpoint_every = 1000
 
   config.sft = _stage_config("sft")
   config.sft.steps = 60  # Longer SFT forgets held-out facts (held-out exact match peaks near 50-60 steps).

@@ -12,7 +12,9 @@ Language models (pretrain, SFT, RLHF workdirs):
   reward_score              mean --reward_model score of the answers (and of --reference's: win_rate_reward)
   win_rate_gold             vs --reference on the built-in questions, by the gold judge (ties ½)
   kl_to_reference           mean per-answer KL(model ‖ reference) on answers sampled at temperature 1
-Reward models: pair_accuracy and pair_margin on --pairs (default: the built-in held-out pairs).
+Reward models: pair_accuracy and pair_margin on --pairs; by default on the built-in held-out pairs (new
+comparisons about the train countries) and, as pair_accuracy_held_out_countries, on pairs about the held-out
+countries.
 Prints a table and writes every figure to --output (JSON).
 """
 
@@ -64,16 +66,14 @@ def main(argv):
       state, params, _ = reward.load_reward_model(workdir, mesh)
       tokenizer = load_tokenizer(workdir)
       if FLAGS.pairs:
-        pairs = reward.read_pairs(FLAGS.pairs)
+        results.update(evaluation.pair_accuracy(state, params, tokenizer, reward.read_pairs(FLAGS.pairs), mesh))
       else:
-        path = world_facts.write_all(tempfile.mkdtemp())["pairs_held_out"]
-        pairs = reward.read_pairs(path)
-      contexts = [c for c, _, _ in pairs]
-      chosen = evaluation.reward_scores(state, params, tokenizer, contexts, [a for _, a, _ in pairs], mesh)
-      rejected = evaluation.reward_scores(state, params, tokenizer, contexts, [b for _, _, b in pairs], mesh)
-      margins = [c - r for c, r in zip(chosen, rejected)]
-      results.update(pair_accuracy=sum(m > 0 for m in margins) / len(margins),
-                     pair_margin=sum(margins) / len(margins), pairs=len(margins))
+        data = world_facts.write_all(tempfile.mkdtemp())
+        results.update(evaluation.pair_accuracy(state, params, tokenizer,
+                                                reward.read_pairs(data["pairs_held_out"]), mesh))
+        countries = evaluation.pair_accuracy(state, params, tokenizer,
+                                             reward.read_pairs(data["pairs_held_out_countries"]), mesh)
+        results.update({f"{k}_held_out_countries": v for k, v in countries.items()})
     else:
       sampler, tokenizer, _ = load_sampler(workdir, mesh, step)
       model_cfg = read_model_config(workdir)

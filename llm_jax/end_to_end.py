@@ -32,9 +32,8 @@ def _stage_dirs(workdir: str) -> dict[str, str]:
   return {name: os.path.join(workdir, name) for name in ("pretrain", "sft", "reward_model", "rlhf")}
 
 
-def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+def run_stages(config: ml_collections.ConfigDict, workdir: str, data: dict[str, str]) -> dict[str, str]:
   dirs = _stage_dirs(workdir)
-  data = world_facts.write_all(os.path.join(workdir, "data"), seed=config.seed)
   print("=== 1/4 pretraining: next-token prediction on the world-facts corpus", flush=True)
   pretrain.run(config.pretrain, dirs["pretrain"])
 
@@ -54,7 +53,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
   return dirs
 
 
-def evaluate_all(dirs: dict[str, str], mesh, seed: int) -> dict[str, float]:
+def evaluate_all(dirs: dict[str, str], data: dict[str, str], mesh, seed: int) -> dict[str, float]:
   results: dict[str, float] = {}
   grades = {}
   samplers = {}
@@ -65,9 +64,11 @@ def evaluate_all(dirs: dict[str, str], mesh, seed: int) -> dict[str, float]:
     for key, value in evaluation.qa_summary(grades[name]).items():
       results[f"{name}/{key}"] = value
     results[f"{name}/example"] = f"{questions[0]} → {replies[0]}"
-  results["rlhf_vs_sft/gold_win_rate_greedy"] = evaluation.win_rate(grades["rlhf"], grades["sft"])
-  results["rlhf_vs_sft/gold_win_rate"] = evaluation.sampled_win_rate(samplers["rlhf"], samplers["sft"], tokenizer,
-                                                                     countries, questions, seed=seed)
+  prompt_sets = {"held_out_prompts": world_facts.held_out_prompts(world_facts.split_countries(seed)[0], seed),
+                 "held_out_countries": list(zip(countries, questions))}
+  for set_name, pairs in prompt_sets.items():
+    rates = evaluation.gold_win_rates(samplers["rlhf"], samplers["sft"], tokenizer, *zip(*pairs), seed=seed)
+    results.update({f"rlhf_vs_sft/{set_name}/{k}": v for k, v in rates.items()})
   model_cfg = read_model_config(dirs["sft"])
   ref_state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
   ref_params, _ = ckpt_lib.restore_params(dirs["sft"], ref_state.abstract_params)
@@ -76,6 +77,10 @@ def evaluate_all(dirs: dict[str, str], mesh, seed: int) -> dict[str, float]:
   rm_rows = [r for r in read_metrics(dirs["reward_model"]) if "eval_accuracy" in r]
   results["reward_model/held_out_accuracy"] = rm_rows[-1]["eval_accuracy"]
   results["reward_model/held_out_accuracy_at_start"] = rm_rows[0]["eval_accuracy"]
+  rm_state, rm_params, _ = reward.load_reward_model(dirs["reward_model"], mesh)
+  countries = evaluation.pair_accuracy(rm_state, rm_params, tokenizer,
+                                       reward.read_pairs(data["pairs_held_out_countries"]), mesh)
+  results["reward_model/held_out_countries_accuracy"] = countries["pair_accuracy"]
   return results
 
 
@@ -117,10 +122,17 @@ def write_report(workdir: str, results: dict, plots: list[str], seconds: float) 
     lines.append(f"| {label} | {results[f'{key}/qa_accuracy']:.1%} | {results[f'{key}/qa_complete']:.1%} | "
                  f"{results[f'{key}/example']} |")
   lines += ["", f"- reward model, held-out pair accuracy: {results['reward_model/held_out_accuracy']:.1%} "
-                f"(at start: {results['reward_model/held_out_accuracy_at_start']:.1%})",
-            f"- RLHF vs SFT gold win-rate (ties count ½), 4 sampled answers (temperature 1) per held-out "
-            f"question: {results['rlhf_vs_sft/gold_win_rate']:.1%}; greedy answers: "
-            f"{results['rlhf_vs_sft/gold_win_rate_greedy']:.1%}",
+                f"(at start: {results['reward_model/held_out_accuracy_at_start']:.1%}) on new comparisons "
+                f"about the train countries; {results['reward_model/held_out_countries_accuracy']:.1%} on "
+                "pairs about the held-out countries",
+            "- RLHF vs SFT gold win-rate (ties count ½), 4 sampled answers (temperature 1) per question; greedy "
+            "answers in brackets:",
+            f"  - held-out prompts (each train country asked in a phrasing RL never saw): "
+            f"{results['rlhf_vs_sft/held_out_prompts/gold_win_rate']:.1%} "
+            f"({results['rlhf_vs_sft/held_out_prompts/gold_win_rate_greedy']:.1%})",
+            f"  - held-out countries (in no SFT, preference or RL data): "
+            f"{results['rlhf_vs_sft/held_out_countries/gold_win_rate']:.1%} "
+            f"({results['rlhf_vs_sft/held_out_countries/gold_win_rate_greedy']:.1%})",
             f"- RLHF mean KL to the SFT model: {results['rlhf/kl_to_sft']:.3f} nats per answer",
             f"- wall time: {seconds / 60:.1f} min on {jax.device_count()} × {jax.devices()[0].platform}", "",
             f"**{QUESTION}** → {results['answer']}", ""]
@@ -136,10 +148,11 @@ def write_report(workdir: str, results: dict, plots: list[str], seconds: float) 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   import time
   start = time.perf_counter()
-  dirs = run_stages(config, workdir)
+  data = world_facts.write_all(os.path.join(workdir, "data"), seed=config.seed, **config.data)
+  dirs = run_stages(config, workdir, data)
   mesh = sharding.make_mesh()
   print("=== evaluation", flush=True)
-  results = evaluate_all(dirs, mesh, config.seed)
+  results = evaluate_all(dirs, data, mesh, config.seed)
   sampler, tokenizer, _ = load_sampler(dirs["rlhf"], mesh)
   print(f"\nuser: {QUESTION}\nassistant: ", end="", flush=True)
   answer = sampler.complete(tokenizer, [QUESTION], evaluation.ANSWER, jax.random.key(0), chat=True,

@@ -59,6 +59,16 @@ def reward_scores(rm_state: loop.ModelState, rm_params, tokenizer: Tokenizer, co
   return jax.device_get(score(rm_params, batch["t"], batch["s"]))[:len(rows)].tolist()
 
 
+def pair_accuracy(rm_state: loop.ModelState, rm_params, tokenizer: Tokenizer, pairs, mesh) -> dict[str, float]:
+  """A reward model on (context, chosen, rejected) triples: accuracy (ties count ½) and mean margin."""
+  contexts = [c for c, _, _ in pairs]
+  chosen = reward_scores(rm_state, rm_params, tokenizer, contexts, [a for _, a, _ in pairs], mesh)
+  rejected = reward_scores(rm_state, rm_params, tokenizer, contexts, [b for _, _, b in pairs], mesh)
+  margins = np.array(chosen) - np.array(rejected)
+  return {"pair_accuracy": float(np.mean((margins > 0) + 0.5 * (margins == 0))),
+          "pair_margin": float(margins.mean()), "pairs": len(pairs)}
+
+
 def kl_to_reference(sampler: Sampler, ref_state: loop.ModelState, ref_params, tokenizer: Tokenizer,
                     questions: list[str], max_new_tokens: int = 32, seed: int = 0) -> float:
   """Mean per-answer KL(π ‖ π_ref), estimated (k1) on answers sampled from π at temperature 1."""
@@ -94,21 +104,23 @@ def perplexity(state: loop.ModelState, params, tokenizer: Tokenizer, documents: 
 def held_out_qa(sampler: Sampler, tokenizer: Tokenizer, seed: int = 0, held_out_fraction: float = 0.2):
   """Capital questions about the held-out countries: (countries, questions, answers, grades)."""
   _, held_out = world_facts.split_countries(seed, held_out_fraction)
-  pairs = world_facts.held_out_questions(held_out, seed + 1)
+  pairs = world_facts.held_out_questions(held_out)
   countries, questions = [c for c, _ in pairs], [q for _, q in pairs]
   replies = answers(sampler, tokenizer, questions)
   return countries, questions, replies, gold_grades(countries, replies)
 
 
-def sampled_win_rate(sampler_a: Sampler, sampler_b: Sampler, tokenizer: Tokenizer, countries, questions,
-                     samples: int = 4, seed: int = 0) -> float:
-  """Gold-judge win-rate of a over b on answers sampled from each policy (temperature 1), `samples` per question."""
+def gold_win_rates(sampler_a: Sampler, sampler_b: Sampler, tokenizer: Tokenizer, countries, questions,
+                   samples: int = 4, seed: int = 0) -> dict[str, float]:
+  """Gold-judge win-rates of a over b on capital questions: on `samples` answers per question sampled from each
+  policy (temperature 1: the distribution RL optimizes), and on greedy answers."""
   sampling = dataclasses.replace(ANSWER, temperature=1.0)
   repeated_questions = [q for q in questions for _ in range(samples)]
   repeated_countries = [c for c in countries for _ in range(samples)]
-  grades = [gold_grades(repeated_countries, answers(s, tokenizer, repeated_questions, sampling, seed + i))
-            for i, s in enumerate((sampler_a, sampler_b))]
-  return win_rate(*grades)
+  sampled = [gold_grades(repeated_countries, answers(s, tokenizer, repeated_questions, sampling, seed + i))
+             for i, s in enumerate((sampler_a, sampler_b))]
+  greedy = [gold_grades(countries, answers(s, tokenizer, questions)) for s in (sampler_a, sampler_b)]
+  return {"gold_win_rate": win_rate(*sampled), "gold_win_rate_greedy": win_rate(*greedy)}
 
 
 def qa_summary(grades: list[int]) -> dict[str, float]:

@@ -53,8 +53,9 @@ def test_every_stage_shows_its_learning_signal(pipeline):
   assert np.mean(rm_train[len(rm_train) // 2:]) < math.log(2) - 0.02, rm_train
   rl_rows = stage("rlhf")
   assert len(rl_rows) == 3 and all(math.isfinite(r["kl_k1"]) and math.isfinite(r["score"]) for r in rl_rows)
-  for key in ("pretrain/qa_accuracy", "sft/qa_accuracy", "rlhf/qa_accuracy", "rlhf_vs_sft/gold_win_rate",
-              "rlhf/kl_to_sft", "reward_model/held_out_accuracy"):
+  for key in ("pretrain/qa_accuracy", "sft/qa_accuracy", "rlhf/qa_accuracy", "rlhf/kl_to_sft",
+              "rlhf_vs_sft/held_out_prompts/gold_win_rate", "rlhf_vs_sft/held_out_countries/gold_win_rate_greedy",
+              "reward_model/held_out_accuracy", "reward_model/held_out_countries_accuracy"):
     assert math.isfinite(results[key]), key
   report = open(os.path.join(workdir, "REPORT.md")).read()
   assert "Where is the capital of China?" in report and len(os.listdir(os.path.join(workdir, "plots"))) == 6

@@ -90,6 +90,39 @@ def test_bradley_terry_loss_value_and_gradient_sign():
   assert float(after) < float(loss) and float(sums_after["margin"]) > 0  # Chosen now scores higher.
 
 
+def test_min_answer_log_prob_matches_numpy():
+  """The likelihood term reads the answer (after the last <|assistant|>) only, for left and right padding."""
+  from flax import nnx
+  from llm_jax.chat import ROLE_IDS
+  from llm_jax.model import PRESETS
+  model = reward.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  assistant = ROLE_IDS["assistant"]
+  tokens = rng.integers(8, 200, (3, 12)).astype(np.int32)
+  segments = np.ones((3, 12), np.int32)
+  tokens[0, [2, 6]] = assistant  # Two turns: only the tokens after position 6 are the answer.
+  tokens[1, 3] = assistant
+  segments[1, 9:] = 0  # Right padding.
+  tokens[2, :4], segments[2, :4], tokens[2, 7] = 0, 0, assistant  # Left padding.
+  positions = np.maximum(np.cumsum(segments != 0, axis=1) - 1, 0)
+  h = model.transformer.backbone(tokens, positions, segments)
+  got = reward.min_answer_log_prob(model, h, jnp.asarray(tokens), jnp.asarray(segments))
+  logits = np.asarray(model.transformer.logits(h), np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  answers = {0: range(7, 12), 1: range(4, 9), 2: range(8, 12)}
+  expected = [min(log_probs[b, t - 1, tokens[b, t]] for t in answers[b]) for b in range(3)]
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # The weight starts at zero (every pair at log 2); its gradient favours the likelier answer.
+  chosen, rejected = tokens[:2].copy(), tokens[:2].copy()
+  rejected[:, -1] = [int(np.argmin(log_probs[b, -2])) for b in range(2)]  # The least likely last token.
+  batch = {"chosen": chosen, "rejected": rejected, "chosen_segment_ids": np.ones((2, 12), np.int32),
+           "rejected_segment_ids": np.ones((2, 12), np.int32), "pair_mask": np.ones(2, np.float32)}
+  loss, _ = reward.bradley_terry_loss(model, batch, None)
+  assert float(loss) == pytest.approx(2 * np.log(2), rel=1e-6)
+  grads = nnx.grad(lambda m: reward.bradley_terry_loss(m, batch, None)[0])(model)
+  assert float(grads.likelihood_weight[...]) < 0  # Raising the weight lowers the loss.
+
+
 @pytest.fixture(scope="module")
 def base_workdir(tmp_path_factory):
   """A (barely) pretrained tiny char model: the SFT stand-in for the RL tests."""

@@ -1,13 +1,17 @@
 """The end-to-end experiment's data, generated from the facts table, and the gold judge.
 
 Countries are split once (seeded) into train and held-out. Held-out countries never appear in SFT chats,
-preference pairs or RL prompts: a model answers them only from what pretraining taught it.
+training preference pairs or RL prompts: a model answers them only from what pretraining taught it.
 
 - SFT chats (train countries): capital questions in varied phrasings, answered like imperfect demonstrations:
   most in the complete sentence "The capital of X is Y.", some curtly ("Y."). SFT imitates both.
 - Preference pairs (train countries): two of {complete, curt, wrong capital (complete or curt), a true
   sentence about another country, rambling} answers to a question, ranked by the gold judge.
-- RL prompts (train countries): questions only.
+- RL prompts (train countries): questions only, two phrasings per country. RLHF is evaluated on held-out
+  prompts (each train country in a phrasing RL never saw) and on the held-out countries.
+- Held-out preference pairs, for evaluation: new comparisons about the train countries (none repeats a
+  training pair), and comparisons about the held-out countries (does the reward model know facts no pair
+  taught it?).
 
 The gold judge is a written rule that stands in for human raters. It is kept apart from the reward model so it
 can grade any model's answers in evaluation:
@@ -94,9 +98,27 @@ def preference_pairs(countries, rng: random.Random, per_country: int) -> list[di
   return pairs
 
 
-def held_out_questions(held_out, seed: int) -> list[tuple[Country, str]]:
-  rng = random.Random(seed)
-  return [(c, question(rng, c)) for c in held_out]
+def held_out_questions(held_out) -> list[tuple[Country, str]]:
+  """Every phrasing of the capital question for every held-out country (10 per country)."""
+  return [(c, t.format(country=c.name)) for c in held_out for t in capital_question_templates()]
+
+
+def rl_prompts(train, seed: int, per_country: int = 2) -> list[tuple[Country, str]]:
+  """The RL prompts: `per_country` different phrasings per train country."""
+  rng = random.Random(seed + 2)
+  templates = capital_question_templates()
+  return [(c, t.format(country=c.name)) for c in train for t in rng.sample(templates, per_country)]
+
+
+def held_out_prompts(train, seed: int, per_country: int = 3) -> list[tuple[Country, str]]:
+  """RLHF's held-out prompts: train countries asked in phrasings that are not among their RL prompts."""
+  rng = random.Random(seed + 3)
+  asked = {q for _, q in rl_prompts(train, seed)}
+  prompts = []
+  for c in train:
+    unasked = [q for q in (t.format(country=c.name) for t in capital_question_templates()) if q not in asked]
+    prompts += [(c, q) for q in rng.sample(unasked, per_country)]
+  return prompts
 
 
 def write_jsonl(path: str, rows: list[dict]) -> str:
@@ -114,16 +136,19 @@ def write_all(directory: str, seed: int = 0, held_out_fraction: float = 0.2, sft
   """Writes every dataset of the experiment into `directory`; returns their paths by name."""
   train, held_out = split_countries(seed, held_out_fraction)
   rng = random.Random(seed)
+  sft = sft_chats(train, rng, sft_per_country, curt_fraction)
+  train_pairs = preference_pairs(train, rng, pairs_per_country)
+  seen = {tuple(p.values()) for p in train_pairs}  # Held-out pairs are new comparisons, not repeats.
+  held_out_pairs = [p for p in preference_pairs(train, rng, 3) if tuple(p.values()) not in seen]
   return {
-      "sft": write_jsonl(os.path.join(directory, "sft.jsonl"), sft_chats(train, rng, sft_per_country,
-                                                                        curt_fraction)),
+      "sft": write_jsonl(os.path.join(directory, "sft.jsonl"), sft),
       "sft_held_out": write_jsonl(os.path.join(directory, "sft_held_out.jsonl"),
                                   [{"prompt": q, "response": capital_answer(c)}
-                                   for c, q in held_out_questions(held_out, seed + 1)]),
-      "pairs": write_jsonl(os.path.join(directory, "pairs.jsonl"),
-                           preference_pairs(train, rng, pairs_per_country)),
-      "pairs_held_out": write_jsonl(os.path.join(directory, "pairs_held_out.jsonl"),
-                                    preference_pairs(held_out, rng, 3)),
+                                   for c, q in held_out_questions(held_out)]),
+      "pairs": write_jsonl(os.path.join(directory, "pairs.jsonl"), train_pairs),
+      "pairs_held_out": write_jsonl(os.path.join(directory, "pairs_held_out.jsonl"), held_out_pairs),
+      "pairs_held_out_countries": write_jsonl(os.path.join(directory, "pairs_held_out_countries.jsonl"),
+                                              preference_pairs(held_out, rng, pairs_per_country)),
       "prompts": write_jsonl(os.path.join(directory, "prompts.jsonl"),
-                             [{"prompt": question(rng, c)} for c in train for _ in range(2)]),
+                             [{"prompt": q} for _, q in rl_prompts(train, seed)]),
   }

@@ -31,15 +31,28 @@ def resolve(workdir: str, checkpoint: str) -> tuple[str, int | None]:
   return split_checkpoint_path(checkpoint) if checkpoint else (workdir, None)
 
 
-def read_model_config(workdir: str) -> ModelConfig:
+def _read_workdir_json(workdir: str, key: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{path}: not found; {workdir} is not an llm_jax workdir")
   try:
     with open(path) as f:
-      return ModelConfig(**json.load(f)["model"])
+      return json.load(f)[key]
   except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-    raise UserError(f"{path}: unreadable model description ({type(e).__name__}: {e})") from None
+    raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def read_model_config(workdir: str) -> ModelConfig:
+  description = _read_workdir_json(workdir, "model")
+  try:
+    return ModelConfig(**description)
+  except TypeError as e:
+    raise UserError(f"{workdir}/config.json: unreadable model description ({e})") from None
+
+
+def read_stage_config(workdir: str) -> dict:
+  """The stage config the workdir was trained with (as written to its config.json)."""
+  return _read_workdir_json(workdir, "config")
 
 
 def load_sampler(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[Sampler, Tokenizer, dict]:

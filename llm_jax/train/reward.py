@@ -1,11 +1,19 @@
 """Reward model: the transformer backbone plus a scalar head, trained on ranked pairs (Bradley-Terry).
 
-    score(prompt, response) = head(backbone(chat)[last token])     the last token is the answer's <|end|>
+    score(prompt, response) = head(backbone(chat)[last token])       the last token is the answer's <|end|>
+                              + w · min_t log p(answer token t)        (with `likelihood_feature`)
     loss = -log σ(score(chosen) - score(rejected) - margin)
 
+The likelihood term reads the backbone's own LM head: the log-probability of the answer's least likely token
+(the answer is everything after the last <|assistant|> role token). A wrong fact shows up there as one very
+unlikely token, even for facts that no ranked pair mentioned; a scalar head fine-tuned on a few thousand pairs
+instead memorizes which answers were good for the prompts it saw. On the world-facts experiment
+(llm_jax/end_to_end.py) the term takes held-out pair accuracy from 70.9 % to 98.2 %, and on pairs about
+countries that no training pair mentions from 50.8 % (chance) to 86.8 %.
+
 Pairs are JSONL `{"prompt": "..." | "messages": [...], "chosen": "...", "rejected": "..."}`, rendered with the one
-chat template (llm_jax/chat.py). The backbone starts from an SFT workdir; the head starts at zero, so every
-pair starts at loss log 2. The stage runs on the shared training loop; its metrics are pairwise accuracy and the
+chat template (llm_jax/chat.py). The backbone starts from an SFT workdir; the head and `w` start at zero, so
+every pair starts at loss log 2. The stage runs on the shared training loop; its metrics are pairwise accuracy and the
 mean score margin on held-out pairs.
 """
 
@@ -24,7 +32,7 @@ from llm_jax import checkpoint as ckpt_lib
 from llm_jax.data import text
 from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
-from llm_jax.inference.loading import read_model_config
+from llm_jax.inference.loading import read_model_config, read_stage_config
 from llm_jax.model import ModelConfig, Transformer
 from llm_jax.tokenizer import PAD_ID, Tokenizer
 from llm_jax.train import loop, stage
@@ -43,12 +51,23 @@ class ScalarHead(nnx.Module):
     return (h_BTD.astype(jnp.float32) @ self.w_D[...].astype(jnp.float32)) + self.bias[...]
 
 
-class RewardModel(nnx.Module):
-  """A transformer whose output is a scalar per position (the LM head is kept but unused)."""
+# Adam moves every parameter by about the learning rate per step. The likelihood weight must reach O(1) within
+# tens of steps while the backbone moves by 1e-4, so it is stored divided by this factor.
+LIKELIHOOD_WEIGHT_SCALE = 100.0
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+
+class RewardModel(nnx.Module):
+  """A transformer with a scalar head, and optionally the answer-likelihood term (module docstring).
+
+  Called directly it gives the head's scalar at every position (PPO's value network is a copy of it);
+  `sequence_scores` gives the reward of whole sequences.
+  """
+
+  def __init__(self, cfg: ModelConfig, likelihood_feature: bool = False, *, rngs: nnx.Rngs):
     self.transformer = Transformer(cfg, rngs=rngs)
     self.head = ScalarHead(cfg, rngs=rngs)
+    self.likelihood_feature = likelihood_feature
+    self.likelihood_weight = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=(), eager_sharding=False)
 
   def __call__(self, tokens_BT, positions_BT, segment_ids_BT) -> jax.Array:
     return self.head(self.transformer.backbone(tokens_BT, positions_BT, segment_ids_BT))
@@ -60,11 +79,32 @@ def last_token_index(segment_ids_BT: jax.Array) -> jax.Array:
   return jnp.max(jnp.where(segment_ids_BT != 0, jnp.arange(t)[None, :], 0), axis=1)
 
 
+def answer_mask(tokens_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+  """[B, T-1] bool: token t+1 is part of the answer (after the row's last <|assistant|>, not padding)."""
+  t = tokens_BT.shape[1]
+  last_role_B = jnp.max(jnp.where(tokens_BT == chat_lib.ROLE_IDS["assistant"], jnp.arange(t)[None, :], -1),
+                        axis=1)
+  return (jnp.arange(1, t)[None, :] > last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)
+
+
+def min_answer_log_prob(model: RewardModel, h_BTD, tokens_BT, segment_ids_BT) -> jax.Array:
+  """[B]: the log-probability of each answer's least likely token under the backbone's own LM head."""
+  log_probs_BTV = jax.nn.log_softmax(model.transformer.logits(h_BTD)[:, :-1].astype(jnp.float32))
+  token_log_probs_BT = jnp.take_along_axis(log_probs_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+  return jnp.min(jnp.where(answer_mask(tokens_BT, segment_ids_BT), token_log_probs_BT, 0.0), axis=1)
+
+
 def sequence_scores(model: RewardModel, tokens_BT, segment_ids_BT) -> jax.Array:
-  """The score of each row, read at its last real token. Rows may be left- or right-padded."""
+  """The reward of each row: the head read at its last real token (+ the likelihood term). Rows may be left-
+  or right-padded."""
   positions_BT = jnp.maximum(jnp.cumsum(segment_ids_BT != 0, axis=1) - 1, 0)
-  scores_BT = model(tokens_BT, positions_BT, segment_ids_BT)
-  return jnp.take_along_axis(scores_BT, last_token_index(segment_ids_BT)[:, None], axis=1)[:, 0]
+  h_BTD = model.transformer.backbone(tokens_BT, positions_BT, segment_ids_BT)
+  last_B = last_token_index(segment_ids_BT)
+  scores_B = jnp.take_along_axis(model.head(h_BTD), last_B[:, None], axis=1)[:, 0]
+  if model.likelihood_feature:
+    weight = model.likelihood_weight[...] * LIKELIHOOD_WEIGHT_SCALE
+    scores_B = scores_B + weight * min_answer_log_prob(model, h_BTD, tokens_BT, segment_ids_BT)
+  return scores_B
 
 
 def bradley_terry_loss(model: RewardModel, batch, rng, margin: float = 0.0):
@@ -141,7 +181,8 @@ def pair_arrays(pairs, tokenizer: Tokenizer, seq_len: int) -> tuple[dict[str, np
 def load_reward_model(workdir: str, mesh) -> tuple[loop.ModelState, dict, ModelConfig]:
   """A trained reward model's state and parameters (sharded on `mesh`)."""
   model_cfg = read_model_config(workdir)
-  state = loop.model_state(lambda rngs: RewardModel(model_cfg, rngs=rngs), mesh)
+  likelihood_feature = read_stage_config(workdir).get("likelihood_feature", False)
+  state = loop.model_state(lambda rngs: RewardModel(model_cfg, likelihood_feature, rngs=rngs), mesh)
   params, meta = ckpt_lib.restore_params(workdir, state.abstract_params)
   if meta.get("stage") != "reward_model":
     raise UserError(f"{workdir}: a {meta.get('stage')!r} checkpoint, not a reward model")
@@ -168,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
   print(f"pairs: {len(train_rows['pair_mask'])} train, {len(eval_rows['pair_mask'])} held out; "
         f"{dropped + eval_dropped} dropped as longer than seq_len={config.seq_len}", flush=True)
 
-  factory = lambda rngs: RewardModel(model_cfg, rngs=rngs)
+  factory = lambda rngs: RewardModel(model_cfg, config.likelihood_feature, rngs=rngs)
 
   def initial_params(state: loop.ModelState):
     params = loop.init_params(factory, state, config.seed)
