@@ -4,12 +4,12 @@
   # ~9 min on a 2-core CPU (6 of them pretraining). Writes REPORT.md, plots/ and results.json; ends by
   # answering "Where is the capital of China?" with "The capital of China is Beijing."
 
-Expected (measured, seed 0): held-out-country QA base 0 % → SFT 86 % → RLHF 89 %; reward model 98 % on
+Expected (measured, seed 0): held-out-country QA base 2 % → SFT 86 % → RLHF 89 %; reward model 98 % on
 held-out pairs (87 % on pairs about held-out countries); RLHF vs SFT gold win-rate 73 % on held-out prompts and
 68 % on held-out countries (sampled answers, ties ½) at a KL of about 1 nat per answer.
 
 Each stage's config is the stage's own config file with the overrides below; any field can be changed on the
-command line, e.g. --config.pretrain.steps=1200 (4.5 min; held-out countries then fare worse, see README) or
+command line, e.g. --config.pretrain.steps=1200 (about 4.5 min; held-out countries then fare worse, see below) or
 --config.rlhf.algorithm=grpo.
 """
 

@@ -80,7 +80,8 @@ def test_evaluate_writes_the_documented_fields(pipeline, tmp_path):
                         capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr
   results = json.loads(out.read_text())
-  assert 0 <= results["pair_accuracy"] <= 1 and results["stage"] == "reward_model"
+  assert 0 <= results["pair_accuracy"] <= 1 and 0 <= results["pair_accuracy_held_out_countries"] <= 1
+  assert results["stage"] == "reward_model" and results["pairs"] > 100
   proc = subprocess.run([sys.executable, script, f"--workdir={tmp_path}/nothing", "--output=x.json"],
                         capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 2 and "no checkpoints" in proc.stderr
