@@ -23,11 +23,15 @@ from typing import Sequence
 
 from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
-from llm_jax.tokenizer import BOS_ID, SPECIAL_TOKENS, Tokenizer
+from llm_jax.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 ROLE_IDS = {role: SPECIAL_TOKENS.index(f"<|{role}|>") for role in ROLES}
 END_ID = SPECIAL_TOKENS.index("<|end|>")
+# An answer ends at <|end|> (or <eos>). No other special token is ever sampled in an answer: a role token
+# would forge a turn, <bos>/<pad>/<unk> are never text.
+ANSWER_STOP_IDS = (END_ID, EOS_ID)
+BANNED_IN_ANSWERS = tuple(i for i in range(len(SPECIAL_TOKENS)) if i not in ANSWER_STOP_IDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,12 @@ def render(tokenizer: Tokenizer, messages: Sequence[Message], generation_prompt:
     tokens.append(ROLE_IDS["assistant"])
     mask.append(0)
   return tokens, mask
+
+
+def chat_sampling(sampling):
+  """A SamplingConfig for assistant answers: stops at <|end|>/<eos>, never samples another special token."""
+  return dataclasses.replace(sampling, stop_ids=tuple(sorted({*sampling.stop_ids, *ANSWER_STOP_IDS})),
+                             banned_ids=tuple(sorted({*sampling.banned_ids, *BANNED_IN_ANSWERS})))
 
 
 def prompt_and_answer(chat: Chat) -> tuple[Chat, str]:

@@ -14,11 +14,11 @@ from llm_jax import chat as chat_lib
 from llm_jax import sharding
 from llm_jax.data import text, world_facts
 from llm_jax.inference.sampler import Sampler, SamplingConfig
-from llm_jax.tokenizer import EOS_ID, Tokenizer
+from llm_jax.tokenizer import Tokenizer
 from llm_jax.train import loop, pretrain, rl
 from llm_jax.train.reward import sequence_scores
 
-ANSWER = SamplingConfig(max_new_tokens=32, temperature=0.0, stop_ids=(chat_lib.END_ID, EOS_ID))
+ANSWER = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=32, temperature=0.0))
 
 
 def chat_prompts(tokenizer: Tokenizer, questions: list[str]) -> list[list[int]]:
@@ -28,7 +28,7 @@ def chat_prompts(tokenizer: Tokenizer, questions: list[str]) -> list[list[int]]:
 def answers(sampler: Sampler, tokenizer: Tokenizer, questions: list[str], sampling: SamplingConfig = ANSWER,
             seed: int = 0) -> list[str]:
   """The model's answers to questions asked as user turns (greedy by default)."""
-  out = sampler.generate(chat_prompts(tokenizer, questions), sampling, jax.random.key(seed))
+  out = sampler.generate(chat_prompts(tokenizer, questions), sampling, jax.random.key(seed), allow_context_cut=True)
   return [tokenizer.decode(t).strip() for t in out.tokens]
 
 
@@ -45,7 +45,7 @@ def reward_scores(rm_state: loop.ModelState, rm_params, tokenizer: Tokenizer, co
                   mesh) -> list[float]:
   """The reward model's score of each answer; a context is a question (str) or a conversation (Chat)."""
   contexts = [(chat_lib.Message("user", c),) if isinstance(c, str) else tuple(c) for c in contexts]
-  rows = [chat_lib.render(tokenizer, (*c, chat_lib.Message("assistant", r or " ")))[0]
+  rows = [chat_lib.render(tokenizer, (*c, chat_lib.Message("assistant", r)))[0]
           for c, r in zip(contexts, replies)]
   length = max(len(r) for r in rows)
   shards = sharding.num_batch_shards(mesh)
@@ -73,15 +73,16 @@ def kl_to_reference(sampler: Sampler, ref_state: loop.ModelState, ref_params, to
                     questions: list[str], max_new_tokens: int = 32, seed: int = 0) -> float:
   """Mean per-answer KL(π ‖ π_ref), estimated (k1) on answers sampled from π at temperature 1."""
   prompts = chat_prompts(tokenizer, questions)
-  sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, stop_ids=(chat_lib.END_ID, EOS_ID))
-  out = sampler.generate(prompts, sampling, jax.random.key(seed))
+  sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0))
+  out = sampler.generate(prompts, sampling, jax.random.key(seed), allow_context_cut=True)
   prompt_len = max(len(p) for p in prompts)
   batch = rl.sequences(prompts, out.tokens, prompt_len, max_new_tokens)
 
   @jax.jit
   def ref_log_probs(params, tokens, segments):
     logits = ref_state.merge(params)(tokens, rl.positions_of(segments), segments)
-    return rl.response_log_probs(logits, tokens, prompt_len)[0]
+    # The distribution the answers were sampled from: role and control tokens banned, temperature 1.
+    return rl.response_log_probs(logits, tokens, prompt_len, banned_ids=chat_lib.BANNED_IN_ANSWERS)[0]
   ref = np.asarray(ref_log_probs(ref_params, batch["tokens"], batch["segment_ids"]))
   policy = np.zeros_like(ref)
   for i, lp in enumerate(out.log_probs):

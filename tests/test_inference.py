@@ -228,3 +228,45 @@ def test_scanned_layers_decode_like_unrolled_layers():
   a, b = plain.generate(rows, GREEDY, jax.random.key(0)), scanned.generate(rows, GREEDY, jax.random.key(0))
   assert a.tokens == b.tokens
   np.testing.assert_allclose(np.concatenate(a.log_probs), np.concatenate(b.log_probs), rtol=1e-5, atol=1e-5)
+
+
+def test_every_requested_token_is_generated_when_prompt_and_budget_fit():
+  """The power-of-two bucket of a 70-token prompt is 128 = the whole context: it must shrink, not the budget."""
+  sampler, _ = make_sampler(TINY)  # Context 128.
+  budget = dataclasses.replace(GREEDY, max_new_tokens=32)
+  for rows in (prompts([70]), prompts([70, 5, 33]), prompts([96])):
+    out = sampler.generate(rows, budget, jax.random.key(0))
+    assert [len(t) for t in out.tokens] == [32] * len(rows) and out.new_token_budget == 32
+    assert out.cut_by_context == 0
+  # Too long for the budget: one clear error, or (evaluation loops) a counted, smaller budget.
+  with pytest.raises(UserError, match="prompt 1 has 100 tokens: with max_new_tokens=32 it does not fit"):
+    sampler.generate(prompts([5, 100]), budget, jax.random.key(0))
+  out = sampler.generate(prompts([5, 100]), budget, jax.random.key(0), allow_context_cut=True)
+  assert out.cut_by_context == 1 and out.new_token_budget == 28 and [len(t) for t in out.tokens] == [28, 28]
+
+
+def test_banned_ids_are_never_sampled_and_log_probs_exclude_them():
+  logits = jnp.asarray([[0.0, 5.0, 4.0, 1.0, 0.5]] * 2000)
+  keys = jax.random.split(jax.random.key(0), 2000)
+  tokens, log_probs = sample_logits(logits, keys, 1.0, 0, 1.0, banned_ids=(1, 2))
+  assert set(np.unique(tokens).tolist()) == {0, 3, 4}
+  allowed = np.array([0.0, 1.0, 0.5])
+  np.testing.assert_allclose(log_probs[:3], (allowed - np.log(np.exp(allowed).sum()))[
+      np.searchsorted([0, 3, 4], tokens[:3])], rtol=1e-5)
+  greedy, _ = sample_logits(logits[:1], keys[:1], 0.0, 0, 1.0, banned_ids=(1, 2))
+  assert int(greedy[0]) == 3
+  # Through the decode loop: only the allowed ids ever come out.
+  sampler, _ = make_sampler(TINY)
+  allowed_ids = {10, 11, 12}
+  banned = tuple(i for i in range(TINY.vocab_size) if i not in allowed_ids)
+  sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, stop_ids=(), banned_ids=banned)
+  out = sampler.generate(prompts([4, 9]), sampling, jax.random.key(3))
+  assert all(set(t) <= allowed_ids and len(t) == 16 for t in out.tokens)
+
+
+def test_chat_sampling_bans_role_and_control_tokens_and_stops_at_end():
+  from llm_jax import chat
+  from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+  sampling = chat.chat_sampling(SamplingConfig(temperature=1.0))
+  assert set(sampling.stop_ids) == {chat.END_ID, EOS_ID}
+  assert set(sampling.banned_ids) == {PAD_ID, BOS_ID, 1, *chat.ROLE_IDS.values()}

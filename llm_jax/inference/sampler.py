@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -42,6 +43,7 @@ class SamplingConfig:
   top_k: int = 0  # 0: off.
   top_p: float = 1.0  # 1: off.
   stop_ids: tuple[int, ...] = (EOS_ID,)
+  banned_ids: tuple[int, ...] = ()  # Never sampled (chat mode bans role and control tokens).
 
   def validate(self) -> None:
     if self.max_new_tokens < 1:
@@ -54,14 +56,27 @@ class SamplingConfig:
       raise UserError(f"top_p={self.top_p} must be in (0, 1]")
 
 
-def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature: float, top_k: int, top_p: float
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Draws one token per row; returns it and its log-probability under the distribution sampled from."""
+# A finite "minus infinity" for banned ids: their probability is exactly 0, yet p·log p stays 0 (not NaN).
+BANNED_LOGIT = -1e30
+
+
+def restrict_logits(logits_BV: jax.Array, temperature: float = 1.0, banned_ids: Sequence[int] = ()) -> jax.Array:
+  """The logits of the distribution that sampling draws from before top-k/top-p: banned ids removed, then
+  divided by the temperature (0 = greedy: not divided). RLHF computes its log-probs with this same function."""
   logits_BV = logits_BV.astype(jnp.float32)
+  if banned_ids:
+    banned_V = jnp.zeros(logits_BV.shape[-1], bool).at[jnp.asarray(banned_ids)].set(True)
+    logits_BV = jnp.where(banned_V, BANNED_LOGIT, logits_BV)
+  return logits_BV / temperature if temperature else logits_BV
+
+
+def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature: float, top_k: int, top_p: float,
+                  banned_ids: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row; returns it and its log-probability under the distribution sampled from."""
+  logits_BV = restrict_logits(logits_BV, temperature, banned_ids)
   if temperature == 0:
     token_B = jnp.argmax(logits_BV, axis=-1)
     return token_B, _log_prob(jax.nn.log_softmax(logits_BV), token_B)
-  logits_BV = logits_BV / temperature
   if top_k:
     kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
     logits_BV = jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf)
@@ -99,6 +114,8 @@ class Generation:
   tokens: list[list[int]]  # Per prompt, up to and including the stop token.
   log_probs: list[list[float]]
   prompt_tokens: list[list[int]]
+  new_token_budget: int  # max_new_tokens, or less where the longest prompt left less room in the context.
+  cut_by_context: int  # Prompts whose prompt + max_new_tokens did not fit the context (0 unless allowed).
 
 
 def _fetch(tree):
@@ -181,7 +198,7 @@ class Sampler:
       model: Transformer = nnx.merge(self.graphdef, params)
       keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, s.step)
       token_B, log_prob_B = sample_logits(s.logits_BV, keys_B, sampling.temperature, sampling.top_k,
-                                          sampling.top_p)
+                                          sampling.top_p, sampling.banned_ids)
       token_B = jnp.where(s.done_B, PAD_ID, token_B).astype(jnp.int32)
       log_prob_B = jnp.where(s.done_B, 0.0, log_prob_B)
       tokens_BN = jax.lax.dynamic_update_slice_in_dim(s.tokens_BN, token_B[:, None], s.step, axis=1)
@@ -205,8 +222,14 @@ class Sampler:
   # ---- host API ----
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, key: jax.Array,
-               stream: Callable[[list[int]], None] | None = None, stream_chunk: int = 4) -> Generation:
-    """Continues each prompt (token ids). `stream(new_tokens_of_row_0)` is called as tokens are produced."""
+               stream: Callable[[list[int]], None] | None = None, stream_chunk: int = 4,
+               allow_context_cut: bool = False) -> Generation:
+    """Continues each prompt (token ids). `stream(new_tokens_of_row_0)` is called as tokens are produced.
+
+    Every prompt gets `max_new_tokens` of room whenever prompt + max_new_tokens fits the model's context: the
+    bucket padding shrinks, never the budget. Otherwise a UserError, or with `allow_context_cut` (evaluation
+    loops) a smaller budget for the whole batch, logged and counted in `Generation.cut_by_context`.
+    """
     sampling.validate()
     context = self.model_cfg.max_seq_len
     for i, prompt in enumerate(prompts):
@@ -215,8 +238,18 @@ class Sampler:
       if len(prompt) >= context:
         raise UserError(f"prompt {i} has {len(prompt)} tokens; the model's context is {context} "
                         "(prompt + at least one new token must fit)")
-    prompt_len = min(bucket(max(len(p) for p in prompts)), context - 1)
-    prompt_len = max(prompt_len, max(len(p) for p in prompts))
+    longest = max(len(p) for p in prompts)
+    cut = [i for i, p in enumerate(prompts) if len(p) + sampling.max_new_tokens > context]
+    if cut and not allow_context_cut:
+      raise UserError(f"prompt {cut[0]} has {len(prompts[cut[0]])} tokens: with max_new_tokens="
+                      f"{sampling.max_new_tokens} it does not fit the model's context of {context} "
+                      f"({len(cut)} prompt(s) affected); shorten it or lower max_new_tokens")
+    if cut:
+      logging.warning("%d of %d prompts leave less than max_new_tokens=%d in the context of %d: this batch "
+                      "generates at most %d tokens", len(cut), len(prompts), sampling.max_new_tokens, context,
+                      context - longest)
+    # A power-of-two bucket (few compiled shapes), shrunk so that the bucket never eats the token budget.
+    prompt_len = max(longest, min(bucket(longest), context - sampling.max_new_tokens))
     cache_length = min(prompt_len + sampling.max_new_tokens, context)
     # Pad the batch to a multiple of the batch shards with one-token dummy rows (dropped below).
     shards = sharding.num_batch_shards(self.mesh)
@@ -242,7 +275,8 @@ class Sampler:
     n = len(prompts)
     return Generation(tokens=[tokens_BN[b, :lengths_B[b]].tolist() for b in range(n)],
                       log_probs=[log_probs_BN[b, :lengths_B[b]].tolist() for b in range(n)],
-                      prompt_tokens=[list(p) for p in prompts])
+                      prompt_tokens=[list(p) for p in prompts], new_token_budget=cache_length - prompt_len,
+                      cut_by_context=len(cut))
 
   def complete(self, tokenizer: Tokenizer, prompts: Sequence[str], sampling: SamplingConfig, key: jax.Array,
                stream: Callable[[str], None] | None = None, chat: bool = False) -> list[str]:
@@ -263,7 +297,7 @@ class Sampler:
     if chat:
       token_prompts = [chat_lib.render(tokenizer, [chat_lib.Message("user", p)], generation_prompt=True)[0]
                        for p in prompts]
-      sampling = dataclasses.replace(sampling, stop_ids=tuple(set(sampling.stop_ids) | {chat_lib.END_ID}))
+      sampling = chat_lib.chat_sampling(sampling)
     else:
       token_prompts = [[BOS_ID] + tokenizer.encode(p) for p in prompts]
     result = self.generate(token_prompts, sampling, key, stream=on_tokens)

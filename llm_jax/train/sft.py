@@ -24,7 +24,7 @@ from llm_jax.data import text
 from llm_jax.errors import UserError
 from llm_jax.inference.sampler import Sampler, SamplingConfig
 from llm_jax.model import Transformer
-from llm_jax.tokenizer import EOS_ID, Tokenizer
+from llm_jax.tokenizer import Tokenizer
 from llm_jax.train import loop, pretrain, stage
 
 
@@ -95,14 +95,14 @@ def exact_match_eval(sampler: Sampler, tokenizer: Tokenizer, chats, max_answer_t
     context, answer = chat_lib.prompt_and_answer(chat)
     prompts.append(chat_lib.render(tokenizer, context, generation_prompt=True)[0])
     answers.append(answer.strip())
-  sampling = SamplingConfig(max_new_tokens=max_answer_tokens, temperature=0.0,
-                            stop_ids=(chat_lib.END_ID, EOS_ID))
+  sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=max_answer_tokens, temperature=0.0))
 
   def evaluate(params) -> dict[str, float]:
     sampler.params = params  # Same shapes: the compiled decode loop is reused.
-    outputs = sampler.generate(prompts, sampling, jax.random.key(0)).tokens
-    correct = [tokenizer.decode(out).strip() == answer for out, answer in zip(outputs, answers)]
-    return {"eval_exact_match": float(np.mean(correct))}
+    generation = sampler.generate(prompts, sampling, jax.random.key(0), allow_context_cut=True)
+    correct = [tokenizer.decode(out).strip() == answer for out, answer in zip(generation.tokens, answers)]
+    # Prompts so long that fewer than max_answer_tokens fit after them: counted, never hidden.
+    return {"eval_exact_match": float(np.mean(correct)), "eval_answers_cut_by_context": generation.cut_by_context}
   return evaluate
 
 
