@@ -34,7 +34,7 @@ from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
 from llm_jax.inference.loading import read_model_config, read_stage_config
 from llm_jax.model import ModelConfig, Transformer
-from llm_jax.tokenizer import PAD_ID, Tokenizer
+from llm_jax.tokenizer import PAD_ID, SPECIAL_TOKENS, Tokenizer
 from llm_jax.train import loop, stage
 
 
@@ -87,11 +87,20 @@ def answer_mask(tokens_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
   return (jnp.arange(1, t)[None, :] > last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)
 
 
+# The likelihood term of an answer without a single text token (empty, or only role/control tokens): a floor
+# far below any real answer's least likely token (e^-30), so that saying nothing never scores as a sure answer.
+EMPTY_ANSWER_LOG_PROB = -30.0
+
+
 def min_answer_log_prob(model: RewardModel, h_BTD, tokens_BT, segment_ids_BT) -> jax.Array:
-  """[B]: the log-probability of each answer's least likely token under the backbone's own LM head."""
+  """[B]: the log-probability of each answer's least likely token under the backbone's own LM head; an answer
+  with no text token gets `EMPTY_ANSWER_LOG_PROB` (the minimum of nothing would otherwise be the best value)."""
   log_probs_BTV = jax.nn.log_softmax(model.transformer.logits(h_BTD)[:, :-1].astype(jnp.float32))
   token_log_probs_BT = jnp.take_along_axis(log_probs_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-  return jnp.min(jnp.where(answer_mask(tokens_BT, segment_ids_BT), token_log_probs_BT, 0.0), axis=1)
+  in_answer_BT = answer_mask(tokens_BT, segment_ids_BT)
+  has_text_B = jnp.any(in_answer_BT & (tokens_BT[:, 1:] >= len(SPECIAL_TOKENS)), axis=1)
+  least_B = jnp.min(jnp.where(in_answer_BT, token_log_probs_BT, 0.0), axis=1)
+  return jnp.where(has_text_B, least_B, EMPTY_ANSWER_LOG_PROB)
 
 
 def sequence_scores(model: RewardModel, tokens_BT, segment_ids_BT) -> jax.Array:
@@ -134,9 +143,15 @@ def _parse_pair(obj) -> tuple[chat_lib.Chat, str, str]:
 
 
 def prompt_context(obj) -> chat_lib.Chat:
-  """The conversation an answer continues: {"prompt": "..."} (one user turn) or {"messages": [...]}."""
+  """The conversation an answer continues: {"prompt": "..."} (one user turn) or {"messages": [...]} ending with
+  a user turn. A conversation ending with an assistant turn is refused, not continued: the template would
+  render two assistant turns in a row."""
   if isinstance(obj, dict) and "messages" in obj:
-    return chat_lib.parse_chat({"messages": obj["messages"]})
+    chat = chat_lib.parse_chat({"messages": obj["messages"]})
+    if chat[-1].role != "user":
+      raise ValueError(f"'messages' must end with a user turn (the answer continues it); the last message is "
+                       f"{chat[-1].role!r}")
+    return chat
   if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
     return (chat_lib.Message("user", obj["prompt"]),)
   raise ValueError("expected a non-empty 'prompt' string or a 'messages' list")
