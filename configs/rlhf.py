@@ -3,8 +3,9 @@
   python experiments/rlhf.py --config=configs/rlhf.py --workdir=/tmp/rl --config.init_from=/tmp/sft \
     --config.reward_model=/tmp/rm --config.data.path=PROMPTS.jsonl --config.algorithm=ppo
 
-Prompts: JSONL {"prompt": "..."} or {"messages": [...]}. Rollouts sample from the policy itself (temperature
-1, no top-k/top-p): the KL estimate and the PPO ratios assume it.
+Prompts: JSONL {"prompt": "..."} or {"messages": [...]} (ending with a user turn). Rollouts are answers in the
+chat template sampled from the policy at `temperature` (role tokens never sampled); log-probs, ratios and the
+KL are computed under that same distribution.
 """
 
 import ml_collections
@@ -21,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.prompts_per_iteration = 16
   config.group_size = 4  # Samples per prompt for GRPO/RLOO.
   config.max_new_tokens = 32
-  config.temperature = 1.0
+  config.temperature = 1.0  # > 0; log-probs, ratios and KL use the same temperature.
   config.ppo_epochs = 2
   config.minibatch_size = 8
   config.gamma = 1.0
@@ -30,6 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.value_clip = 0.2
   config.value_coef = 0.5
   config.kl_coef = 0.05  # β; adapted toward target_kl when target_kl > 0.
+  # Where the KL penalty goes: "reward" (−β·kl per token, PPO/RLOO's default) or "loss" (+β·kl as its own
+  # term, GRPO's default); "auto" picks per algorithm. Estimator: "k1", "k2", "k3" ("auto": k1 in the reward,
+  # k3 in the loss).
+  config.kl_in = "auto"
+  config.kl_estimator = "auto"
+  # Subtracted from the score of answers cut off by max_new_tokens (no <|end|>): the reward model never saw
+  # an unfinished answer, so its score there means nothing (TRL's missing_eos_penalty).
+  config.missing_eos_penalty = 1.0
   config.target_kl = 0.0  # Per-sequence KL target of the adaptive controller (0 = fixed β).
   config.kl_horizon = 10_000
   config.whiten_rewards = False
@@ -44,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.b1 = 0.9
   config.b2 = 0.95
   config.grad_clip = 1.0
-  config.grad_accum = 1
+  config.grad_accum = 1  # Microbatches per minibatch update.
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()

@@ -13,6 +13,7 @@ A workdir holds `tokenizer.json` (which kind) and, for SentencePiece, `tokenizer
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -51,6 +52,10 @@ class Tokenizer:
 
   def save(self, directory: str) -> None:
     raise NotImplementedError
+
+  def fingerprint(self) -> str:
+    """Equal for two tokenizers exactly when they map text to the same ids."""
+    return self.kind
 
 
 class ByteTokenizer(Tokenizer):
@@ -94,6 +99,9 @@ class SentencePieceTokenizer(Tokenizer):
   def save(self, directory: str) -> None:
     _write_bytes(os.path.join(directory, SPM_MODEL_FILE), self.model_proto)
     _write_json(os.path.join(directory, CONFIG_FILE), {"kind": self.kind, "model": SPM_MODEL_FILE})
+
+  def fingerprint(self) -> str:
+    return f"spm:{hashlib.sha256(self.model_proto).hexdigest()[:16]}"
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, max_sentence_length: int = 1 << 16,

@@ -50,16 +50,6 @@ def test_gae_matches_numpy_reference():
     np.testing.assert_allclose(ret, expected_ret, rtol=1e-5, atol=1e-5)
 
 
-def test_group_advantages_match_numpy():
-  returns = np.random.default_rng(1).normal(size=12).astype(np.float32)
-  groups = returns.reshape(3, 4)
-  grpo = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-6)
-  rloo = np.stack([[g[i] - np.delete(g, i).mean() for i in range(4)] for g in groups])
-  np.testing.assert_allclose(rl.group_advantages(jnp.asarray(returns), 4, "grpo"), grpo.reshape(-1), rtol=1e-5)
-  np.testing.assert_allclose(rl.group_advantages(jnp.asarray(returns), 4, "rloo"), rloo.reshape(-1), rtol=1e-5,
-                             atol=1e-6)
-
-
 def test_policy_loss_at_ratio_one_and_clipping():
   rng = np.random.default_rng(2)
   log_probs = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
@@ -147,6 +137,7 @@ def test_toy_task_reward_rises_above_0_9(algorithm, base_workdir, tmp_path):
   config.iterations, config.max_new_tokens, config.ppo_epochs, config.learning_rate = 35, 4, 4, 1e-2
   config.prompts_per_iteration, config.group_size = (32, 1) if algorithm == "ppo" else (16, 4)
   config.minibatch_size, config.kl_coef = (16 if algorithm == "ppo" else 32), 0.01
+  config.missing_eos_penalty = 0.0  # 4-token answers are nearly always cut off; the toy reward ignores that.
   history = rl.run(config, str(tmp_path / algorithm), devices=jax.devices()[:1], prompts=PROMPTS,
                    reward_fn=lambda response: float(len(response) > 0 and response[0] in LETTERS))
   scores = [h["score"] for h in history]
@@ -185,3 +176,302 @@ def test_reward_model_learns_synthetic_preferences(base_workdir, tmp_path):
   first = next(r for r in read_metrics(str(tmp_path / "rm")) if r["step"] == 0)
   assert first["eval_loss"] == pytest.approx(np.log(2), rel=1e-4)  # The zero head starts at chance.
   assert result.last_eval["eval_accuracy"] >= 0.95 and result.last_eval["eval_margin"] > 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pieces of the RL math, each against NumPy.
+
+
+def test_kl_estimators_match_numpy():
+  log_ratio = np.random.default_rng(4).normal(size=(3, 7))
+  expected = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2, "k3": np.exp(-log_ratio) - 1 + log_ratio}
+  for name, value in expected.items():
+    np.testing.assert_allclose(rl.KL_ESTIMATORS[name](jnp.asarray(log_ratio, jnp.float32)), value, rtol=1e-5,
+                               atol=1e-6, err_msg=name)
+  assert (np.asarray(rl.KL_ESTIMATORS["k3"](jnp.asarray(log_ratio))) >= 0).all()
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token_and_subtract_the_kl():
+  mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], np.float32)
+  kl = np.random.default_rng(5).normal(size=(3, 4)).astype(np.float32)
+  scores = np.array([2.0, -1.0, 0.5], np.float32)
+  got = rl.token_rewards(jnp.asarray(scores), jnp.asarray(kl), jnp.asarray(mask), 0.3)
+  expected = -0.3 * kl * mask
+  for b, last in enumerate([2, 0, 3]):
+    expected[b, last] += scores[b]
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gae_ignores_whatever_lies_in_the_padding():
+  rng = np.random.default_rng(6)
+  mask = (np.arange(8)[None] < np.array([8, 3, 5, 1])[:, None]).astype(np.float64)
+  rewards, values = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))  # Garbage beyond each row's length.
+  adv, ret = rl.gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
+                    jnp.asarray(mask, jnp.float32), 1.0, 0.9)
+  expected_adv, _ = numpy_gae(rewards * mask, values * mask, mask, 1.0, 0.9)
+  np.testing.assert_allclose(np.asarray(adv) * mask, expected_adv, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(adv)[mask == 0], 0.0)
+
+
+def test_masked_whiten_uses_the_masked_entries_only():
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(3, 6)) * 3 + 1
+  mask = (np.arange(6)[None] < np.array([6, 2, 4])[:, None]).astype(np.float64)
+  real = x[mask == 1]
+  expected = np.where(mask == 1, (x - real.mean()) / np.sqrt(real.var() + 1e-8), 0.0)
+  np.testing.assert_allclose(rl.masked_whiten(jnp.asarray(x, jnp.float32), jnp.asarray(mask, jnp.float32)),
+                             expected, rtol=1e-4, atol=1e-5)
+
+
+def test_value_loss_clips_on_both_sides():
+  old = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
+  new = np.array([0.5, -0.5, 0.1, 0.5, 1.0])
+  ret = np.array([1.0, -1.0, 2.0, -1.0, 3.0])
+  clip = 0.2
+  clipped = old + np.clip(new - old, -clip, clip)
+  expected = 0.5 * np.maximum((new - ret) ** 2, (clipped - ret) ** 2)
+  mask = np.ones(5)
+  got = rl.value_loss(*(jnp.asarray(a, jnp.float32) for a in (new, old, ret, mask)), clip)
+  assert float(got) == pytest.approx(expected.sum(), rel=1e-6)
+  # Rows 0 and 1 moved 0.5 toward their return: clipping keeps the loss of the 0.2 step (larger).
+  assert expected[0] == pytest.approx(0.5 * 0.8 ** 2) and expected[1] == pytest.approx(0.5 * 0.8 ** 2)
+
+
+def test_policy_loss_clips_exactly_at_one_plus_and_minus_epsilon():
+  clip = 0.2
+  old = np.zeros(8, np.float32)
+  ratios = np.array([1.1, 1.3, 1.1, 1.3, 0.9, 0.7, 0.9, 0.7], np.float32)
+  adv = np.array([1, 1, -1, -1, 1, 1, -1, -1], np.float32)
+  new = np.log(ratios)
+  loss_each = np.maximum(-adv * ratios, -adv * np.clip(ratios, 1 - clip, 1 + clip))
+  grad_each = np.where(-adv * ratios >= -adv * np.clip(ratios, 1 - clip, 1 + clip), -adv * ratios, 0.0)
+  loss, metrics = rl.policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.ones(8), clip)
+  assert float(loss) == pytest.approx(loss_each.sum(), rel=1e-5)
+  grad = jax.grad(lambda lp: rl.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.ones(8), clip)[0])(
+      jnp.asarray(new))
+  np.testing.assert_allclose(grad, grad_each, rtol=1e-5, atol=1e-6)
+  # Clipped (zero gradient): ratio 1.3 with A > 0 and 0.7 with A < 0; the others still move.
+  np.testing.assert_array_equal(np.asarray(grad) == 0, [0, 1, 0, 0, 0, 0, 0, 1])
+  assert float(metrics["clip_fraction"]) == 4
+
+
+def test_group_advantages_use_ddof_1_and_give_zero_to_groups_without_spread():
+  returns = np.array([1.0, 0.0, 0.0, 1.0, 0.3, 0.3, 0.3, 0.3, 0.1, 0.7, 0.2, 0.4], np.float32)
+  groups = returns.reshape(3, 4).astype(np.float64)
+  grpo = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-6)
+  grpo[1] = 0.0
+  rloo = groups - (groups.sum(1, keepdims=True) - groups) / 3
+  rloo[1] = 0.0
+  got_grpo = np.asarray(rl.group_advantages(jnp.asarray(returns), 4, "grpo")).reshape(3, 4)
+  np.testing.assert_allclose(got_grpo, grpo, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got_grpo[1], 0.0)  # Exactly zero: rounding noise is not a signal.
+  np.testing.assert_allclose(rl.group_advantages(jnp.asarray(returns), 4, "rloo").reshape(3, 4), rloo,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_kl_coefficient_follows_ziegler():
+  for kl, target in ((0.5, 1.0), (3.0, 1.0), (1.1, 1.0), (0.0, 2.0)):
+    error = np.clip(kl / target - 1, -0.2, 0.2)
+    assert rl.adaptive_kl_coef(0.1, kl, target, 64, 10_000) == pytest.approx(0.1 * (1 + error * 64 / 10_000))
+
+
+class _FakeState:
+  """Stands in for a ModelState: `merge(params)` returns a model that outputs fixed logits (and values)."""
+
+  def __init__(self, with_values: bool):
+    self.with_values = with_values
+
+  def merge(self, params):
+    if self.with_values:
+      return lambda tokens, positions, segments: (params["logits"], params["values"])
+    return lambda tokens, positions, segments: params["logits"]
+
+
+def _rl_config(algorithm, kl_in, estimator="k3", group_size=4, **overrides):
+  fields = dict(algorithm=algorithm, prompt_len=2, group_size=group_size, gamma=1.0, lam=0.95, clip=0.2,
+                value_clip=0.2, value_coef=0.5, whiten_rewards=False, reward_clip=0.0, temperature=1.0,
+                banned_ids=(), kl_in=kl_in, kl_estimator=estimator, missing_eos_penalty=0.0)
+  return rl.RLConfig(**{**fields, **overrides})
+
+
+def _rollout(scores, ended, seed=0, rows=8, new=3, vocab=6):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (rows, 2 + new)).astype(np.int32)
+  mask = np.ones((rows, new), np.float32)
+  mask[1, 2:] = 0
+  batch = {"tokens": tokens, "segment_ids": np.concatenate([np.ones((rows, 2)), mask], 1).astype(np.int32),
+           "response_mask": mask, "rule_scores": np.asarray(scores, np.float32),
+           "ended": np.asarray(ended, np.float32)}
+  policy = {"logits": rng.normal(size=(rows, 2 + new, vocab)).astype(np.float32),
+            "values": rng.normal(size=(rows, 2 + new)).astype(np.float32)}
+  ref = {"logits": rng.normal(size=(rows, 2 + new, vocab)).astype(np.float32)}
+  return batch, policy, ref
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_grpo_advantages_come_from_the_scores_alone(beta):
+  """Tied groups get zero advantage whatever β and however far the policy is from the reference."""
+  scores = [1, 1, 1, 1, 0, 1, 0, 0]  # Group 0 is all ties.
+  batch, policy, ref = _rollout(scores, ended=np.ones(8))
+  score = rl.make_scorer(_rl_config("grpo", "loss"), _FakeState(True), _FakeState(False),
+                         lambda p, b: b["rule_scores"])
+  out, stats = score(policy, ref, None, batch, jnp.float32(beta))
+  adv = np.asarray(out["advantages"])
+  np.testing.assert_array_equal(adv[:4], 0.0)
+  group = np.array([0, 1, 0, 0], np.float64)
+  expected = (group - group.mean()) / (group.std(ddof=1) + 1e-6)
+  np.testing.assert_allclose(adv[4:], expected[:, None] * batch["response_mask"][4:], rtol=1e-5)
+  assert stats["kl_k1"] != 0  # The policy differs from the reference, yet the advantages ignore it.
+
+
+def test_kl_in_the_reward_moves_returns_and_missing_eos_is_penalized():
+  batch, policy, ref = _rollout([1, 1, 1, 1, 0, 1, 0, 0], ended=[1, 1, 0, 1, 1, 1, 1, 0])
+  config = _rl_config("rloo", "reward", estimator="k1", missing_eos_penalty=2.0)
+  out, stats = rl.make_scorer(config, _FakeState(True), _FakeState(False), lambda p, b: b["rule_scores"])(
+      policy, ref, None, batch, jnp.float32(0.5))
+  lp = jax.nn.log_softmax(policy["logits"][:, 1:-1])
+  ref_lp = jax.nn.log_softmax(ref["logits"][:, 1:-1])
+  take = lambda x: np.take_along_axis(np.asarray(x), batch["tokens"][:, 2:, None], -1)[..., 0]
+  kl = (take(lp) - take(ref_lp)) * batch["response_mask"]
+  returns = np.asarray(batch["rule_scores"]) - 2.0 * (1 - batch["ended"]) - 0.5 * kl.sum(1)
+  groups = returns.reshape(2, 4)
+  expected = (groups - (groups.sum(1, keepdims=True) - groups) / 3).reshape(-1)
+  np.testing.assert_allclose(np.asarray(out["advantages"]), expected[:, None] * batch["response_mask"],
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out["old_log_probs"], take(lp), rtol=1e-5, atol=1e-6)
+  assert float(stats["truncated_fraction"]) == pytest.approx(0.25)
+  assert float(stats["reward"]) == pytest.approx(np.mean(batch["rule_scores"] - 2.0 * (1 - batch["ended"])))
+  assert float(stats["kl_k1"]) == pytest.approx(kl.sum() / 8, rel=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_in_the_loss_adds_beta_times_the_estimator(estimator):
+  batch, policy, ref = _rollout([1, 0, 0, 1, 0, 1, 1, 0], ended=np.ones(8), seed=3)
+  config = _rl_config("grpo", "loss", estimator=estimator)
+  lp = np.take_along_axis(np.asarray(jax.nn.log_softmax(policy["logits"][:, 1:-1])), batch["tokens"][:, 2:, None],
+                          -1)[..., 0]
+  ref_lp = lp + np.random.default_rng(9).normal(size=lp.shape).astype(np.float32) * 0.3
+  mask = batch["response_mask"]
+  full = {**batch, "old_log_probs": lp, "ref_log_probs": ref_lp, "advantages": np.zeros_like(lp),
+          "kl_coef": np.full(8, 0.7, np.float32)}
+  model = _FakeState(False).merge(policy)
+  loss, metrics = rl.make_loss(config)(lambda *a: (model(*a), None), full, None)
+  log_ratio = lp - ref_lp
+  k = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2, "k3": np.exp(-log_ratio) - 1 + log_ratio}[estimator]
+  assert float(loss) == pytest.approx(0.7 * (k * mask).sum(), rel=1e-4)  # Zero advantages: the KL term alone.
+  assert float(metrics["kl_loss"]) == pytest.approx((k * mask).sum(), rel=1e-4)
+
+
+def test_response_log_probs_align_with_the_sampler_at_any_temperature(base_workdir):
+  """RL's log π of each sampled token (one full forward) equals what the sampler recorded while sampling it, with
+  chat-mode banned tokens and temperature 0.7: ratios and KL are computed under the distribution sampled from."""
+  from llm_jax import chat as chat_lib
+  from llm_jax import sharding
+  from llm_jax.inference.loading import load_sampler
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  sampler, _, _ = load_sampler(base_workdir, mesh)
+  model = nnx_merge(sampler)
+  sampling = chat_lib.chat_sampling(rl.SamplingConfig(max_new_tokens=6, temperature=0.7))
+  out = sampler.generate(PROMPTS, sampling, jax.random.key(2))
+  prompt_len = max(len(p) for p in PROMPTS)
+  batch = rl.sequences(PROMPTS, out.tokens, prompt_len, 6)
+  logits = model(jnp.asarray(batch["tokens"]), rl.positions_of(jnp.asarray(batch["segment_ids"])),
+                 jnp.asarray(batch["segment_ids"]))
+  config = _rl_config("ppo", "reward", prompt_len=prompt_len, temperature=0.7, banned_ids=sampling.banned_ids)
+  log_probs, _ = config.log_probs(logits, jnp.asarray(batch["tokens"]))
+  for b, recorded in enumerate(out.log_probs):
+    np.testing.assert_allclose(np.asarray(log_probs)[b, :len(recorded)], recorded, rtol=1e-4, atol=1e-5)
+    assert not set(out.tokens[b]) & set(sampling.banned_ids)
+
+
+def nnx_merge(sampler):
+  from flax import nnx
+  return nnx.merge(sampler.graphdef, sampler.params)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"algorithm": "grpo", "group_size": 1}, "group_size=1 must be >= 2 for grpo"),
+    ({"algorithm": "rloo", "group_size": 1}, "group_size=1 must be >= 2 for rloo"),
+    ({"temperature": 0.0}, "temperature=0.0 must be > 0"),
+    ({"kl_in": "advantage"}, "kl_in='advantage' must be one of"),
+    ({"kl_estimator": "k4"}, "kl_estimator='k4' must be one of"),
+    ({"grad_accum": 3}, "must be divisible by grad_accum"),
+    ({"missing_eos_penalty": -1.0}, "missing_eos_penalty=-1.0 must be >= 0"),
+])
+def test_rl_config_errors(override, message):
+  from llm_jax.errors import UserError
+  config = rlhf_config.get_config()
+  config.minibatch_size = 8
+  for key, value in override.items():
+    config[key] = value
+  with pytest.raises(UserError, match=message):
+    rl.validate(config, 1)
+
+
+def test_kl_settings_follow_each_algorithm_unless_set():
+  config = rlhf_config.get_config()
+  assert rl.kl_settings(config) == ("reward", "k1")
+  config.algorithm = "grpo"
+  assert rl.kl_settings(config) == ("loss", "k3")
+  config.kl_in, config.kl_estimator = "reward", "k2"
+  assert rl.kl_settings(config) == ("reward", "k2")
+
+
+def test_prompts_ending_with_an_assistant_turn_are_refused(tmp_path):
+  from llm_jax.errors import UserError
+  path = tmp_path / "prompts.jsonl"
+  path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"messages": [
+      {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+  with pytest.raises(UserError, match=r"prompts.jsonl:2: 'messages' must end with a user turn"):
+    rl.read_prompts(str(path))
+
+
+def test_reward_model_with_another_tokenizer_is_refused(base_workdir, tmp_path):
+  from llm_jax.errors import UserError
+  from llm_jax.tokenizer import train_sentencepiece
+  other = tmp_path / "rm"
+  other.mkdir()
+  train_sentencepiece(["the cat sat on the mat. " * 20, "a dog ran. " * 30] * 20, 300).save(str(other))
+  with pytest.raises(UserError, match="its tokenizer .* differs from the policy's"):
+    rl.check_same_tokenizer(base_workdir, str(other))
+  rl.check_same_tokenizer(base_workdir, base_workdir)  # The same tokenizer passes.
+
+
+def test_grad_accum_in_rl_gives_the_same_update(base_workdir, tmp_path):
+  """Two microbatches per minibatch update ≡ one (RL used to ignore grad_accum)."""
+  rows = {}
+  for accum in (1, 2):
+    config = rlhf_config.get_config()
+    config.init_from, config.algorithm, config.value_init = base_workdir, "ppo", "policy_head"
+    config.iterations, config.max_new_tokens, config.ppo_epochs = 1, 4, 1
+    config.prompts_per_iteration, config.minibatch_size, config.grad_accum = 8, 8, accum
+    config.missing_eos_penalty = 0.5
+    rows[accum] = rl.run(config, str(tmp_path / f"accum{accum}"), devices=jax.devices()[:1], prompts=PROMPTS,
+                         reward_fn=lambda response: float(len(response) > 0 and response[0] in LETTERS))[0]
+  for key in ("loss", "grad_norm", "value_loss", "score"):
+    assert rows[2][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-6), key
+  # The penalty lands on exactly the answers that max_new_tokens cut off.
+  assert rows[1]["reward"] == pytest.approx(rows[1]["score"] - 0.5 * rows[1]["truncated_fraction"], abs=1e-6)
+  assert 0 < rows[1]["truncated_fraction"] <= 1
+
+
+def test_an_empty_or_role_token_only_answer_never_beats_a_real_one():
+  """The minimum log-probability over no answer tokens used to be 0: the best possible score."""
+  from flax import nnx
+  from llm_jax.chat import END_ID, ROLE_IDS
+  from llm_jax.model import PRESETS
+  model = reward.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
+  model.likelihood_weight[...] = jnp.float32(1.0 / reward.LIKELIHOOD_WEIGHT_SCALE)  # w = 1: trained-like.
+  prompt = [2, ROLE_IDS["user"], *TOK.encode("where?"), END_ID, ROLE_IDS["assistant"]]
+  answers = {"real": TOK.encode("here it is") + [END_ID], "empty": [], "end only": [END_ID],
+             "roles only": [ROLE_IDS["user"], ROLE_IDS["assistant"], END_ID]}
+  length = len(prompt) + max(len(a) for a in answers.values())
+  tokens = np.zeros((len(answers), length), np.int32)
+  segments = np.zeros_like(tokens)
+  for i, answer in enumerate(answers.values()):
+    row = prompt + answer
+    tokens[i, :len(row)], segments[i, :len(row)] = row, 1
+  scores = dict(zip(answers, np.asarray(reward.sequence_scores(model, jnp.asarray(tokens), jnp.asarray(segments)))))
+  for name in ("empty", "end only", "roles only"):
+    assert scores[name] == pytest.approx(reward.EMPTY_ANSWER_LOG_PROB, abs=1e-6), name
+    assert scores[name] < scores["real"], scores

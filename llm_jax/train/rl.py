@@ -1,19 +1,25 @@
 """RLHF: policy-gradient fine-tuning of an SFT model against a reward model, with a KL penalty to the SFT model.
 
 One iteration:
-  1. rollout    sample one response per prompt (k per prompt for GRPO/RLOO) with the KV-cache sampler, from
-                the policy's own distribution (temperature 1, no top-k/top-p: otherwise log π below is not the
-                probability of what was sampled and the KL estimate is wrong);
-  2. score      the reward model's score of prompt + response (read at the response's last token);
+  1. rollout    sample one response per prompt (k per prompt for GRPO/RLOO) with the KV-cache sampler, as an
+                answer in the chat template: role and control tokens are never sampled (`chat.BANNED_IN_ANSWERS`),
+                <|end|>/<eos> end it. Log-probs, ratios and the KL are all computed under exactly that
+                distribution (banned ids removed, logits / `temperature`), so any temperature > 0 is exact;
+  2. score      the reward model's score of prompt + response (read at the response's last token), minus
+                `missing_eos_penalty` for answers that max_new_tokens cut off before <|end|>;
                 log π, log π_ref and (PPO) values for every response token, in one jitted pass;
-  3. rewards    per token −β·(log π − log π_ref); the score is added at the last token;
+  3. rewards    the score at the last response token; with `kl_in="reward"` also −β·kl per token;
   4. advantages PPO: GAE(γ, λ) against the value model, whitened; GRPO: (R − mean_group) / std_group;
-                RLOO: R − mean of the other k − 1 samples of the prompt (R = the sequence's total reward);
-  5. update     `ppo_epochs` passes over minibatches of the clipped surrogate (+ the clipped value loss for
-                PPO), each a step of the shared jitted train step (`loop.make_train_step`).
-β is fixed, or adapted toward `target_kl` (Ziegler et al. 2019). Padding and tokens after <|end|>/<eos> are
-masked everywhere. The value model is a separate network initialized from the reward model
-(`value_init="reward_model"`) or a scalar head on the policy's own hidden states (`value_init="policy_head"`).
+                RLOO: R − mean of the other k − 1 samples of the prompt (R = the sequence's total reward, the
+                score alone when `kl_in="loss"`); a group of equal returns has zero advantage;
+  5. update     `ppo_epochs` passes over minibatches of the clipped surrogate (+ β·kl with `kl_in="loss"`,
+                + the clipped value loss for PPO), each a step of the shared jitted train step
+                (`loop.make_train_step`, honouring `grad_accum`).
+The KL estimator per token is k1, k2 or k3 (`KL_ESTIMATORS`); `kl_in`/`kl_estimator` "auto" follow each
+algorithm's paper (`kl_settings`). β is fixed, or adapted toward `target_kl` (Ziegler et al. 2019). Padding
+and tokens after <|end|>/<eos> are masked everywhere. The value model is a separate network initialized from
+the reward model (`value_init="reward_model"`) or a scalar head on the policy's own hidden states
+(`value_init="policy_head"`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +41,10 @@ from llm_jax import checkpoint as ckpt_lib
 from llm_jax import sharding
 from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
-from llm_jax.inference.sampler import Sampler, SamplingConfig, bucket, left_pad
+from llm_jax.inference.sampler import Sampler, SamplingConfig, bucket, left_pad, restrict_logits
 from llm_jax.metrics import MetricWriter
 from llm_jax.model import ModelConfig, Transformer
-from llm_jax.tokenizer import EOS_ID
+from llm_jax.tokenizer import load_tokenizer
 from llm_jax.train import loop, stage
 from llm_jax.train.reward import (RewardModel, ScalarHead, load_reward_model, prompt_context,
                                   sequence_scores)
@@ -71,14 +77,33 @@ class ActorCritic(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------
 # The math (each piece tested against NumPy).
 
+# Estimators of KL(π ‖ π_ref) from one token sampled from π, given log_ratio = log π − log π_ref (Schulman,
+# "Approximating KL divergence", 2020): k1 is unbiased but often negative, k2 = ½·log_ratio² is biased with low
+# variance, k3 = (π_ref/π − 1) − log(π_ref/π) is unbiased and never negative (DeepSeekMath's GRPO loss term).
+KL_ESTIMATORS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "k1": lambda log_ratio: log_ratio,
+    "k2": lambda log_ratio: 0.5 * jnp.square(log_ratio),
+    "k3": lambda log_ratio: jnp.expm1(-log_ratio) + log_ratio,
+}
+KL_PLACEMENTS = ("reward", "loss")
 
-def response_log_probs(logits_BTV, tokens_BT, prompt_len: int) -> tuple[jax.Array, jax.Array]:
-  """log p and entropy of each response token [B, N]; the response starts at column `prompt_len`."""
-  logits_BNV = logits_BTV[:, prompt_len - 1:-1].astype(jnp.float32)
+
+def response_log_probs(logits_BTV, tokens_BT, prompt_len: int, temperature: float = 1.0,
+                       banned_ids: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
+  """log p and entropy of each response token [B, N] under the distribution rollouts sample from (banned ids
+  removed, logits / temperature; `restrict_logits`, as the sampler does); the response starts at `prompt_len`."""
+  logits_BNV = restrict_logits(logits_BTV[:, prompt_len - 1:-1], temperature, banned_ids)
   log_probs_BNV = jax.nn.log_softmax(logits_BNV)
   chosen_BN = jnp.take_along_axis(log_probs_BNV, tokens_BT[:, prompt_len:, None], axis=-1)[..., 0]
   entropy_BN = -jnp.sum(jnp.exp(log_probs_BNV) * log_probs_BNV, axis=-1)
   return chosen_BN, entropy_BN
+
+
+def token_rewards(scores_B, kl_BN, mask_BN, beta) -> jax.Array:
+  """Per-token rewards [B, N]: −β·kl on every response token, plus the sequence's score on its last token."""
+  last_B = jnp.maximum(mask_BN.sum(1).astype(jnp.int32) - 1, 0)
+  score_BN = jax.nn.one_hot(last_B, mask_BN.shape[1]) * scores_B[:, None]
+  return (score_BN - beta * kl_BN) * mask_BN
 
 
 def gae(rewards_BN, values_BN, mask_BN, gamma: float, lam: float) -> tuple[jax.Array, jax.Array]:
@@ -97,21 +122,32 @@ def gae(rewards_BN, values_BN, mask_BN, gamma: float, lam: float) -> tuple[jax.A
   return advantages_BN, (advantages_BN + values_BN) * mask_BN
 
 
-def masked_whiten(x, mask, eps: float = 1e-8):
+def masked_mean_var(x, mask) -> tuple[jax.Array, jax.Array]:
   count = jnp.maximum(mask.sum(), 1.0)
   mean = (x * mask).sum() / count
-  var = (((x - mean) * mask) ** 2).sum() / count
+  return mean, (jnp.square(x - mean) * mask).sum() / count
+
+
+def masked_whiten(x, mask, eps: float = 1e-8):
+  """(x − mean) / std over the masked entries only; padding stays 0."""
+  mean, var = masked_mean_var(x, mask)
   return (x - mean) * jax.lax.rsqrt(var + eps) * mask
 
 
 def group_advantages(returns_B, group_size: int, algorithm: str) -> jax.Array:
-  """Critic-free sequence advantages; rows [g·k, (g+1)·k) are the k samples of prompt g."""
+  """Critic-free sequence advantages; rows [g·k, (g+1)·k) are the k samples of prompt g.
+
+  GRPO: (R − group mean) / group std, the std with ddof=1 as TRL computes it. RLOO: R − the mean of the other
+  k − 1 samples. A group whose returns are all equal gets exactly zero advantage (it carries no signal; dividing
+  rounding noise by a tiny std would invent one).
+  """
   r_GK = returns_B.reshape(-1, group_size)
   if algorithm == "grpo":
-    adv_GK = (r_GK - r_GK.mean(1, keepdims=True)) / (r_GK.std(1, keepdims=True) + 1e-6)
+    adv_GK = (r_GK - r_GK.mean(1, keepdims=True)) / (r_GK.std(1, ddof=1, keepdims=True) + 1e-6)
   else:  # RLOO: leave-one-out mean of the other samples.
     adv_GK = r_GK - (r_GK.sum(1, keepdims=True) - r_GK) / (group_size - 1)
-  return adv_GK.reshape(-1)
+  spread_G1 = r_GK.max(1, keepdims=True) - r_GK.min(1, keepdims=True)
+  return jnp.where(spread_G1 > 0, adv_GK, 0.0).reshape(-1)
 
 
 def policy_loss(new_log_probs, old_log_probs, advantages, mask, clip: float):
@@ -128,6 +164,12 @@ def value_loss(new_values, old_values, returns, mask, clip: float):
   clipped = old_values + jnp.clip(new_values - old_values, -clip, clip)
   loss = 0.5 * jnp.maximum((new_values - returns) ** 2, (clipped - returns) ** 2)
   return jnp.sum(loss * mask)
+
+
+def adaptive_kl_coef(beta: float, kl: float, target_kl: float, batch_size: int, horizon: int) -> float:
+  """Ziegler et al. 2019 (§2.2): β ← β·(1 + K_β·e), e = clip(KL / KL_target − 1, ±0.2), K_β = batch / horizon."""
+  error = float(np.clip(kl / target_kl - 1, -0.2, 0.2))
+  return beta * (1 + error * batch_size / horizon)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,7 +193,7 @@ def positions_of(segment_ids_BT):
   return jnp.maximum(jnp.cumsum(segment_ids_BT != 0, axis=1) - 1, 0)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RLConfig:
   """The fields of the config that the math needs (static for jit)."""
   algorithm: str
@@ -164,6 +206,14 @@ class RLConfig:
   value_coef: float
   whiten_rewards: bool
   reward_clip: float
+  temperature: float
+  banned_ids: tuple[int, ...]
+  kl_in: str  # "reward": −β·kl per token in the rewards; "loss": +β·kl as a separate loss term.
+  kl_estimator: str  # A key of KL_ESTIMATORS.
+  missing_eos_penalty: float
+
+  def log_probs(self, logits_BTV, tokens_BT):
+    return response_log_probs(logits_BTV, tokens_BT, self.prompt_len, self.temperature, self.banned_ids)
 
 
 def make_scorer(rl: RLConfig, ac_state: loop.ModelState, ref_state: loop.ModelState,
@@ -175,41 +225,36 @@ def make_scorer(rl: RLConfig, ac_state: loop.ModelState, ref_state: loop.ModelSt
     tokens, segments, mask = batch["tokens"], batch["segment_ids"], batch["response_mask"]
     positions = positions_of(segments)
     logits, values_BT = ac_state.merge(params)(tokens, positions, segments)
-    log_probs, entropy = response_log_probs(logits, tokens, rl.prompt_len)
-    ref_log_probs, _ = response_log_probs(ref_state.merge(ref_params)(tokens, positions, segments), tokens,
-                                          rl.prompt_len)
-    raw_scores = scores = reward_fn(reward_params, batch)
+    log_probs, entropy = rl.log_probs(logits, tokens)
+    ref_log_probs, _ = rl.log_probs(ref_state.merge(ref_params)(tokens, positions, segments), tokens)
+    raw_scores = reward_fn(reward_params, batch)
+    # An answer cut off by max_new_tokens is scored at a mid-answer token the reward model never saw.
+    scores = raw_scores - rl.missing_eos_penalty * (1 - batch["ended"])
     if rl.whiten_rewards:
       scores = (scores - scores.mean()) / (scores.std() + 1e-6)
     if rl.reward_clip > 0:
       scores = jnp.clip(scores, -rl.reward_clip, rl.reward_clip)
     log_ratio = (log_probs - ref_log_probs) * mask
-    kl_rewards = -beta * log_ratio
-    last = jnp.maximum(mask.sum(1).astype(jnp.int32) - 1, 0)
-    rewards = kl_rewards + jax.nn.one_hot(last, mask.shape[1]) * scores[:, None] * mask
-    out = {"old_log_probs": log_probs, "response_mask": mask}
+    kl_BN = KL_ESTIMATORS[rl.kl_estimator](log_ratio) * mask
+    rewards = token_rewards(scores, kl_BN if rl.kl_in == "reward" else jnp.zeros_like(kl_BN), mask, beta)
+    out = {"old_log_probs": log_probs, "ref_log_probs": ref_log_probs, "response_mask": mask,
+           "kl_coef": jnp.full(mask.shape[:1], beta, jnp.float32)}
     if rl.algorithm == "ppo":
       values = values_BT[:, rl.prompt_len - 1:-1] * mask
       advantages, returns = gae(rewards, values, mask, rl.gamma, rl.lam)
       out.update(advantages=masked_whiten(advantages, mask), returns=returns, old_values=values)
-      explained = 1 - _masked_var(returns - values, mask) / (_masked_var(returns, mask) + 1e-8)
+      explained = 1 - masked_mean_var(returns - values, mask)[1] / (masked_mean_var(returns, mask)[1] + 1e-8)
     else:
-      sequence_returns = rewards.sum(1)
-      out["advantages"] = group_advantages(sequence_returns, rl.group_size, rl.algorithm)[:, None] * mask
+      out["advantages"] = group_advantages(rewards.sum(1), rl.group_size, rl.algorithm)[:, None] * mask
       explained = jnp.nan
     count = jnp.maximum(mask.sum(), 1.0)
-    stats = {"score": jnp.mean(raw_scores), "kl_k1": jnp.sum(log_ratio) / mask.shape[0],
-             "kl_k3": jnp.sum((jnp.exp(-log_ratio) - 1 + log_ratio) * mask) / mask.shape[0],
+    rows = mask.shape[0]
+    stats = {"score": jnp.mean(raw_scores), "reward": jnp.mean(scores),
+             **{f"kl_{k}": jnp.sum(f(log_ratio) * mask) / rows for k, f in KL_ESTIMATORS.items()},
              "entropy": jnp.sum(entropy * mask) / count, "response_length": mask.sum(1).mean(),
-             "explained_variance": explained}
+             "truncated_fraction": 1 - jnp.mean(batch["ended"]), "explained_variance": explained}
     return out, stats
   return score
-
-
-def _masked_var(x, mask):
-  count = jnp.maximum(mask.sum(), 1.0)
-  mean = (x * mask).sum() / count
-  return (((x - mean) * mask) ** 2).sum() / count
 
 
 def make_loss(rl: RLConfig):
@@ -217,9 +262,13 @@ def make_loss(rl: RLConfig):
     del rng
     tokens, segments, mask = batch["tokens"], batch["segment_ids"], batch["response_mask"]
     logits, values_BT = model(tokens, positions_of(segments), segments)
-    log_probs, entropy = response_log_probs(logits, tokens, rl.prompt_len)
+    log_probs, entropy = rl.log_probs(logits, tokens)
     loss, metrics = policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask, rl.clip)
     metrics["entropy"] = jnp.sum(entropy * mask)
+    if rl.kl_in == "loss":  # DeepSeekMath §4.1: the KL is its own term, not part of the advantages.
+      kl_BN = KL_ESTIMATORS[rl.kl_estimator](log_probs - batch["ref_log_probs"]) * mask
+      metrics["kl_loss"] = jnp.sum(kl_BN)
+      loss = loss + jnp.sum(batch["kl_coef"][:, None] * kl_BN)
     if rl.algorithm == "ppo":
       values = values_BT[:, rl.prompt_len - 1:-1]
       v_loss = value_loss(values, batch["old_values"], batch["returns"], mask, rl.value_clip)
@@ -242,6 +291,18 @@ def read_prompts(path: str) -> list[chat_lib.Chat]:
   return chats
 
 
+def kl_settings(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(kl_in, kl_estimator), "auto" resolved per algorithm as in its paper: PPO and RLOO subtract β·k1 from the
+  per-token rewards (Ziegler et al. 2019; Ahmadian et al. 2024), GRPO adds β·k3 to the loss (DeepSeekMath §4.1)."""
+  kl_in = config.kl_in
+  if kl_in == "auto":
+    kl_in = "loss" if config.algorithm == "grpo" else "reward"
+  estimator = config.kl_estimator
+  if estimator == "auto":
+    estimator = "k3" if kl_in == "loss" else "k1"
+  return kl_in, estimator
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.algorithm not in ALGORITHMS:
     raise UserError(f"algorithm={config.algorithm!r} must be one of {list(ALGORITHMS)}")
@@ -249,18 +310,35 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise UserError(f"value_init={config.value_init!r} must be 'reward_model' or 'policy_head'")
   if config.algorithm != "ppo" and config.group_size < 2:
     raise UserError(f"group_size={config.group_size} must be >= 2 for {config.algorithm}")
-  for field in ("iterations", "prompts_per_iteration", "ppo_epochs", "minibatch_size", "max_new_tokens"):
+  if config.kl_in not in ("auto", *KL_PLACEMENTS):
+    raise UserError(f"kl_in={config.kl_in!r} must be one of {['auto', *KL_PLACEMENTS]}")
+  if config.kl_estimator not in ("auto", *KL_ESTIMATORS):
+    raise UserError(f"kl_estimator={config.kl_estimator!r} must be one of {['auto', *KL_ESTIMATORS]}")
+  for field in ("iterations", "prompts_per_iteration", "ppo_epochs", "minibatch_size", "max_new_tokens",
+                "grad_accum"):
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be positive")
+  if not config.temperature > 0:
+    raise UserError(f"temperature={config.temperature} must be > 0: rollouts sample from the policy (log-probs, "
+                    "ratios and KL are computed at this temperature)")
+  if config.missing_eos_penalty < 0:
+    raise UserError(f"missing_eos_penalty={config.missing_eos_penalty} must be >= 0")
   rollout = config.prompts_per_iteration * (config.group_size if config.algorithm != "ppo" else 1)
   if rollout % config.minibatch_size:
     raise UserError(f"minibatch_size={config.minibatch_size} must divide the rollout batch ({rollout})")
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
-  if config.minibatch_size % (shape[0] * shape[1]):
-    raise UserError(f"minibatch_size={config.minibatch_size} must be divisible by mesh.data*mesh.fsdp")
-  if config.temperature != 1.0:
-    logging.warning("temperature=%s: rollouts are not sampled from the policy itself; KL and ratios are "
-                    "computed for the policy at temperature 1", config.temperature)
+  if config.minibatch_size % (config.grad_accum * shape[0] * shape[1]):
+    raise UserError(f"minibatch_size={config.minibatch_size} must be divisible by grad_accum*mesh.data*mesh.fsdp "
+                    f"({config.grad_accum}*{shape[0]}*{shape[1]})")
+
+
+def check_same_tokenizer(policy_workdir: str, reward_workdir: str) -> None:
+  """The reward model reads the policy's token ids: its tokenizer must be the same one."""
+  policy, scorer = load_tokenizer(policy_workdir), load_tokenizer(reward_workdir)
+  if policy.fingerprint() != scorer.fingerprint():
+    raise UserError(f"reward_model={reward_workdir}: its tokenizer ({scorer.fingerprint()}, {scorer.vocab_size} "
+                    f"ids) differs from the policy's in {policy_workdir} ({policy.fingerprint()}, "
+                    f"{policy.vocab_size} ids); it would read the policy's token ids as other text")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
@@ -284,9 +362,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
     raise UserError(f"{len(too_long)} prompts (first: #{too_long[0]}) leave no room for max_new_tokens="
                     f"{config.max_new_tokens} in the model's context of {model_cfg.max_seq_len}")
   prompt_len = min(bucket(max(len(p) for p in prompts)), model_cfg.max_seq_len - config.max_new_tokens)
+  kl_in, kl_estimator = kl_settings(config)
   rl = RLConfig(config.algorithm, prompt_len, config.group_size if config.algorithm != "ppo" else 1,
                 config.gamma, config.lam, config.clip, config.value_clip, config.value_coef,
-                config.whiten_rewards, config.reward_clip)
+                config.whiten_rewards, config.reward_clip, config.temperature, chat_lib.BANNED_IN_ANSWERS,
+                kl_in, kl_estimator, config.missing_eos_penalty)
 
   # The policy (+ value), the frozen reference and the frozen reward model.
   value_mode = config.value_init if config.algorithm == "ppo" else "none"
@@ -295,6 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   ref_state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
   ref_params, _ = ckpt_lib.restore_params(config.init_from, ref_state.abstract_params)
   if reward_fn is None:
+    check_same_tokenizer(config.init_from, config.reward_model)
     rm_state, rm_params, _ = load_reward_model(config.reward_model, mesh)
     reward = lambda params, batch: sequence_scores(rm_state.merge(params), batch["tokens"], batch["segment_ids"])
   else:
@@ -311,15 +392,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   optimizer = loop.make_optimizer(config, ac_state.abstract_params)
   opt_shardings = loop.opt_state_shardings(optimizer, ac_state, mesh)
   rollout_size = config.prompts_per_iteration * rl.group_size
-  fields = ["tokens", "segment_ids", "response_mask", "old_log_probs", "advantages"]
+  fields = ["tokens", "segment_ids", "response_mask", "old_log_probs", "ref_log_probs", "advantages", "kl_coef"]
   fields += ["returns", "old_values"] if rl.algorithm == "ppo" else []
-  batch_shardings = {k: sharding.batch_sharding(mesh, 2) for k in fields}
-  update = loop.make_train_step(ac_state, make_loss(rl), optimizer, mesh, opt_shardings, batch_shardings, 1,
-                                config.seed)
+  batch_shardings = {k: sharding.batch_sharding(mesh, 1 if k == "kl_coef" else 2) for k in fields}
+  update = loop.make_train_step(ac_state, make_loss(rl), optimizer, mesh, opt_shardings, batch_shardings,
+                                config.grad_accum, config.seed)
   score = make_scorer(rl, ac_state, ref_state, reward)
   sampler = Sampler(ref_state.graphdef, None, mesh, model_cfg=model_cfg)
-  sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                            stop_ids=(chat_lib.END_ID, EOS_ID))
+  # Answers in the chat template: stop at <|end|>/<eos>, never a role or control token (banned_ids, which the
+  # log-probs above exclude too).
+  sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=config.max_new_tokens,
+                                                   temperature=config.temperature))
 
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   start = checkpointer.latest_step()
@@ -352,6 +435,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
       generation = sampler.generate(batch_prompts, sampling, jax.random.key(config.seed * 100_003 + iteration))
       t_rollout = time.perf_counter() - t0
       host = sequences(batch_prompts, generation.tokens, prompt_len, config.max_new_tokens)
+      host["ended"] = np.array([len(t) > 0 and t[-1] in sampling.stop_ids for t in generation.tokens], np.float32)
       if reward_fn is not None:
         host["rule_scores"] = np.array([reward_fn(t) for t in generation.tokens], np.float32)
       batch = sharding.global_batch(host, mesh)
@@ -383,15 +467,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
         print(f"WARNING: negative mean KL {stats['kl_k1']:.4f} at iteration {iteration}", flush=True)
       if not math.isfinite(row["loss"]):
         raise loop.NonFiniteLossError(f"non-finite loss at iteration {iteration}; stopped")
-      if config.target_kl > 0:  # Adaptive KL controller (Ziegler et al. 2019).
-        error = float(np.clip(stats["kl_k1"] / config.target_kl - 1, -0.2, 0.2))
-        beta *= 1 + error * rollout_size / config.kl_horizon
+      if config.target_kl > 0:
+        beta = adaptive_kl_coef(beta, stats["kl_k1"], config.target_kl, rollout_size, config.kl_horizon)
       history.append(row)
       writer.write(iteration, row)
       if jax.process_index() == 0 and (iteration % config.log_every == 0 or iteration == config.iterations):
         print(f"iteration {iteration:>4}/{config.iterations}  score {stats['score']:.3f}  "
               f"kl {stats['kl_k1']:.4f} (k3 {stats['kl_k3']:.4f})  beta {beta:.4f}  "
               f"clip {row['clip_fraction']:.3f}  len {stats['response_length']:.1f}  "
+              f"truncated {stats['truncated_fraction']:.2f}  "
               f"rollout {row['rollout_tokens_per_second']:,.0f} tok/s  {row['iteration_seconds']:.1f} s/it",
               flush=True)
       if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
