@@ -87,7 +87,13 @@ def test_bradley_terry_loss_value_and_gradient_sign():
   grads = nnx.grad(lambda m: reward.bradley_terry_loss(m, batch, None)[0])(model)
   model.head.w_D[...] -= 0.1 * grads.head.w_D[...]
   after, sums_after = reward.bradley_terry_loss(model, batch, None)
-  assert float(after) < float(loss) and float(sums_after["margin"]) > 0  # Chosen now scores higher.
+  assert float(after) < float(loss) and float(sums_after["margin"]) > 0
+  # Read independently of the loss: the chosen answers now score higher, and the loss is −log σ(chosen − rejected).
+  chosen = np.asarray(reward.sequence_scores(model, batch["chosen"], batch["chosen_segment_ids"]), np.float64)
+  rejected = np.asarray(reward.sequence_scores(model, batch["rejected"], batch["rejected_segment_ids"]), np.float64)
+  assert np.all(chosen[:3] > rejected[:3])
+  np.testing.assert_allclose(float(after), np.sum(np.log1p(np.exp(-(chosen - rejected)[:3]))), rtol=1e-5)
+  np.testing.assert_allclose(float(sums_after["margin"]), np.sum((chosen - rejected)[:3]), rtol=1e-5)
 
 
 def test_min_answer_log_prob_matches_numpy():
