@@ -106,12 +106,31 @@ def test_sampled_frequencies_match_the_softmax():
   assert chi_square(np.bincount(draw(temperature=1.0, top_k=0, top_p=1.0), minlength=5), probs_t) > 18.47
 
 
-def test_recorded_log_probs_equal_a_fresh_forward_pass():
+def test_top_p_keeps_no_more_tokens_once_their_mass_reaches_top_p():
+  """top_p equal to the two most likely tokens' mass (as float32 computes it): the third is not needed; a hair
+  more and it is kept (it crosses top_p)."""
+  logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0])
+  probs = jax.nn.softmax(logits)
+  mass_before = np.asarray(jnp.cumsum(probs) - probs)
+  keys = jax.random.split(jax.random.key(0), 2000)
+  draw = lambda top_p: np.bincount(np.asarray(sample_logits(jnp.broadcast_to(logits, (2000, 5)), keys, 1.0, 0,
+                                                            top_p)[0]), minlength=5)
+  exact = draw(float(mass_before[2]))
+  assert exact[2:].sum() == 0 and exact[:2].min() > 0
+  above = draw(float(np.nextafter(mass_before[2], np.float32(1))))
+  assert above[3:].sum() == 0 and above[:3].min() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recorded_log_probs_equal_a_fresh_forward_pass(temperature):
+  """The log-probs are those of the distribution sampled from: log_softmax(logits / temperature)."""
   sampler, model = make_sampler(TINY)
   rows = prompts([5, 8])
-  out = sampler.generate(rows, SamplingConfig(max_new_tokens=8, temperature=1.0, stop_ids=()), jax.random.key(1))
+  sampling = SamplingConfig(max_new_tokens=8, temperature=temperature, stop_ids=())
+  out = sampler.generate(rows, sampling, jax.random.key(1))
   for prompt, tokens, log_probs in zip(rows, out.tokens, out.log_probs):
-    full = jax.nn.log_softmax(model(jnp.asarray([prompt + tokens]))[0])
+    assert len(tokens) == 8
+    full = jax.nn.log_softmax(model(jnp.asarray([prompt + tokens]))[0] / temperature)
     expected = [float(full[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
     np.testing.assert_allclose(log_probs, expected, rtol=1e-5, atol=1e-5)
 

@@ -1,4 +1,5 @@
-"""Model correctness: causality, document masking, GQA, RoPE, scan/remat equivalence, parameter count."""
+"""Model correctness: causality, document masking, GQA, RoPE, a NumPy reference forward pass, scan/remat
+equivalence, parameter count."""
 
 import dataclasses
 
@@ -84,6 +85,64 @@ def test_rope_preserves_norm_and_depends_on_relative_offset():
   np.testing.assert_allclose(dot(5, 2), dot(103, 100), rtol=1e-4)
   np.testing.assert_allclose(dot(7, 7), float(jnp.sum(x * y)), rtol=1e-4)
   assert abs(dot(5, 2) - dot(5, 4)) > 1e-3  # A different offset gives a different score.
+
+
+def numpy_rope(x, positions, theta):
+  """Hugging Face Llama's RoPE: x·cos + rotate_half(x)·sin with inv_freq = 1 / θ^(2i/H), in float64."""
+  h = x.shape[-1]
+  inv_freq = 1.0 / theta ** (np.arange(0, h, 2) / h)
+  angle = np.asarray(positions, np.float64)[..., None] * inv_freq
+  cos, sin = (f(np.concatenate([angle, angle], -1))[:, :, None, :] for f in (np.cos, np.sin))
+  rotate_half = np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1)
+  return x * cos + rotate_half * sin
+
+
+def test_rope_matches_the_hugging_face_formula():
+  """The rotation's direction and frequencies, at positions ≥ 300 too (position 0 hides RoPE errors)."""
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 6, 3, 16)))
+  positions = np.stack([np.arange(6), 300 + 37 * np.arange(6)])
+  got = model_lib.apply_rope(jnp.asarray(x), jnp.asarray(positions), 10_000.0)
+  np.testing.assert_allclose(got, numpy_rope(x.astype(np.float64), positions, 10_000.0), atol=2e-4)
+
+
+def numpy_forward(model: Transformer, tokens: np.ndarray) -> np.ndarray:
+  """The Llama-style tiny model written out in NumPy (float64): embed → pre-norm blocks (RMSNorm, RoPE, GQA
+  attention with 1/√H scores, SwiGLU) with residuals → RMSNorm → untied head."""
+  cfg = model.cfg
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model)))
+  rms = lambda x, scale: x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps) * scale
+  b, l = tokens.shape
+  positions = np.broadcast_to(np.arange(l), (b, l))
+  x = p["embed"]["embedding"][tokens]
+  for i in range(cfg.num_layers):
+    block = p["blocks"][i]
+    h = rms(x, block["attn_norm"]["scale"])
+    q, k, v = (np.einsum("bld,dnh->blnh", h, block["attn"][w]) for w in ("wq_DNH", "wk_DKH", "wv_DKH"))
+    q, k = numpy_rope(q, positions, cfg.rope_theta), numpy_rope(k, positions, cfg.rope_theta)
+    group = cfg.num_heads // cfg.num_kv_heads  # Query head j uses K/V head j // group.
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.einsum("blnh,bsnh->bnls", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(np.tril(np.ones((l, l), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    x = x + np.einsum("bnls,bsnh,nhd->bld", probs, v, block["attn"]["wo_NHD"])
+    h = rms(x, block["mlp_norm"]["scale"])
+    gate = h @ block["mlp"]["w_gate_DF"]
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ block["mlp"]["w_in_DF"])) @ block["mlp"]["w_out_FD"]
+  return rms(x, p["final_norm"]["scale"]) @ p["lm_head_DV"]
+
+
+def test_forward_matches_a_numpy_reference():
+  model = make(TINY)
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(0)
+  # Larger weights than the init (peaked attention) and norm scales ≠ 1, so every piece shows in the logits.
+  params = jax.tree.map(lambda a: a * 4.0 if a.ndim > 1 else a + 0.3 * rng.standard_normal(a.shape).astype(a.dtype),
+                        nnx.to_pure_dict(state))
+  model = nnx.merge(graphdef, params)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 20), 0, 264))
+  expected = numpy_forward(model, tokens)
+  np.testing.assert_allclose(model(jnp.asarray(tokens)), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -77,7 +77,13 @@ def test_bradley_terry_loss_value_and_gradient_sign():
   grads = nnx.grad(lambda m: reward.bradley_terry_loss(m, batch, None)[0])(model)
   model.head.w_D[...] -= 0.1 * grads.head.w_D[...]
   after, sums_after = reward.bradley_terry_loss(model, batch, None)
-  assert float(after) < float(loss) and float(sums_after["margin"]) > 0  # Chosen now scores higher.
+  assert float(after) < float(loss) and float(sums_after["margin"]) > 0
+  # Read independently of the loss: the chosen answers now score higher, and the loss is −log σ(chosen − rejected).
+  chosen = np.asarray(reward.sequence_scores(model, batch["chosen"], batch["chosen_segment_ids"]), np.float64)
+  rejected = np.asarray(reward.sequence_scores(model, batch["rejected"], batch["rejected_segment_ids"]), np.float64)
+  assert np.all(chosen[:3] > rejected[:3])
+  np.testing.assert_allclose(float(after), np.sum(np.log1p(np.exp(-(chosen - rejected)[:3]))), rtol=1e-5)
+  np.testing.assert_allclose(float(sums_after["margin"]), np.sum((chosen - rejected)[:3]), rtol=1e-5)
 
 
 def test_min_answer_log_prob_matches_numpy():
@@ -157,8 +163,31 @@ def test_toy_task_reward_rises_above_0_9(algorithm, base_workdir, tmp_path):
     assert {"value_loss", "explained_variance"} <= set(logged[-1])
 
 
-def test_reward_model_learns_synthetic_preferences(base_workdir, tmp_path):
-  """Chosen answers are polite full sentences, rejected ones are shouted fragments."""
+def test_sequence_scores_read_the_last_real_token_of_padded_rows():
+  """A padded row scores as the row alone (the head at its last token), whether padded on the right or left."""
+  from flax import nnx
+  from llm_jax.model import PRESETS
+  model = reward.RewardModel(PRESETS["tiny"], rngs=nnx.Rngs(0))
+  model.head.w_D[...] = jax.random.normal(jax.random.key(1), model.head.w_D.shape)
+  rng = np.random.default_rng(4)
+  t, lengths = 12, (5, 9, 12)
+  real = [rng.integers(8, 200, n).astype(np.int32) for n in lengths]
+  tokens, segments = np.zeros((3, t), np.int32), np.zeros((3, t), np.int32)
+  tokens[0, :5], segments[0, :5] = real[0], 1  # Right padding.
+  tokens[1, 3:], segments[1, 3:] = real[1], 1  # Left padding.
+  tokens[2], segments[2] = real[2], 1
+  np.testing.assert_array_equal(reward.last_token_index(jnp.asarray(segments)), [4, 11, 11])
+  scores = nnx.jit(reward.sequence_scores)(model, jnp.asarray(tokens), jnp.asarray(segments))
+  head = nnx.jit(lambda m, row: m(row[None], jnp.arange(len(row))[None], jnp.ones((1, len(row)), jnp.int32)))
+  alone = [float(head(model, jnp.asarray(row))[0, -1]) for row in real]
+  np.testing.assert_allclose(scores, alone, rtol=1e-5, atol=1e-6)
+  assert len(set(np.round(alone, 4))) == 3  # Distinct rows score differently: reading a wrong token would show.
+
+
+@pytest.mark.parametrize("likelihood_feature", [True, False])
+def test_reward_model_learns_synthetic_preferences(likelihood_feature, base_workdir, tmp_path):
+  """Chosen answers are polite full sentences, rejected ones are shouted fragments. Without the likelihood term
+  the head alone must rank them: it reads the last real token, so reading any other token would not learn."""
   rng = np.random.default_rng(0)
   words = ["river", "city", "stone", "bread", "music", "garden", "window", "market"]
   lines = []
@@ -170,6 +199,7 @@ def test_reward_model_learns_synthetic_preferences(base_workdir, tmp_path):
   (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
   config = reward_config.get_config()
   config.init_from, config.data.path = base_workdir, str(tmp_path / "pairs.jsonl")
+  config.likelihood_feature = likelihood_feature
   config.steps, config.batch_size, config.seq_len, config.learning_rate = 60, 16, 64, 1e-3
   config.eval_every, config.log_every, config.warmup_steps = 60, 20, 5
   result = reward.run(config, str(tmp_path / "rm"), devices=jax.devices()[:1])

@@ -1,23 +1,29 @@
-"""The training loop: learning, mesh invariance, gradient accumulation, exact resume, NaN stop, checkpoints."""
+"""The training loop: learning, mesh invariance, gradient accumulation, exact resume, NaN stop, checkpoints, and
+the optimizer's arithmetic (gradient normalization, learning-rate schedule, weight-decay mask)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import sharding
+from llm_jax.data import text
 from llm_jax.errors import UserError
 from llm_jax.metrics import read_metrics
+from llm_jax.model import PRESETS, Transformer
 from llm_jax.train import loop, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import pretrain as pretrain_config  # noqa: E402  (configs/pretrain.py)
-
 
 
 def tiny_config(corpus, **overrides):
@@ -78,6 +84,121 @@ def test_resume_continues_exactly(corpus, tmp_path):
   straight, resumed = losses(str(tmp_path / "straight")), losses(str(tmp_path / "resumed"))
   assert sorted(resumed) == list(range(1, 11))
   np.testing.assert_array_equal([resumed[s] for s in range(1, 11)], [straight[s] for s in range(1, 11)])
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum):
+  """The update divides the summed gradient by the whole batch's weight, not by the microbatch count."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  factory = lambda rngs: Transformer(PRESETS["tiny"], rngs=rngs)
+  state = loop.model_state(factory, mesh)
+  optimizer = loop.make_optimizer(pretrain_config.get_config(), state.abstract_params)
+  rows = text.pack([list(range(8, 60)), list(range(100, 150))] * 2, 16)
+  batch = {k: v[:4] for k, v in rows.items()}
+  # Microbatch j takes rows j, j + A, ...: with A = 2 the microbatches weigh 3 + 5 and 16 + 16 tokens.
+  mask = np.zeros((4, 16), np.float32)
+  mask[0, :3], mask[2, :5], mask[1], mask[3] = 1, 1, 1, 1
+  batch["loss_mask"] = mask
+  params = loop.init_params(factory, state, 0)
+  weight = mask.sum()
+  expected_loss, expected_grads = jax.value_and_grad(
+      lambda p: pretrain.next_token_loss(state.merge(p), batch, None)[0] / weight)(params)
+  expected_norm = float(optax.tree.norm(expected_grads))
+  shardings = {k: sharding.batch_sharding(mesh, 2) for k in batch}
+  step = loop.make_train_step(state, pretrain.next_token_loss, optimizer, mesh,
+                              loop.opt_state_shardings(optimizer, state, mesh), shardings, grad_accum, 0)
+  _, _, metrics = step(params, jax.jit(optimizer.init)(params), sharding.global_batch(batch, mesh), 0)
+  assert float(metrics["weight"]) == weight == 40
+  np.testing.assert_allclose(float(metrics["loss"]), float(expected_loss), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), expected_norm, rtol=1e-5)
+
+
+def expected_learning_rates(peak: float, warmup: int, steps: int, min_lr_ratio: float) -> list[float]:
+  """loop.learning_rate_schedule's convention written out: the rate of update k = 1 .. steps."""
+  end, warmup = peak * min_lr_ratio, max(warmup, 1)
+  return [peak * k / warmup if k <= warmup
+          else end + (peak - end) * 0.5 * (1 + np.cos(np.pi * (k - warmup) / (steps - warmup)))
+          for k in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("warmup_steps", [4, 0])
+def test_adam_update_k_uses_the_schedule_value_at_step_k(warmup_steps):
+  """A loss linear in the parameters has a constant gradient g: Adam's m̂ = g and v̂ = g², so (no clipping, no
+  weight decay) update k is exactly -lr_k·sign(g) and shows the rate the optimizer used."""
+  config = pretrain_config.get_config()
+  config.steps, config.warmup_steps, config.learning_rate, config.min_lr_ratio = 10, warmup_steps, 1e-2, 0.1
+  config.grad_clip, config.weight_decay = 0.0, 0.0
+  c = jnp.array([[1.0, -2.0], [0.5, -0.25]])  # |g| >> eps = 1e-8.
+  loss = lambda p: jnp.sum(c * p["w"]) + jnp.sum(c[0] * p["b"])
+  params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+  optimizer = loop.make_optimizer(config, params)
+  opt_state = optimizer.init(params)
+  expected = expected_learning_rates(1e-2, warmup_steps, 10, 0.1)
+  assert expected[0] == (1e-2 / 4 if warmup_steps else 1e-2) and expected[-1] == pytest.approx(1e-3)
+  sizes = []
+  for _ in range(10):
+    updates, opt_state = optimizer.update(jax.grad(loss)(params), opt_state, params)
+    np.testing.assert_allclose(updates["w"] / -np.sign(c), updates["w"][0, 0] / -1.0, rtol=1e-6)
+    sizes.append(-float(updates["w"][0, 0]))
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(sizes, expected, rtol=1e-5)
+  # The one schedule function (also what the loop logs) gives the same rates.
+  np.testing.assert_allclose([float(loop.learning_rate_schedule(config)(k)) for k in range(1, 11)], expected,
+                             rtol=1e-6)
+
+
+def test_logged_learning_rate_is_the_rate_each_update_used(corpus, tmp_path):
+  config = tiny_config(corpus, steps=6, warmup_steps=3)
+  pretrain.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  logged = losses(str(tmp_path / "run"), "learning_rate")
+  assert sorted(logged) == list(range(1, 7))
+  expected = expected_learning_rates(config.learning_rate, 3, 6, config.min_lr_ratio)
+  np.testing.assert_allclose([logged[k] for k in range(1, 7)], expected, rtol=1e-6)
+
+
+def is_norm_or_bias(path) -> bool:
+  """From the module structure (a norm layer's parameters, or a bias), independently of the mask's own rule."""
+  names = [str(getattr(p, "key", p)) for p in path]
+  return any(n.endswith("norm") for n in names[:-1]) or names[-1].startswith("bias")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "baby_char", "gpt2_124m", "llama_7b"])
+def test_weight_decay_mask_excludes_exactly_norms_and_biases(preset):
+  """RMSNorm (tiny), LayerNorm (baby_char), biases (gpt2_124m), stacked scanned layers (llama_7b); abstract."""
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transformer(PRESETS[preset], rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(abstract))
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  mask = jax.tree.leaves(loop.weight_decay_mask(params))
+  assert len(mask) == len(leaves)
+  excluded = [jax.tree_util.keystr(path) for (path, _), decays in zip(leaves, mask) if not decays]
+  assert excluded == [jax.tree_util.keystr(path) for path, _ in leaves if is_norm_or_bias(path)]
+  assert excluded and len(excluded) < len(leaves)
+  for (path, leaf), decays in zip(leaves, mask):
+    if decays:  # Matrices and embeddings (stacked layers add a leading axis).
+      assert leaf.ndim >= (3 if "blocks" in str(path) and PRESETS[preset].scan_layers else 2), path
+  if preset == "gpt2_124m":
+    assert any("bias_q" in name for name in excluded) and any("norm']['bias" in name for name in excluded)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_weight_decay_shrinks_matrices_and_leaves_norms_and_biases(use_bias):
+  """Zero gradient, weight decay on: update 1 (at the peak rate, warmup_steps=0) multiplies every decayed
+  parameter by exactly 1 − lr·wd and leaves norm scales and biases as they were."""
+  config = pretrain_config.get_config()
+  config.learning_rate, config.weight_decay, config.warmup_steps = 1e-2, 0.1, 0
+  cfg = dataclasses.replace(PRESETS["tiny"], use_bias=use_bias, norm="layernorm" if use_bias else "rmsnorm")
+  params = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
+  params = jax.tree.map(lambda p: p + 0.5, params)  # Nonzero biases: their decay would show.
+  optimizer = loop.make_optimizer(config, params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+  new = optax.apply_updates(params, updates)
+  for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new)):
+    if is_norm_or_bias(path):
+      np.testing.assert_array_equal(after, before, err_msg=jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_allclose(after, before * (1 - 1e-2 * 0.1), rtol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_checkpoint_restores_onto_other_meshes(corpus, tmp_path):

@@ -82,9 +82,18 @@ def init_params(model_factory: Callable[[nnx.Rngs], nnx.Module], state: ModelSta
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning rate of the update made at step k = 1, 2, ..., config.steps (as logged at step k).
+
+  Linear warmup from 0 that skips the 0 itself, so no step is wasted: lr_k = peak·k/warmup_steps, the peak
+  reached at step warmup_steps; then cosine decay to peak·min_lr_ratio at the final step, config.steps.
+  warmup_steps=0 behaves as 1: the first update is at the peak. optax counts the updates already made (k - 1
+  at step k): `make_optimizer` shifts its count by one, so the optimizer and the logged value are this one
+  function.
+  """
+  warmup = max(config.warmup_steps, 1)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-      decay_steps=max(config.steps, config.warmup_steps + 1), end_value=config.learning_rate * config.min_lr_ratio)
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(config.steps, warmup + 1), end_value=config.learning_rate * config.min_lr_ratio)
 
 
 def weight_decay_mask(params) -> Any:
@@ -96,9 +105,11 @@ def weight_decay_mask(params) -> Any:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
+  """AdamW (weight decay masked) after global-norm clipping; update k uses `learning_rate_schedule(config)(k)`."""
+  schedule = learning_rate_schedule(config)
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-      optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=1e-8,
+      optax.adamw(lambda count: schedule(count + 1), b1=config.b1, b2=config.b2, eps=1e-8,
                   weight_decay=config.weight_decay, mask=weight_decay_mask(params)))
 
 
@@ -302,7 +313,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh,
         raise NonFiniteLossError(
             f"non-finite loss ({values['loss']}) at step {step}; stopped. The last good checkpoint is in "
             f"{checkpointer.directory} (step {checkpointer.latest_step()})")
-      values["learning_rate"] = float(learning_rate_schedule(config)(step - 1))
+      values["learning_rate"] = float(learning_rate_schedule(config)(step))  # The rate this step's update used.
       empty_steps += values["weight"] == 0
       values["empty_steps"] = empty_steps
       last_metrics = values

@@ -1,0 +1,394 @@
+"""Mutation check: does the test suite notice single-line bugs in the core math?
+
+Each `Mutant` below replaces one exact source snippet (it must occur exactly once in its file) with a wrong
+version, the kind of bug a careful reviewer fears: an off-by-one in the learning-rate schedule, a mask that
+lets a token see the future, a reward read at the wrong token. For each mutant the check copies the repository's
+code (llm_jax/, tests/, configs/, experiments/) into a temporary directory, applies the replacement there (the
+working tree is never modified), and runs only the tests named for it. A failing test kills the mutant; a
+mutant whose tests all pass survived, and the test suite has a hole.
+
+    python tests/mutation_check.py                    # all mutants, ~25 min on a 2-core CPU
+    python tests/mutation_check.py --only lr_logged_off_by_one,causal_mask
+    python tests/mutation_check.py --list
+
+Prints a table (mutant, status, seconds, the test that killed it) and the kill rate; exits 1 if the kill rate is
+below --min_kill_rate. A timeout counts as killed (the mutant hung the tests), a pytest error that is not a test
+failure (no tests collected, a usage error) as an error, which is not a kill. The compilation cache is the
+repository's .jax_cache, so repeated runs compile little.
+
+Adding a mutant is one entry in MUTANTS; tests/test_mutants.py checks that every `original` snippet still occurs
+exactly once, so the list follows the code as it changes. Not collected by pytest (its name does not start with
+test_). Do not add mutants of llm_jax/train/rl.py here yet: it is being rewritten (its owner adds them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COPIED = ("llm_jax", "tests", "configs", "experiments", "setup.cfg", "pyproject.toml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  """A single-line bug: `original` (exact text, once in `file`) becomes `replacement`.
+
+  `tests`: pytest arguments, one invocation each, run in order until one fails: a node id
+  ("tests/test_x.py::test_name") or a file with a -k expression ("tests/test_x.py -k 'causality or packed'").
+  """
+  name: str
+  file: str  # Relative to the repository root.
+  original: str
+  replacement: str
+  tests: tuple[str, ...]
+  why: str = ""  # The bug, in words.
+
+
+T_TRAIN, T_MODEL, T_INF, T_DATA, T_SFT, T_RLHF = (f"tests/test_{n}.py" for n in
+                                                  ("train", "model", "inference", "data", "sft", "rlhf"))
+LOOP, MODEL, SAMPLER = "llm_jax/train/loop.py", "llm_jax/model.py", "llm_jax/inference/sampler.py"
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ---- the training loop and optimizer (llm_jax/train/loop.py, pretrain.py) ----
+    Mutant("grad_divided_by_grad_accum", LOOP,
+           "grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads)",
+           "grads = jax.tree.map(lambda g: g / grad_accum, grads)",
+           (f"{T_TRAIN} -k total_weight",),
+           "the gradient is averaged over microbatches instead of divided by the batch's total weight"),
+    Mutant("lr_schedule_shifted", LOOP,
+           "optax.adamw(lambda count: schedule(count + 1),",
+           "optax.adamw(lambda count: schedule(count),",
+           (f"{T_TRAIN} -k adam_update",),
+           "update k uses the rate of step k - 1 (the first update at lr 0)"),
+    Mutant("lr_warmup_one_step_late", LOOP,
+           "warmup = max(config.warmup_steps, 1)",
+           "warmup = config.warmup_steps + 1",
+           (f"{T_TRAIN} -k adam_update",),
+           "the peak is reached one step after warmup_steps"),
+    Mutant("lr_logged_off_by_one", LOOP,
+           "learning_rate_schedule(config)(step))",
+           "learning_rate_schedule(config)(step - 1))",
+           (f"{T_TRAIN}::test_logged_learning_rate_is_the_rate_each_update_used",),
+           "metrics.jsonl logs the previous step's rate"),
+    Mutant("weight_decay_on_norms_and_biases", LOOP,
+           'return not (name == "scale" or name.startswith("bias"))',
+           "return True",
+           (f"{T_TRAIN} -k weight_decay",),
+           "weight decay also shrinks norm scales and biases"),
+    Mutant("resume_without_data_iterator", LOOP,
+           "restored = checkpointer.restore(start, state.abstract_params, abstract_opt, data_iter)",
+           "restored = checkpointer.restore(start, state.abstract_params, abstract_opt, None)",
+           (f"{T_TRAIN}::test_resume_continues_exactly",),
+           "a resumed run restarts the data from the first batch"),
+    Mutant("loss_ignores_mask", "llm_jax/train/pretrain.py",
+           'return jnp.sum(loss_BL * mask_BL), {"weight"',
+           'return jnp.sum(loss_BL), {"weight"',
+           (f"{T_SFT}::test_a_batch_with_nothing_to_train_on_adds_zero_loss", f"{T_TRAIN} -k total_weight"),
+           "masked tokens (prompts, padding, document boundaries) are trained on"),
+    Mutant("loss_weight_counts_every_token", "llm_jax/train/pretrain.py",
+           '{"weight": jnp.sum(mask_BL), "accuracy"',
+           '{"weight": jnp.sum(jnp.ones_like(mask_BL)), "accuracy"',
+           (f"{T_TRAIN} -k total_weight",),
+           "the loss is averaged over all tokens, masked ones included"),
+
+    # ---- the model (llm_jax/model.py) ----
+    Mutant("causal_mask_strict", MODEL,
+           "causal = q_positions_BL[:, :, None] >= kv_positions_BS[:, None, :]",
+           "causal = q_positions_BL[:, :, None] > kv_positions_BS[:, None, :]",
+           (f"{T_MODEL} -k causality",),
+           "a token may not attend to itself (the first token then attends to everything)"),
+    Mutant("document_mask_dropped", MODEL,
+           "return (same_doc & causal)[:, None, :, :]",
+           "return causal[:, None, :, :]",
+           (f"{T_MODEL} -k packed_document",),
+           "packed documents attend to each other"),
+    Mutant("rope_rotation_reversed", MODEL,
+           "jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)",
+           "jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)",
+           (f"{T_MODEL} -k 'rope or numpy_reference'",),
+           "RoPE rotates the other way (still relative, but not the Llama/HF convention)"),
+    Mutant("rope_frequency_base", MODEL,
+           "inv_freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)",
+           "inv_freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / (h // 2))",
+           (f"{T_MODEL} -k 'rope or numpy_reference'",),
+           "RoPE frequencies θ^(-2i/(H/2)) instead of θ^(-2i/H)"),
+    Mutant("gqa_tiled_instead_of_repeated", MODEL,
+           "k_BSKH, v_BSKH = jnp.repeat(k_BSKH, n // k, axis=2), jnp.repeat(v_BSKH, n // k, axis=2)",
+           "k_BSKH, v_BSKH = jnp.tile(k_BSKH, (1, 1, n // k, 1)), jnp.tile(v_BSKH, (1, 1, n // k, 1))",
+           (f"{T_MODEL} -k attention_matches_numpy",),
+           "query head j uses K/V head j % K instead of j // (N/K)"),
+    Mutant("gqa_decode_grouping", MODEL,
+           "q_BLKGH = q_BLNH.reshape(b, l, k, n // k, h)",
+           "q_BLKGH = q_BLNH.reshape(b, l, n // k, k, h).swapaxes(2, 3)",
+           (f"{T_INF} -k cached_logits",),
+           "decoding groups query heads with the wrong K/V head"),
+    Mutant("softmax_scale", MODEL,
+           "q_BLNH = q_BLNH * jnp.asarray(1 / math.sqrt(h), q_BLNH.dtype)",
+           "q_BLNH = q_BLNH * jnp.asarray(1 / h, q_BLNH.dtype)",
+           (f"{T_MODEL} -k attention_matches_numpy",),
+           "scores scaled by 1/H instead of 1/√H"),
+    Mutant("rmsnorm_centers", MODEL,
+           "return nnx.RMSNorm(cfg.d_model, **kwargs)",
+           "return nnx.LayerNorm(cfg.d_model, use_bias=False, **kwargs)",
+           (f"{T_MODEL} -k numpy_reference",),
+           "RMSNorm subtracts the mean (a LayerNorm)"),
+    Mutant("attention_residual_dropped", MODEL,
+           "x_BLD = x_BLD + attn_BLD",
+           "x_BLD = attn_BLD",
+           (f"{T_MODEL} -k numpy_reference",),
+           "the attention sublayer replaces the residual stream instead of adding to it"),
+    Mutant("kv_cache_write_slot", MODEL,
+           "start = (layer, 0, 0, self.index, 0)",
+           "start = (layer, 0, 0, 0, 0)",
+           (f"{T_INF} -k cached_logits",),
+           "every step writes its keys/values into slot 0"),
+    Mutant("kv_cache_index_advance", MODEL,
+           "index=cache.index + tokens_BL.shape[1])",
+           "index=cache.index + 1)",
+           (f"{T_INF} -k cached_logits",),
+           "after a prefill the next write overwrites the prompt"),
+
+    # ---- the sampler (llm_jax/inference/sampler.py) ----
+    Mutant("log_probs_without_temperature", SAMPLER,
+           "return token_B, _log_prob(log_probs_BV, token_B)",
+           "return token_B, _log_prob(jax.nn.log_softmax(logits_BV * temperature), token_B)",
+           (f"{T_INF} -k recorded_log_probs",),
+           "the recorded log-probs are the untempered policy's, not those of the distribution sampled from"),
+    Mutant("temperature_ignored", SAMPLER,
+           "logits_BV = logits_BV / temperature",
+           "logits_BV = logits_BV",
+           (f"{T_INF} -k 'recorded_log_probs or sampled_frequencies'",),
+           "sampling ignores the temperature"),
+    Mutant("top_k_drops_kth", SAMPLER,
+           "logits_BV = jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf)",
+           "logits_BV = jnp.where(logits_BV > kth_B1, logits_BV, -jnp.inf)",
+           (f"{T_INF} -k 'sampled_frequencies or sampling_limits'",),
+           "top-k keeps k - 1 tokens"),
+    Mutant("top_p_mass_boundary", SAMPLER,
+           "jnp.where(mass_before_BV < top_p, sorted_BV, jnp.inf)",
+           "jnp.where(mass_before_BV <= top_p, sorted_BV, jnp.inf)",
+           (f"{T_INF} -k 'top_p or sampled_frequencies'",),
+           "top-p keeps one token more when the kept mass equals top_p exactly"),
+    Mutant("top_p_drops_crossing_token", SAMPLER,
+           "mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV",
+           "mass_before_BV = jnp.cumsum(probs_BV, axis=-1)",
+           (f"{T_INF} -k 'top_p or sampled_frequencies'",),
+           "top-p drops the token that crosses top_p"),
+    Mutant("decode_position_frozen", SAMPLER,
+           "next_position_B=s.next_position_B + 1, step=s.step + 1)",
+           "next_position_B=s.next_position_B, step=s.step + 1)",
+           (f"{T_INF} -k greedy_equals",),
+           "every generated token gets the same position"),
+    Mutant("prefill_positions_ignore_padding", SAMPLER,
+           "positions_BP = jnp.maximum(jnp.arange(prompt_len)[None, :] - (prompt_len - prompt_lengths_B[:, None]), 0)",
+           "positions_BP = jnp.broadcast_to(jnp.arange(prompt_len)[None, :], tokens_BP.shape)",
+           (f"{T_INF} -k mixed_batch",),
+           "a left-padded prompt's positions count the padding"),
+    Mutant("stop_tokens_ignored", SAMPLER,
+           "done_B = s.done_B | jnp.isin(token_B, stop_ids)",
+           "done_B = s.done_B",
+           (f"{T_INF} -k stop_token",),
+           "rows never stop at a stop token"),
+
+    # ---- data: packing, the chat template's mask (llm_jax/data/text.py, llm_jax/chat.py) ----
+    Mutant("pack_segment_ids_constant", "llm_jax/data/text.py",
+           "segment_ids = np.where(input_docs > 0, input_docs - input_docs[:, :1] + 1, 0).astype(np.int32)",
+           "segment_ids = np.where(input_docs > 0, 1, 0).astype(np.int32)",
+           (f"{T_DATA} -k pack_matches_reference",),
+           "every document piece of a row gets segment 1 (documents attend to each other)"),
+    Mutant("pack_positions_never_restart", "llm_jax/data/text.py",
+           "starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]",
+           "starts[:, 1:] = False",
+           (f"{T_DATA} -k pack_matches_reference",),
+           "positions run on across documents instead of restarting"),
+    Mutant("pack_loss_mask_crosses_documents", "llm_jax/data/text.py",
+           "loss_mask = ((input_docs == target_docs) & (input_docs > 0)).astype(np.float32)",
+           "loss_mask = (input_docs > 0).astype(np.float32)",
+           (f"{T_DATA} -k pack_matches_reference",),
+           "the last token of a document is trained to predict the next document's <bos>"),
+    Mutant("pack_whole_mask_shifted", "llm_jax/data/text.py",
+           'out["loss_mask"][r, start:end] = mask[1:]',
+           'out["loss_mask"][r, start:end] = mask[:-1]',
+           (f"{T_SFT} -k pack_whole",),
+           "the SFT mask is aligned with the inputs instead of the targets"),
+    Mutant("sft_trains_on_every_role", "llm_jax/chat.py",
+           'trained = int(message.role == "assistant")',
+           "trained = 1",
+           (f"{T_SFT} -k 'mask_equals_hand_computed or forge'",),
+           "SFT trains on user and system text too"),
+
+    # ---- the reward model (llm_jax/train/reward.py) ----
+    Mutant("reward_reads_first_token", "llm_jax/train/reward.py",
+           "return jnp.max(jnp.where(segment_ids_BT != 0, jnp.arange(t)[None, :], 0), axis=1)",
+           "return jnp.argmax(segment_ids_BT != 0, axis=1)",
+           (f"{T_RLHF} -k sequence_scores", f"{T_RLHF}::test_reward_model_learns_synthetic_preferences[False]"),
+           "the reward head reads each row's first real token instead of its last"),
+    Mutant("bradley_terry_sign", "llm_jax/train/reward.py",
+           "diff_B = chosen_B - rejected_B",
+           "diff_B = rejected_B - chosen_B",
+           (f"{T_RLHF} -k bradley_terry",),
+           "the reward model learns to prefer the rejected answer"),
+    Mutant("answer_mask_includes_role_token", "llm_jax/train/reward.py",
+           "return (jnp.arange(1, t)[None, :] > last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)",
+           "return (jnp.arange(1, t)[None, :] >= last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)",
+           (f"{T_RLHF} -k min_answer_log_prob",),
+           "the likelihood term counts the <|assistant|> token as part of the answer"),
+)
+
+
+def check_mutants(mutants=MUTANTS, root: str = ROOT) -> list[str]:
+  """Problems with the list itself: unknown files, snippets not found exactly once, no-op replacements."""
+  problems = []
+  names = [m.name for m in mutants]
+  problems += [f"duplicate mutant name {n!r}" for n in sorted({n for n in names if names.count(n) > 1})]
+  for m in mutants:
+    path = os.path.join(root, m.file)
+    if not os.path.isfile(path):
+      problems.append(f"{m.name}: no file {m.file}")
+      continue
+    with open(path, encoding="utf-8") as f:
+      count = f.read().count(m.original)
+    if count != 1:
+      problems.append(f"{m.name}: `{m.original}` occurs {count} times in {m.file} (must be exactly once)")
+    if m.original == m.replacement or "\n" in m.original or "\n" in m.replacement:
+      problems.append(f"{m.name}: the replacement must be a different single line")
+    if not m.tests:
+      problems.append(f"{m.name}: no tests")
+    for spec in m.tests:
+      test_file = shlex.split(spec)[0].split("::")[0]
+      if not os.path.isfile(os.path.join(root, test_file)):
+        problems.append(f"{m.name}: no test file {test_file}")
+  return problems
+
+
+def copy_repo(destination: str) -> None:
+  for name in COPIED:
+    source = os.path.join(ROOT, name)
+    if os.path.isdir(source):
+      shutil.copytree(source, os.path.join(destination, name), ignore=shutil.ignore_patterns("__pycache__"))
+    elif os.path.isfile(source):
+      shutil.copy2(source, destination)
+
+
+def apply(mutant: Mutant, root: str) -> None:
+  path = os.path.join(root, mutant.file)
+  with open(path, encoding="utf-8") as f:
+    source = f.read()
+  assert source.count(mutant.original) == 1, mutant.name
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(source.replace(mutant.original, mutant.replacement))
+
+
+def environment(root: str) -> dict[str, str]:
+  env = dict(os.environ, PYTHONPATH=root, JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # conftest.py sets the 8 simulated devices.
+  return env
+
+
+@dataclasses.dataclass
+class Result:
+  mutant: Mutant
+  status: str  # killed | survived | timeout | error
+  seconds: float
+  detail: str = ""  # The test invocation that killed it, or the error.
+
+  @property
+  def killed(self) -> bool:
+    return self.status in ("killed", "timeout")
+
+
+def run_mutant(mutant: Mutant | None, timeout: float, verbose: bool = False) -> Result:
+  """Copies the repository, applies the mutant (None: the unmodified code) and runs its tests."""
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix="mutant_") as tmp:
+    copy_repo(tmp)
+    if mutant is not None:
+      apply(mutant, tmp)
+    specs = mutant.tests if mutant is not None else tuple(dict.fromkeys(s for m in MUTANTS for s in m.tests))
+    deadline = start + timeout
+    for spec in specs:
+      command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *shlex.split(spec)]
+      try:
+        proc = subprocess.run(command, cwd=tmp, env=environment(tmp), capture_output=True, text=True,
+                              timeout=max(deadline - time.perf_counter(), 1))
+      except subprocess.TimeoutExpired:
+        return Result(mutant, "timeout", time.perf_counter() - start, spec)
+      tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+      if verbose:
+        print(f"  $ pytest {spec}  -> exit {proc.returncode}\n" + "\n".join("    " + l for l in tail.splitlines()))
+      if proc.returncode == 1:  # Tests ran and failed.
+        return Result(mutant, "killed", time.perf_counter() - start, spec)
+      if proc.returncode != 0:  # 2 interrupted (e.g. import error), 4 usage error, 5 nothing collected.
+        return Result(mutant, "error", time.perf_counter() - start, f"{spec}: pytest exit {proc.returncode}\n{tail}")
+  return Result(mutant, "survived", time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--only", default="", help="comma-separated mutant names (default: all)")
+  parser.add_argument("--min_kill_rate", type=float, default=0.9)
+  parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant (all its tests)")
+  parser.add_argument("--baseline", action="store_true",
+                      help="first run every named test on the unmodified code (they must pass)")
+  parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+  parser.add_argument("-v", "--verbose", action="store_true", help="show the end of each pytest run")
+  args = parser.parse_args(argv)
+
+  problems = check_mutants()
+  if problems:
+    print("the mutant list is out of date:\n  " + "\n  ".join(problems), file=sys.stderr)
+    return 2
+  mutants = list(MUTANTS)
+  if args.only:
+    wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - {m.name for m in MUTANTS})
+    if unknown:
+      print(f"unknown mutants {unknown}; --list shows them", file=sys.stderr)
+      return 2
+    mutants = [m for m in MUTANTS if m.name in wanted]
+  if args.list:
+    for m in mutants:
+      print(f"{m.name:<34} {m.file:<30} {m.why}")
+    return 0
+
+  if args.baseline:
+    print("baseline: every named test on the unmodified code ...", flush=True)
+    base = run_mutant(None, timeout=args.timeout * 4, verbose=args.verbose)
+    if base.status != "survived":
+      print(f"baseline failed ({base.status}, {base.seconds:.0f} s): {base.detail}", file=sys.stderr)
+      return 2
+    print(f"baseline passed in {base.seconds:.0f} s", flush=True)
+
+  results = []
+  total_start = time.perf_counter()
+  print(f"{'mutant':<34} {'file':<30} {'status':<9} {'seconds':>7}  test", flush=True)
+  for m in mutants:
+    r = run_mutant(m, args.timeout, args.verbose)
+    results.append(r)
+    detail = r.detail if r.status != "error" else r.detail.splitlines()[0]
+    print(f"{m.name:<34} {m.file:<30} {r.status:<9} {r.seconds:>7.1f}  {detail}", flush=True)
+  killed = sum(r.killed for r in results)
+  rate = killed / len(results) if results else 1.0
+  total = time.perf_counter() - total_start
+  print(f"\nkilled {killed}/{len(results)} = {100 * rate:.1f}% (minimum {100 * args.min_kill_rate:.0f}%); "
+        f"{total / 60:.1f} min")
+  for r in results:
+    if r.status == "survived":
+      print(f"  survived: {r.mutant.name}: {r.mutant.why} ({r.mutant.file}: `{r.mutant.replacement}`)")
+    elif r.status == "error":
+      print(f"  error: {r.mutant.name}: {r.detail}")
+  return 0 if rate >= args.min_kill_rate else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
