@@ -295,6 +295,11 @@ def test_group_advantages_use_ddof_1_and_give_zero_to_groups_without_spread():
   got_grpo = np.asarray(rl.group_advantages(jnp.asarray(returns), 4, "grpo")).reshape(3, 4)
   np.testing.assert_allclose(got_grpo, grpo, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(got_grpo[1], 0.0)  # Exactly zero: rounding noise is not a signal.
+  # Three samples of 1.1: their float32 mean is not exactly 1.1, and that rounding error over a std of ~0
+  # would be an advantage of -0.1 for every sample.
+  tied = jnp.asarray([1.1, 1.1, 1.1, 0.0, 1.0, 0.5], jnp.float32)
+  for algorithm in ("grpo", "rloo"):
+    np.testing.assert_array_equal(np.asarray(rl.group_advantages(tied, 3, algorithm))[:3], 0.0)
   np.testing.assert_allclose(rl.group_advantages(jnp.asarray(returns), 4, "rloo").reshape(3, 4), rloo,
                              rtol=1e-5, atol=1e-6)
 
