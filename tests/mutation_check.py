@@ -9,7 +9,7 @@ mutant whose tests all pass survived, and the test suite has a hole.
 
     python tests/mutation_check.py                    # all 35 mutants: ~3.5 min on 2 CPU cores, warm cache
     python tests/mutation_check.py --baseline         # first runs the named tests unmodified (+3-7 min)
-    python tests/mutation_check.py --only lr_logged_off_by_one,causal_mask
+    python tests/mutation_check.py --only lr_logged_off_by_one,causal_mask_strict
     python tests/mutation_check.py --list
 
 Prints a table (mutant, status, seconds, the test that killed it) and the kill rate; exits 1 if the kill rate is
