@@ -237,8 +237,14 @@ def test_truncated_checkpoint_is_a_clear_error(corpus, tmp_path):
     for name in files:
       if not name.startswith("_"):
         os.remove(os.path.join(root, name))
-  with pytest.raises(UserError, match="cannot restore"):
+  # The only checkpoint: nothing to fall back to; one line naming the checkpoint and the damaged item
+  # (tests/test_checkpoint_faults.py covers falling back to an earlier checkpoint).
+  with pytest.raises(UserError, match=r"no checkpoint in .*/checkpoints restores \(nothing was deleted\): "
+                                      r"1: .*/checkpoints/1/params: ValueError: NOT_FOUND"):
     ckpt_lib.restore_params(workdir, result.state.abstract_params)
+  with pytest.raises(UserError, match=r"checkpoint .*/checkpoints/1 does not restore: .*/checkpoints/1/params: "):
+    ckpt_lib.restore_params(workdir, result.state.abstract_params, step=1)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "1"))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -266,11 +266,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh,
   writer = MetricWriter(workdir)
   meta = dict(meta or {})
 
-  start = checkpointer.latest_step()
+  # The newest checkpoint that restores; newer unreadable ones are moved aside (this run saves those steps again).
+  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, state.abstract_params),
+                                                  opt_shardings)
+  start, restored = checkpointer.restore_latest(state.abstract_params, abstract_opt, data_iter, move_aside=True)
   if start is not None:
-    abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, state.abstract_params),
-                                                    opt_shardings)
-    restored = checkpointer.restore(start, state.abstract_params, abstract_opt, data_iter)
     params, opt_state = restored["params"], restored["opt_state"]
     logging.info("resumed from %s/%d", checkpointer.directory, start)
     print(f"resuming from step {start} ({checkpointer.directory})", flush=True)

@@ -405,18 +405,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
                                                    temperature=config.temperature))
 
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  start = checkpointer.latest_step()
+  # The newest checkpoint that restores; newer unreadable ones are moved aside (this run saves those steps again).
+  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, ac_state.abstract_params),
+                                                  opt_shardings)
+  abstract_value = {k: v for k, v in ac_state.abstract_params.items() if k != "policy"}
+  start, restored = checkpointer.restore_latest(ac_state.abstract_params["policy"], abstract_opt,
+                                                abstract_extra=abstract_value, move_aside=True)
   if start is None:
     params, start, beta = initial_params(ac_state), 0, config.kl_coef
     params = jax.device_put(params, ac_state.param_shardings)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
   else:
-    abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, ac_state.abstract_params),
-                                                    opt_shardings)
-    abstract_value = {k: v for k, v in ac_state.abstract_params.items() if k != "policy"}
-    restored = checkpointer.restore(start, ac_state.abstract_params["policy"], abstract_opt,
-                                    abstract_extra=abstract_value)
-    params = {"policy": restored["params"], **restored["extra"]}
+    params = {"policy": restored["params"], **restored.get("extra", {})}  # GRPO/RLOO save no extra.
     opt_state, beta = restored["opt_state"], restored["meta"]["beta"]
     print(f"resuming from iteration {start}", flush=True)
   writer = MetricWriter(workdir)
