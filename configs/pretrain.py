@@ -57,26 +57,17 @@ moments, bf16 compute):
 
 import ml_collections
 
-from llm_jax.config import model_overrides
+from llm_jax import config as common
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = "small"  # A preset in llm_jax.model.PRESETS.
-  config.model_overrides = model_overrides()
+  config.model_overrides = common.model_overrides()
 
-  config.steps = 1000
-  config.batch_size = 16
+  config.batch_size = 16  # Global (all devices and processes); grad_accum microbatches make it up.
   config.seq_len = 128
-  config.grad_accum = 1  # Microbatches per step (batch_size is the total).
-  config.learning_rate = 3e-3
-  config.warmup_steps = 50
-  config.min_lr_ratio = 0.1  # Cosine decay ends at learning_rate * min_lr_ratio.
-  config.weight_decay = 0.1
-  config.b1 = 0.9
-  config.b2 = 0.95
-  config.grad_clip = 1.0  # Global-norm clipping; 0 turns it off.
-  config.seed = 0
+  common.add_optimizer(config, steps=1000, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1)
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ""  # File(s) or glob(s), comma-separated; "" = the built-in corpus.
@@ -86,17 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.vocab_size = 2048  # For spm.
   config.data.builtin_seed = 0
   config.data.builtin_documents = 4000
-  config.data.num_threads = 1
-  config.data.prefetch = 4
-
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.tensor = 1
-
-  config.log_every = 50
-  config.eval_every = 250
-  config.eval_batches = 8  # 0 = the whole validation split.
-  config.checkpoint_every = 250
-  config.keep_checkpoints = 3
+  common.add_data_loading(config.data)
+  common.add_mesh(config)
+  common.add_cadence(config, log_every=50, eval_every=250, eval_batches=8, checkpoint_every=250)
   return config

@@ -10,6 +10,8 @@ KL are computed under that same distribution.
 
 import ml_collections
 
+from llm_jax import config as common
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -44,27 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.whiten_rewards = False
   config.reward_clip = 0.0  # Clip reward-model scores to ±reward_clip (0 = off).
 
-  # Optimizer (read by the shared train step).
-  config.steps = 10_000  # Schedule length in updates; the learning rate stays near its peak for short runs.
-  config.learning_rate = 1e-5
-  config.warmup_steps = 0
-  config.min_lr_ratio = 1.0
-  config.weight_decay = 0.0
-  config.b1 = 0.9
-  config.b2 = 0.95
-  config.grad_clip = 1.0
-  config.grad_accum = 1  # Microbatches per minibatch update.
-  config.seed = 0
+  # Optimizer (read by the shared train step): `steps` is the schedule's length in updates (a constant rate
+  # here); grad_accum splits each minibatch update into microbatches.
+  common.add_optimizer(config, steps=10_000, learning_rate=1e-5, warmup_steps=0, min_lr_ratio=1.0)
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ""
 
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.tensor = 1
-
-  config.log_every = 1
-  config.checkpoint_every = 25
-  config.keep_checkpoints = 2
+  common.add_mesh(config)
+  common.add_cadence(config, log_every=1, checkpoint_every=25, keep_checkpoints=2)  # In iterations.
   return config

@@ -11,23 +11,16 @@ loss and the exact-match accuracy of greedy answers to held-out chats (logged at
 
 import ml_collections
 
+from llm_jax import config as common
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.init_from = ""  # Workdir whose latest checkpoint (and tokenizer, model) SFT starts from.
 
-  config.steps = 300
   config.batch_size = 16
   config.seq_len = 128
-  config.grad_accum = 1
-  config.learning_rate = 1e-3
-  config.warmup_steps = 20
-  config.min_lr_ratio = 0.1
-  config.weight_decay = 0.0
-  config.b1 = 0.9
-  config.b2 = 0.95
-  config.grad_clip = 1.0
-  config.seed = 0
+  common.add_optimizer(config, steps=300, learning_rate=1e-3, warmup_steps=20)
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ""  # JSONL chats.
@@ -35,19 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_fraction = 0.1
   config.data.overlong = "truncate"  # Chats longer than seq_len + 1 tokens: "truncate" or "drop" (counted).
   config.data.on_error = "raise"  # Malformed lines: "raise" (file:line) or "skip" (counted).
-  config.data.num_threads = 1
-  config.data.prefetch = 4
-
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.tensor = 1
-
-  config.log_every = 25
-  config.eval_every = 100
-  config.eval_batches = 8
+  common.add_data_loading(config.data)
+  common.add_mesh(config)
+  common.add_cadence(config, log_every=25, eval_every=100, eval_batches=8, checkpoint_every=100)
   config.exact_match_examples = 64  # Held-out chats answered greedily at each evaluation (0 = all).
   config.max_answer_tokens = 48
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 3
   return config

@@ -61,8 +61,8 @@ def main(argv):
 
   from llm_jax import sharding
   from llm_jax.inference.sampler import Sampler, SamplingConfig
-  from llm_jax.model import PRESETS, Transformer
-  from llm_jax.train import loop
+  from llm_jax.model import PRESETS
+  from llm_jax.modeling import init_params, lm_factory, model_spec
 
   cfg = PRESETS[FLAGS.model]
   if FLAGS.vocab_size:
@@ -73,9 +73,9 @@ def main(argv):
     raise app.UsageError(f"prompt_len + max_new_tokens = {context} > the model's max_seq_len {cfg.max_seq_len}")
 
   mesh = sharding.make_mesh()
-  factory = lambda rngs: Transformer(cfg, rngs=rngs)
-  state = loop.model_state(factory, mesh)
-  params = loop.init_params(factory, state, FLAGS.seed)
+  factory = lm_factory(cfg)
+  state = model_spec(factory, mesh)
+  params = init_params(factory, state, FLAGS.seed)
   sampler = Sampler(state.graphdef, params, mesh)
   prefill, decode = sampler._jitted
   greedy = SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=())

@@ -57,9 +57,10 @@ def main(argv):
   import numpy as np
 
   from llm_jax import perf, sharding
-  from llm_jax.model import PRESETS, Transformer
+  from llm_jax.model import PRESETS
+  from llm_jax.modeling import init_params, lm_factory, model_spec
   from llm_jax.train import loop
-  from llm_jax.train.pretrain import next_token_loss
+  from llm_jax.sequences import next_token_loss
 
   overrides = dict(dtype=FLAGS.dtype, remat=FLAGS.remat)
   if FLAGS.scan_layers is not None:
@@ -73,9 +74,9 @@ def main(argv):
       grad_clip=1.0, seed=0, grad_accum=FLAGS.grad_accum))
 
   mesh = sharding.make_mesh(FLAGS.data, FLAGS.fsdp, FLAGS.tensor)
-  factory = lambda rngs: Transformer(cfg, rngs=rngs)
-  state = loop.model_state(factory, mesh)
-  params = loop.init_params(factory, state, config.seed)
+  factory = lm_factory(cfg)
+  state = model_spec(factory, mesh)
+  params = init_params(factory, state, config.seed)
   optimizer = loop.make_optimizer(config, state.abstract_params)
   opt_shardings = loop.opt_state_shardings(optimizer, state, mesh)
   opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)

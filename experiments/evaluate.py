@@ -47,10 +47,10 @@ def main(argv):
     from llm_jax import checkpoint as ckpt_lib
     from llm_jax.data import builtin_corpus, text, world_facts
     from llm_jax.errors import UserError
-    from llm_jax.inference.loading import load_sampler, read_model_config, resolve
-    from llm_jax.model import Transformer
+    from llm_jax.inference.loading import load_sampler, resolve
+    from llm_jax.modeling import lm_factory, model_spec, read_model_config
     from llm_jax.tokenizer import load_tokenizer
-    from llm_jax.train import loop, reward
+    from llm_jax.train import reward_model as reward
 
     workdir, step = resolve(FLAGS.workdir, FLAGS.checkpoint)
     mesh = sharding.make_mesh()
@@ -79,7 +79,7 @@ def main(argv):
       model_cfg = read_model_config(workdir)
       documents = (text.read_documents(FLAGS.text) if FLAGS.text
                    else builtin_corpus.pretraining_documents(seed=1, num_documents=200))
-      state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
+      state = model_spec(lm_factory(model_cfg), mesh)
       seq_len = min(FLAGS.seq_len, model_cfg.max_seq_len)
       results.update(evaluation.perplexity(state, sampler.params, tokenizer, documents, seq_len, mesh))
       if FLAGS.qa:
@@ -103,7 +103,7 @@ def main(argv):
           results["win_rate_gold"] = evaluation.win_rate(evaluation.gold_grades(countries, replies),
                                                          evaluation.gold_grades(countries, reference_replies))
         ref_cfg = read_model_config(FLAGS.reference)
-        ref_state = loop.model_state(lambda rngs: Transformer(ref_cfg, rngs=rngs), mesh)
+        ref_state = model_spec(lm_factory(ref_cfg), mesh)
         results["kl_to_reference"] = evaluation.kl_to_reference(sampler, ref_state, ref_sampler.params,
                                                                 tokenizer, questions)
       if FLAGS.reward_model:

@@ -15,8 +15,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from llm_jax.train import reward
-  cli.run(lambda: reward.run(FLAGS.config, FLAGS.workdir))
+  from llm_jax.train import reward_model
+  cli.run(lambda: reward_model.run(FLAGS.config, FLAGS.workdir))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from llm_jax.train import rl
-  cli.run(lambda: rl.run(FLAGS.config, FLAGS.workdir))
+  from llm_jax.train import rlhf
+  cli.run(lambda: rlhf.run(FLAGS.config, FLAGS.workdir))
 
 
 if __name__ == "__main__":

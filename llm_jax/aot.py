@@ -204,12 +204,11 @@ def _compile_all(config: ml_collections.ConfigDict, topology: str, devices, num_
   import jax
   import jax.numpy as jnp
 
-  from llm_jax import checkpoint as ckpt_lib
   from llm_jax import sharding
   from llm_jax.data import text
-  from llm_jax.inference.sampler import Sampler, SamplingConfig
-  from llm_jax.model import Transformer
-  from llm_jax.train import loop, pretrain
+  from llm_jax.modeling import lm_factory, model_spec
+  from llm_jax.sequences import next_token_loss
+  from llm_jax.train import loop
 
   if not (train or decode):
     raise UserError("nothing to compile: --train and --decode are both off")
@@ -231,39 +230,54 @@ def _compile_all(config: ml_collections.ConfigDict, topology: str, devices, num_
     raise UserError(f"decode_batch={decode_batch} must be divisible by mesh.data*mesh.fsdp = "
                     f"{sharding.num_batch_shards(mesh)}")
 
-  def factory(rngs):
-    return Transformer(model_cfg, rngs=rngs)
-  state = loop.model_state(factory, mesh)
-  optimizer = loop.make_optimizer(config, state.abstract_params)
-  opt_shardings = loop.opt_state_shardings(optimizer, state, mesh)
-  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, state.abstract_params),
-                                                  opt_shardings)
+  state = model_spec(lm_factory(model_cfg), mesh)
   example = text.pack([[8, 9, 10]], 4)  # The row fields and dtypes pretraining feeds the step.
   batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
   abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), v.dtype,
                                             sharding=batch_shardings[k]) for k, v in example.items()}
-  train_step = loop.make_train_step(state, pretrain.next_token_loss, optimizer, mesh, opt_shardings,
-                                    batch_shardings, config.grad_accum, config.seed)
+  optimization = loop.make_optimization(config, state, next_token_loss, mesh, batch_shardings)
   step_number = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
   steps = []
   if train:
-    _, report = _compile("train", lambda: train_step.lower(state.abstract_params, abstract_opt, abstract_batch,
-                                                          step_number))
+    _, report = _compile("train", lambda: optimization.train_step.lower(
+        state.abstract_params, optimization.abstract_opt_state, abstract_batch, step_number))
     steps.append(report)
-
   if decode:
-    sampler = Sampler(state.graphdef, state.abstract_params, mesh, model_cfg=model_cfg)
-    prefill = jax.jit(sampler.prefill, static_argnames=("cache_length",))
-    prompts = jax.ShapeDtypeStruct((decode_batch, prompt_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
-    try:
-      compiled_prefill, report = _compile("prefill", lambda: prefill.lower(state.abstract_params, prompts, prompts,
-                                                                         cache_length=cache_len))
-    except Exception as e:
-      logging.exception("prefill did not compile")
-      compiled_prefill, report = None, StepReport("prefill", 0.0, 0, 0, 0, 0, 0,
-                                                  error=f"{type(e).__name__}: {_first_line(e)}")
-    steps.append(report)
-  if decode and compiled_prefill is not None:
+    steps += _compile_decoding(state, model_cfg, mesh, decode_batch, prompt_len, cache_len, step_number)
+
+  tokens_per_device = config.batch_size * config.seq_len // len(devices)
+  description = (f"train batch {config.batch_size} × {config.seq_len} tokens ({tokens_per_device:,} per device), "
+                 f"grad_accum {config.grad_accum}, remat {model_cfg.remat}, scan_layers {model_cfg.scan_layers}, "
+                 f"{model_cfg.dtype} compute / {model_cfg.param_dtype} params")
+  if decode:
+    description += f"; decode {decode_batch} × ({prompt_len} prompt + {cache_len - prompt_len} new)"
+  return Report(topology=topology, device_kind=device_kind, num_devices=len(devices), num_processes=num_processes,
+                hbm_bytes=hbm, mesh=dict(mesh.shape), model=config.model, num_params=model_cfg.num_params(),
+                description=description, steps=steps)
+
+
+def _compile_decoding(state, model_cfg, mesh, decode_batch: int, prompt_len: int, cache_len: int, step_number
+                      ) -> list[StepReport]:
+  """Compiles `Sampler.prefill` and `Sampler.decode` (the decode loop takes the prefill's output shardings)."""
+  import jax
+  import jax.numpy as jnp
+
+  from llm_jax import sharding
+  from llm_jax.inference.sampler import Sampler, SamplingConfig
+
+  steps = []
+  sampler = Sampler(state.graphdef, state.abstract_params, mesh, model_cfg=model_cfg)
+  prefill = jax.jit(sampler.prefill, static_argnames=("cache_length",))
+  prompts = jax.ShapeDtypeStruct((decode_batch, prompt_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
+  try:
+    compiled_prefill, report = _compile("prefill", lambda: prefill.lower(state.abstract_params, prompts, prompts,
+                                                                       cache_length=cache_len))
+  except Exception as e:
+    logging.exception("prefill did not compile")
+    compiled_prefill, report = None, StepReport("prefill", 0.0, 0, 0, 0, 0, 0,
+                                                error=f"{type(e).__name__}: {_first_line(e)}")
+  steps.append(report)
+  if compiled_prefill is not None:
     # The decode loop's input is the prefill's output, with the shardings the partitioner chose for it.
     shapes = jax.eval_shape(lambda p, t, s: sampler.prefill(p, t, s, cache_len), state.abstract_params, prompts,
                             prompts)
@@ -280,13 +294,4 @@ def _compile_all(config: ml_collections.ConfigDict, topology: str, devices, num_
       logging.exception("decode did not compile")
       report = StepReport("decode", 0.0, 0, 0, 0, 0, 0, error=f"{type(e).__name__}: {_first_line(e)}")
     steps.append(report)
-
-  tokens_per_device = config.batch_size * config.seq_len // len(devices)
-  description = (f"train batch {config.batch_size} × {config.seq_len} tokens ({tokens_per_device:,} per device), "
-                 f"grad_accum {config.grad_accum}, remat {model_cfg.remat}, scan_layers {model_cfg.scan_layers}, "
-                 f"{model_cfg.dtype} compute / {model_cfg.param_dtype} params")
-  if decode:
-    description += f"; decode {decode_batch} × ({prompt_len} prompt + {cache_len - prompt_len} new)"
-  return Report(topology=topology, device_kind=device_kind, num_devices=len(devices), num_processes=num_processes,
-                hbm_bytes=hbm, mesh=dict(mesh.shape), model=config.model, num_params=model_cfg.num_params(),
-                description=description, steps=steps)
+  return steps

@@ -7,7 +7,6 @@ field, e.g. "model.num_heads=5 must divide model.d_model=64".
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 
 import ml_collections
@@ -113,5 +112,42 @@ def validate_training_config(config: ml_collections.ConfigDict, num_devices: int
   return model_cfg, shape
 
 
-def to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+# ----------------------------------------------------------------------------------------------------------
+# The blocks every stage's config file shares (configs/*.py call these; they are read by llm_jax.train.loop).
+
+
+def add_optimizer(config: ml_collections.ConfigDict, *, steps: int, learning_rate: float, warmup_steps: int,
+                  min_lr_ratio: float = 0.1, weight_decay: float = 0.0, b2: float = 0.95) -> None:
+  """AdamW with linear warmup and cosine decay to learning_rate * min_lr_ratio at `steps` (update k uses the
+  schedule's value at k); global-norm clipping (0 = off); `grad_accum` microbatches per update."""
+  config.steps = steps
+  config.learning_rate = learning_rate
+  config.warmup_steps = warmup_steps
+  config.min_lr_ratio = min_lr_ratio
+  config.weight_decay = weight_decay
+  config.b1 = 0.9
+  config.b2 = b2
+  config.grad_clip = 1.0
+  config.grad_accum = 1
+  config.seed = 0
+
+
+def add_mesh(config: ml_collections.ConfigDict) -> None:
+  """Mesh axes data × fsdp × tensor; they multiply to the device count, -1 fills."""
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def add_data_loading(data: ml_collections.ConfigDict) -> None:
+  data.num_threads = 1
+  data.prefetch = 4
+
+
+def add_cadence(config: ml_collections.ConfigDict, *, log_every: int, checkpoint_every: int, keep_checkpoints: int = 3,
+                eval_every: int | None = None, eval_batches: int | None = None) -> None:
+  """How often a run logs, evaluates (`eval_batches` = 0: the whole held-out split) and checkpoints."""
+  config.log_every = log_every
+  if eval_every is not None:
+    config.eval_every = eval_every
+    config.eval_batches = eval_batches
+  config.checkpoint_every = checkpoint_every
+  config.keep_checkpoints = keep_checkpoints

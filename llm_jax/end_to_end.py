@@ -19,11 +19,10 @@ import ml_collections
 
 from llm_jax import evaluation, sharding
 from llm_jax.data import world_facts
-from llm_jax.inference.loading import load_sampler, read_model_config
+from llm_jax.inference.loading import load_sampler
 from llm_jax.metrics import read_metrics
-from llm_jax.model import Transformer
-from llm_jax.train import loop, pretrain, reward, rl, sft
-from llm_jax import checkpoint as ckpt_lib
+from llm_jax.modeling import load_model
+from llm_jax.train import pretrain, reward_model, rlhf, sft
 
 QUESTION = "Where is the capital of China?"
 
@@ -47,9 +46,9 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, data: dict[str, 
     config.rlhf.data.path = data["prompts"]
   sft.run(config.sft, dirs["sft"])
   print("=== 3/4 reward model: Bradley-Terry on pairs ranked by the gold judge", flush=True)
-  reward.run(config.reward_model, dirs["reward_model"])
+  reward_model.run(config.reward_model, dirs["reward_model"])
   print(f"=== 4/4 RLHF ({config.rlhf.algorithm}) against the reward model", flush=True)
-  rl.run(config.rlhf, dirs["rlhf"])
+  rlhf.run(config.rlhf, dirs["rlhf"])
   return dirs
 
 
@@ -69,17 +68,15 @@ def evaluate_all(dirs: dict[str, str], data: dict[str, str], mesh, seed: int) ->
   for set_name, pairs in prompt_sets.items():
     rates = evaluation.gold_win_rates(samplers["rlhf"], samplers["sft"], tokenizer, *zip(*pairs), seed=seed)
     results.update({f"rlhf_vs_sft/{set_name}/{k}": v for k, v in rates.items()})
-  model_cfg = read_model_config(dirs["sft"])
-  ref_state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
-  ref_params, _ = ckpt_lib.restore_params(dirs["sft"], ref_state.abstract_params)
+  ref_state, ref_params, _ = load_model(dirs["sft"], mesh)
   results["rlhf/kl_to_sft"] = evaluation.kl_to_reference(samplers["rlhf"], ref_state, ref_params, tokenizer,
                                                          questions)
   rm_rows = [r for r in read_metrics(dirs["reward_model"]) if "eval_accuracy" in r]
   results["reward_model/held_out_accuracy"] = rm_rows[-1]["eval_accuracy"]
   results["reward_model/held_out_accuracy_at_start"] = rm_rows[0]["eval_accuracy"]
-  rm_state, rm_params, _ = reward.load_reward_model(dirs["reward_model"], mesh)
+  rm_state, rm_params, _ = reward_model.load_reward_model(dirs["reward_model"], mesh)
   countries = evaluation.pair_accuracy(rm_state, rm_params, tokenizer,
-                                       reward.read_pairs(data["pairs_held_out_countries"]), mesh)
+                                       reward_model.read_pairs(data["pairs_held_out_countries"]), mesh)
   results["reward_model/held_out_countries_accuracy"] = countries["pair_accuracy"]
   return results
 

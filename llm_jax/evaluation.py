@@ -15,8 +15,11 @@ from llm_jax import sharding
 from llm_jax.data import text, world_facts
 from llm_jax.inference.sampler import Sampler, SamplingConfig
 from llm_jax.tokenizer import Tokenizer
-from llm_jax.train import loop, pretrain, rl
-from llm_jax.train.reward import sequence_scores
+from llm_jax.modeling import ModelSpec
+from llm_jax.sequences import (next_token_loss, positions_from_segments, prompt_response_rows,
+                                 response_log_probs, right_pad)
+from llm_jax.train import loop
+from llm_jax.train.reward_model import sequence_scores
 
 ANSWER = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=32, temperature=0.0))
 
@@ -41,7 +44,7 @@ def win_rate(grades_a: list[int], grades_b: list[int]) -> float:
   return float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(grades_a, grades_b)]))
 
 
-def reward_scores(rm_state: loop.ModelState, rm_params, tokenizer: Tokenizer, contexts: list, replies: list[str],
+def reward_scores(rm_state: ModelSpec, rm_params, tokenizer: Tokenizer, contexts: list, replies: list[str],
                   mesh) -> list[float]:
   """The reward model's score of each answer; a context is a question (str) or a conversation (Chat)."""
   contexts = [(chat_lib.Message("user", c),) if isinstance(c, str) else tuple(c) for c in contexts]
@@ -50,16 +53,13 @@ def reward_scores(rm_state: loop.ModelState, rm_params, tokenizer: Tokenizer, co
   length = max(len(r) for r in rows)
   shards = sharding.num_batch_shards(mesh)
   padded = rows + [rows[0]] * (-len(rows) % shards)
-  tokens = np.zeros((len(padded), length), np.int32)
-  segments = np.zeros((len(padded), length), np.int32)
-  for i, r in enumerate(padded):
-    tokens[i, :len(r)], segments[i, :len(r)] = r, 1
+  tokens, segments = right_pad(padded, length)
   score = jax.jit(lambda p, t, s: sequence_scores(rm_state.merge(p), t, s))
   batch = sharding.global_batch({"t": tokens, "s": segments}, mesh)
   return jax.device_get(score(rm_params, batch["t"], batch["s"]))[:len(rows)].tolist()
 
 
-def pair_accuracy(rm_state: loop.ModelState, rm_params, tokenizer: Tokenizer, pairs, mesh) -> dict[str, float]:
+def pair_accuracy(rm_state: ModelSpec, rm_params, tokenizer: Tokenizer, pairs, mesh) -> dict[str, float]:
   """A reward model on (context, chosen, rejected) triples: accuracy (ties count ½) and mean margin."""
   contexts = [c for c, _, _ in pairs]
   replies = [a for _, a, _ in pairs] + [b for _, _, b in pairs]  # One pass (and one compile) for both sides.
@@ -69,20 +69,20 @@ def pair_accuracy(rm_state: loop.ModelState, rm_params, tokenizer: Tokenizer, pa
           "pair_margin": float(margins.mean()), "pairs": len(pairs)}
 
 
-def kl_to_reference(sampler: Sampler, ref_state: loop.ModelState, ref_params, tokenizer: Tokenizer,
+def kl_to_reference(sampler: Sampler, ref_state: ModelSpec, ref_params, tokenizer: Tokenizer,
                     questions: list[str], max_new_tokens: int = 32, seed: int = 0) -> float:
   """Mean per-answer KL(π ‖ π_ref), estimated (k1) on answers sampled from π at temperature 1."""
   prompts = chat_prompts(tokenizer, questions)
   sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0))
   out = sampler.generate(prompts, sampling, jax.random.key(seed), allow_context_cut=True)
   prompt_len = max(len(p) for p in prompts)
-  batch = rl.sequences(prompts, out.tokens, prompt_len, max_new_tokens)
+  batch = prompt_response_rows(prompts, out.tokens, prompt_len, max_new_tokens)
 
   @jax.jit
   def ref_log_probs(params, tokens, segments):
-    logits = ref_state.merge(params)(tokens, rl.positions_of(segments), segments)
+    logits = ref_state.merge(params)(tokens, positions_from_segments(segments), segments)
     # The distribution the answers were sampled from: role and control tokens banned, temperature 1.
-    return rl.response_log_probs(logits, tokens, prompt_len, banned_ids=chat_lib.BANNED_IN_ANSWERS)[0]
+    return response_log_probs(logits, tokens, prompt_len, banned_ids=chat_lib.BANNED_IN_ANSWERS)[0]
   ref = np.asarray(ref_log_probs(ref_params, batch["tokens"], batch["segment_ids"]))
   policy = np.zeros_like(ref)
   for i, lp in enumerate(out.log_probs):
@@ -90,14 +90,14 @@ def kl_to_reference(sampler: Sampler, ref_state: loop.ModelState, ref_params, to
   return float(((policy - ref) * batch["response_mask"]).sum(1).mean())
 
 
-def perplexity(state: loop.ModelState, params, tokenizer: Tokenizer, documents: list[str], seq_len: int,
+def perplexity(state: ModelSpec, params, tokenizer: Tokenizer, documents: list[str], seq_len: int,
                mesh, batch_size: int = 8) -> dict[str, float]:
   """Token-level loss and perplexity on documents (packed like pretraining data)."""
   rows = text.pack(tokenizer.encode_batch(documents), seq_len)
   batch_size = max(batch_size, sharding.num_batch_shards(mesh))
   batch_size += -batch_size % sharding.num_batch_shards(mesh)
   batch_shardings = {k: sharding.batch_sharding(mesh, 2) for k in rows}
-  eval_step = loop.make_eval_step(state, pretrain.next_token_loss, mesh, batch_shardings)
+  eval_step = loop.make_eval_step(state, next_token_loss, mesh, batch_shardings)
   result = loop.evaluate(eval_step, params, text.eval_batches(rows, batch_size), mesh)
   return {"loss": result["eval_loss"], "perplexity": result["eval_perplexity"]}
 

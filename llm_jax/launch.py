@@ -83,15 +83,7 @@ def _stop(procs: list[subprocess.Popen], grace_seconds: float) -> None:
       p.wait()
 
 
-def _raise_sigterm(*_):
-  raise SystemExit(128 + signal.SIGTERM)
-
-
-def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: int = 0, port: int = 0,
-           log_dir: str = "", grace_seconds: float = 10.0, timeout_seconds: float = 0.0, poll_seconds: float = 0.1,
-           out=None) -> int:
-  """Runs `command` as `num_processes` cooperating processes; returns the exit status (0: all succeeded)."""
-  out = out or sys.stdout
+def _checked_command(command: Sequence[str], num_processes: int, devices_per_process: int, port: int) -> list[str]:
   command = list(command)
   if not command:
     raise UserError("no command to launch: put it after `--`, e.g. `-- experiments/pretrain.py --workdir=...`")
@@ -105,6 +97,46 @@ def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: 
     if not os.path.exists(command[0]):
       raise UserError(f"{command[0]}: no such script")
     command = [sys.executable] + command
+  return command
+
+
+def _wait(procs: list[subprocess.Popen], threads: list[threading.Thread], logs: list[str], grace_seconds: float,
+          timeout_seconds: float, poll_seconds: float) -> int:
+  """Until every process succeeded (0), one failed (its status; the others are stopped) or the timeout (124)."""
+  start = time.monotonic()
+  while True:
+    codes = [p.poll() for p in procs]
+    failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+    if failed:
+      i = failed[0]
+      _stop(procs, grace_seconds)
+      for t in threads:
+        t.join(timeout=5)
+      print(f"launch_local: process {i} failed ({_describe(codes[i])}); stopped the other processes. "
+            f"End of {logs[i]}:\n{_tail(logs[i])}", file=sys.stderr, flush=True)
+      return _exit_code(codes[i]) or 1
+    if all(c == 0 for c in codes):
+      for t in threads:
+        t.join(timeout=5)
+      return 0
+    if timeout_seconds and time.monotonic() - start > timeout_seconds:
+      _stop(procs, grace_seconds)
+      print(f"launch_local: timed out after {timeout_seconds:.0f} s; stopped all processes", file=sys.stderr,
+            flush=True)
+      return 124
+    time.sleep(poll_seconds)
+
+
+def _raise_sigterm(*_):
+  raise SystemExit(128 + signal.SIGTERM)
+
+
+def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: int = 0, port: int = 0,
+           log_dir: str = "", grace_seconds: float = 10.0, timeout_seconds: float = 0.0, poll_seconds: float = 0.1,
+           out=None) -> int:
+  """Runs `command` as `num_processes` cooperating processes; returns the exit status (0: all succeeded)."""
+  out = out or sys.stdout
+  command = _checked_command(command, num_processes, devices_per_process, port)
   log_dir = log_dir or tempfile.mkdtemp(prefix="launch_local_")
   os.makedirs(log_dir, exist_ok=True)
   coordinator = f"127.0.0.1:{port or free_port()}"
@@ -140,28 +172,7 @@ def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: 
       procs.append(proc)
     print(f"launch_local: process ids {[p.pid for p in procs]}", file=out, flush=True)
 
-    start = time.monotonic()
-    while True:
-      codes = [p.poll() for p in procs]
-      failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-      if failed:
-        i = failed[0]
-        _stop(procs, grace_seconds)
-        for t in threads:
-          t.join(timeout=5)
-        print(f"launch_local: process {i} failed ({_describe(codes[i])}); stopped the other processes. "
-              f"End of {logs[i]}:\n{_tail(logs[i])}", file=sys.stderr, flush=True)
-        return _exit_code(codes[i]) or 1
-      if all(c == 0 for c in codes):
-        for t in threads:
-          t.join(timeout=5)
-        return 0
-      if timeout_seconds and time.monotonic() - start > timeout_seconds:
-        _stop(procs, grace_seconds)
-        print(f"launch_local: timed out after {timeout_seconds:.0f} s; stopped all processes", file=sys.stderr,
-              flush=True)
-        return 124
-      time.sleep(poll_seconds)
+    return _wait(procs, threads, logs, grace_seconds, timeout_seconds, poll_seconds)
   except BaseException:  # Ctrl-C, SIGTERM or a bug here: never leave processes behind.
     _stop(procs, grace_seconds)
     raise

@@ -28,6 +28,7 @@ from flax import nnx
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  family: Literal["transformer"] = "transformer"  # The module that builds it (modeling.MODEL_FAMILIES).
   vocab_size: int = 264
   num_layers: int = 2
   d_model: int = 64

@@ -56,7 +56,7 @@ class Mutant:
 T_TRAIN, T_MODEL, T_INF, T_DATA, T_SFT, T_RLHF = (f"tests/test_{n}.py" for n in
                                                   ("train", "model", "inference", "data", "sft", "rlhf"))
 LOOP, MODEL, SAMPLER = "llm_jax/train/loop.py", "llm_jax/model.py", "llm_jax/inference/sampler.py"
-RL = "llm_jax/train/rl.py"
+RL, SEQ = "llm_jax/train/rlhf.py", "llm_jax/sequences.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- the training loop and optimizer (llm_jax/train/loop.py, pretrain.py) ----
@@ -76,8 +76,8 @@ MUTANTS: tuple[Mutant, ...] = (
            (f"{T_TRAIN} -k adam_update",),
            "the peak is reached one step after warmup_steps"),
     Mutant("lr_logged_off_by_one", LOOP,
-           "learning_rate_schedule(config)(step))",
-           "learning_rate_schedule(config)(step - 1))",
+           "self.trainer.schedule(self.trainer.last_update + 1)",
+           "self.trainer.schedule(self.trainer.last_update)",
            (f"{T_TRAIN}::test_logged_learning_rate_is_the_rate_each_update_used",),
            "metrics.jsonl logs the previous step's rate"),
     Mutant("weight_decay_on_norms_and_biases", LOOP,
@@ -86,16 +86,16 @@ MUTANTS: tuple[Mutant, ...] = (
            (f"{T_TRAIN} -k weight_decay",),
            "weight decay also shrinks norm scales and biases"),
     Mutant("resume_without_data_iterator", LOOP,
-           "restored = checkpointer.restore(start, state.abstract_params, abstract_opt, data_iter)",
-           "restored = checkpointer.restore(start, state.abstract_params, abstract_opt, None)",
+           "self.data_iter, abstract_extra=abstract_extra,",
+           "None, abstract_extra=abstract_extra,",
            (f"{T_TRAIN}::test_resume_continues_exactly",),
            "a resumed run restarts the data from the first batch"),
-    Mutant("loss_ignores_mask", "llm_jax/train/pretrain.py",
+    Mutant("loss_ignores_mask", SEQ,
            'return jnp.sum(loss_BL * mask_BL), {"weight"',
            'return jnp.sum(loss_BL), {"weight"',
            (f"{T_SFT}::test_a_batch_with_nothing_to_train_on_adds_zero_loss", f"{T_TRAIN} -k total_weight"),
            "masked tokens (prompts, padding, document boundaries) are trained on"),
-    Mutant("loss_weight_counts_every_token", "llm_jax/train/pretrain.py",
+    Mutant("loss_weight_counts_every_token", SEQ,
            '{"weight": jnp.sum(mask_BL), "accuracy"',
            '{"weight": jnp.sum(jnp.ones_like(mask_BL)), "accuracy"',
            (f"{T_TRAIN} -k total_weight",),
@@ -164,7 +164,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "return token_B, _log_prob(jax.nn.log_softmax(logits_BV * temperature), token_B)",
            (f"{T_INF} -k recorded_log_probs",),
            "the recorded log-probs are the untempered policy's, not those of the distribution sampled from"),
-    Mutant("temperature_ignored", SAMPLER,
+    Mutant("temperature_ignored", SEQ,
            "return logits_BV / temperature if temperature else logits_BV",
            "return logits_BV",
            (f"{T_INF} -k 'recorded_log_probs or sampled_frequencies'",),
@@ -227,28 +227,28 @@ MUTANTS: tuple[Mutant, ...] = (
            (f"{T_SFT} -k 'mask_equals_hand_computed or forge'",),
            "SFT trains on user and system text too"),
 
-    # ---- the reward model (llm_jax/train/reward.py) ----
-    Mutant("reward_reads_first_token", "llm_jax/train/reward.py",
+    # ---- the reward model (llm_jax/train/reward_model.py) ----
+    Mutant("reward_reads_first_token", "llm_jax/train/reward_model.py",
            "return jnp.max(jnp.where(segment_ids_BT != 0, jnp.arange(t)[None, :], 0), axis=1)",
            "return jnp.argmax(segment_ids_BT != 0, axis=1)",
            (f"{T_RLHF} -k sequence_scores", f"{T_RLHF}::test_reward_model_learns_synthetic_preferences[False]"),
            "the reward head reads each row's first real token instead of its last"),
-    Mutant("bradley_terry_sign", "llm_jax/train/reward.py",
+    Mutant("bradley_terry_sign", "llm_jax/train/reward_model.py",
            "diff_B = chosen_B - rejected_B",
            "diff_B = rejected_B - chosen_B",
            (f"{T_RLHF} -k bradley_terry",),
            "the reward model learns to prefer the rejected answer"),
-    Mutant("answer_mask_includes_role_token", "llm_jax/train/reward.py",
+    Mutant("answer_mask_includes_role_token", "llm_jax/train/reward_model.py",
            "return (jnp.arange(1, t)[None, :] > last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)",
            "return (jnp.arange(1, t)[None, :] >= last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)",
            (f"{T_RLHF} -k min_answer_log_prob",),
            "the likelihood term counts the <|assistant|> token as part of the answer"),
-    Mutant("empty_answer_scores_best", "llm_jax/train/reward.py",
+    Mutant("empty_answer_scores_best", "llm_jax/train/reward_model.py",
            "return jnp.where(has_text_B, least_B, EMPTY_ANSWER_LOG_PROB)",
            "return least_B",
            (f"{T_RLHF} -k empty_or_role_token_only",),
            "an answer with no text token gets the best possible likelihood term (0)"),
-    Mutant("prompt_may_end_with_assistant", "llm_jax/train/reward.py",
+    Mutant("prompt_may_end_with_assistant", "llm_jax/train/reward_model.py",
            'if chat[-1].role != "user":',
            "if False:",
            (f"{T_RLHF} -k ending_with_an_assistant_turn",),
@@ -260,7 +260,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "prompt_len = max(longest, min(bucket(longest), context - 1))",
            (f"{T_INF} -k every_requested_token",),
            "the power-of-two prompt bucket eats the token budget (a 70-token prompt gets 1 of 32 tokens)"),
-    Mutant("banned_ids_not_applied", SAMPLER,
+    Mutant("banned_ids_not_applied", SEQ,
            "logits_BV = jnp.where(banned_V, BANNED_LOGIT, logits_BV)",
            "logits_BV = logits_BV",
            (f"{T_INF} -k banned_ids",),
@@ -271,7 +271,7 @@ MUTANTS: tuple[Mutant, ...] = (
            (f"{T_INF} -k chat_sampling",),
            "chat answers may contain <|user|>, <|assistant|>, <bos>, <pad>"),
 
-    # ---- RLHF (llm_jax/train/rl.py) ----
+    # ---- RLHF (llm_jax/train/rlhf.py) ----
     Mutant("kl_penalty_sign", RL,
            "return (score_BN - beta * kl_BN) * mask_BN",
            "return (score_BN + beta * kl_BN) * mask_BN",
@@ -347,7 +347,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "return response_log_probs(logits_BTV, tokens_BT, self.prompt_len, 1.0, self.banned_ids)",
            (f"{T_RLHF} -k align_with_the_sampler",),
            "RL ratios and KL at temperature 1 while rollouts sample at another temperature"),
-    Mutant("rl_log_probs_off_by_one", RL,
+    Mutant("rl_log_probs_off_by_one", SEQ,
            "logits_BNV = restrict_logits(logits_BTV[:, prompt_len - 1:-1], temperature, banned_ids)",
            "logits_BNV = restrict_logits(logits_BTV[:, prompt_len:], temperature, banned_ids)",
            (f"{T_RLHF} -k align_with_the_sampler",),

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm_jax import modeling
 from llm_jax import sharding
 from llm_jax.errors import UserError
 from llm_jax.inference.sampler import Sampler, SamplingConfig, left_pad, sample_logits
 from llm_jax.model import PRESETS, Transformer
-from llm_jax.train import loop
 
 TINY = PRESETS["tiny"]  # RoPE, RMSNorm, SwiGLU, 4 heads / 2 kv heads.
 VARIANTS = {
@@ -26,8 +26,8 @@ GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_ids=())
 def make_sampler(cfg, devices=None, mesh_shape=(-1, 1, 1)):
   mesh = sharding.make_mesh(*mesh_shape, devices=devices or jax.devices()[:1])
   factory = lambda rngs: Transformer(cfg, rngs=rngs)
-  state = loop.model_state(factory, mesh)
-  params = loop.init_params(factory, state, seed=0)
+  state = modeling.model_spec(factory, mesh)
+  params = modeling.init_params(factory, state, seed=0)
   # Larger weights than the init: random models then have peaked, prompt-dependent predictions.
   params = jax.tree.map(lambda p: p * 4.0 if p.ndim > 1 else p, params)
   return Sampler(state.graphdef, params, mesh), state.merge(params)
@@ -239,7 +239,7 @@ def test_scanned_layers_decode_like_unrolled_layers():
   plain, _ = make_sampler(TINY)
   scanned_cfg = dataclasses.replace(TINY, scan_layers=True)
   mesh = plain.mesh
-  state = loop.model_state(lambda rngs: Transformer(scanned_cfg, rngs=rngs), mesh)
+  state = modeling.model_spec(lambda rngs: Transformer(scanned_cfg, rngs=rngs), mesh)
   stacked = dict(plain.params, blocks=jax.tree.map(lambda *layers: jnp.stack(layers),
                                                    *plain.params["blocks"].values()))
   scanned = Sampler(state.graphdef, stacked, mesh)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from llm_jax.metrics import read_metrics
+from llm_jax.sequences import positions_from_segments, prompt_response_rows
 from llm_jax.tokenizer import ByteTokenizer
-from llm_jax.train import pretrain, reward, rl
+from llm_jax.train import pretrain, reward_model, rlhf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -43,7 +44,7 @@ def test_gae_matches_numpy_reference():
   mask = (np.arange(9)[None] < lengths[:, None]).astype(np.float64)
   rewards, values = rewards * mask, values * mask
   for gamma, lam in ((1.0, 0.95), (0.9, 0.5), (0.99, 1.0)):
-    adv, ret = rl.gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
+    adv, ret = rlhf.gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
                       jnp.asarray(mask, jnp.float32), gamma, lam)
     expected_adv, expected_ret = numpy_gae(rewards, values, mask, gamma, lam)
     np.testing.assert_allclose(adv, expected_adv, rtol=1e-5, atol=1e-5)
@@ -55,32 +56,32 @@ def test_policy_loss_at_ratio_one_and_clipping():
   log_probs = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
   advantages = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
   mask = jnp.ones((3, 5))
-  loss, metrics = rl.policy_loss(log_probs, log_probs, advantages, mask, 0.2)
+  loss, metrics = rlhf.policy_loss(log_probs, log_probs, advantages, mask, 0.2)
   assert float(loss) == pytest.approx(float(metrics["unclipped_loss"])) == pytest.approx(-float(advantages.sum()))
   assert float(metrics["clip_fraction"]) == 0 and float(metrics["approx_kl"]) == 0
   # A ratio of e (> 1.2) with a positive advantage is clipped: the gradient vanishes.
-  grad = jax.grad(lambda lp: rl.policy_loss(lp, log_probs - 1.0, jnp.ones((3, 5)), mask, 0.2)[0])(log_probs)
+  grad = jax.grad(lambda lp: rlhf.policy_loss(lp, log_probs - 1.0, jnp.ones((3, 5)), mask, 0.2)[0])(log_probs)
   np.testing.assert_array_equal(grad, 0.0)
 
 
 def test_bradley_terry_loss_value_and_gradient_sign():
   from flax import nnx
   from llm_jax.model import PRESETS
-  model = reward.RewardModel(PRESETS["tiny"], rngs=nnx.Rngs(0))
+  model = reward_model.RewardModel(PRESETS["tiny"], rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   batch = {"chosen": rng.integers(8, 200, (4, 12)), "rejected": rng.integers(8, 200, (4, 12)),
            "chosen_segment_ids": np.ones((4, 12), np.int32), "rejected_segment_ids": np.ones((4, 12), np.int32),
            "pair_mask": np.array([1, 1, 1, 0], np.float32)}
   batch["rejected_segment_ids"][:, 9:] = 0  # Right padding: scores are read at the last real token.
-  loss, sums = reward.bradley_terry_loss(model, batch, None)
+  loss, sums = reward_model.bradley_terry_loss(model, batch, None)
   assert float(loss) == pytest.approx(3 * np.log(2), rel=1e-6)  # Zero head: σ(0) for the three real pairs.
-  grads = nnx.grad(lambda m: reward.bradley_terry_loss(m, batch, None)[0])(model)
+  grads = nnx.grad(lambda m: reward_model.bradley_terry_loss(m, batch, None)[0])(model)
   model.head.w_D[...] -= 0.1 * grads.head.w_D[...]
-  after, sums_after = reward.bradley_terry_loss(model, batch, None)
+  after, sums_after = reward_model.bradley_terry_loss(model, batch, None)
   assert float(after) < float(loss) and float(sums_after["margin"]) > 0
   # Read independently of the loss: the chosen answers now score higher, and the loss is −log σ(chosen − rejected).
-  chosen = np.asarray(reward.sequence_scores(model, batch["chosen"], batch["chosen_segment_ids"]), np.float64)
-  rejected = np.asarray(reward.sequence_scores(model, batch["rejected"], batch["rejected_segment_ids"]), np.float64)
+  chosen = np.asarray(reward_model.sequence_scores(model, batch["chosen"], batch["chosen_segment_ids"]), np.float64)
+  rejected = np.asarray(reward_model.sequence_scores(model, batch["rejected"], batch["rejected_segment_ids"]), np.float64)
   assert np.all(chosen[:3] > rejected[:3])
   np.testing.assert_allclose(float(after), np.sum(np.log1p(np.exp(-(chosen - rejected)[:3]))), rtol=1e-5)
   np.testing.assert_allclose(float(sums_after["margin"]), np.sum((chosen - rejected)[:3]), rtol=1e-5)
@@ -91,7 +92,7 @@ def test_min_answer_log_prob_matches_numpy():
   from flax import nnx
   from llm_jax.chat import ROLE_IDS
   from llm_jax.model import PRESETS
-  model = reward.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
+  model = reward_model.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(3)
   assistant = ROLE_IDS["assistant"]
   tokens = rng.integers(8, 200, (3, 12)).astype(np.int32)
@@ -102,7 +103,7 @@ def test_min_answer_log_prob_matches_numpy():
   tokens[2, :4], segments[2, :4], tokens[2, 7] = 0, 0, assistant  # Left padding.
   positions = np.maximum(np.cumsum(segments != 0, axis=1) - 1, 0)
   h = model.transformer.backbone(tokens, positions, segments)
-  got = reward.min_answer_log_prob(model, h, jnp.asarray(tokens), jnp.asarray(segments))
+  got = reward_model.min_answer_log_prob(model, h, jnp.asarray(tokens), jnp.asarray(segments))
   logits = np.asarray(model.transformer.logits(h), np.float64)
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   answers = {0: range(7, 12), 1: range(4, 9), 2: range(8, 12)}
@@ -113,9 +114,9 @@ def test_min_answer_log_prob_matches_numpy():
   rejected[:, -1] = [int(np.argmin(log_probs[b, -2])) for b in range(2)]  # The least likely last token.
   batch = {"chosen": chosen, "rejected": rejected, "chosen_segment_ids": np.ones((2, 12), np.int32),
            "rejected_segment_ids": np.ones((2, 12), np.int32), "pair_mask": np.ones(2, np.float32)}
-  loss, _ = reward.bradley_terry_loss(model, batch, None)
+  loss, _ = reward_model.bradley_terry_loss(model, batch, None)
   assert float(loss) == pytest.approx(2 * np.log(2), rel=1e-6)
-  grads = nnx.grad(lambda m: reward.bradley_terry_loss(m, batch, None)[0])(model)
+  grads = nnx.grad(lambda m: reward_model.bradley_terry_loss(m, batch, None)[0])(model)
   assert float(grads.likelihood_weight[...]) < 0  # Raising the weight lowers the loss.
 
 
@@ -144,7 +145,7 @@ def test_toy_task_reward_rises_above_0_9(algorithm, base_workdir, tmp_path):
   config.prompts_per_iteration, config.group_size = (32, 1) if algorithm == "ppo" else (16, 4)
   config.minibatch_size, config.kl_coef = (16 if algorithm == "ppo" else 32), 0.01
   config.missing_eos_penalty = 0.0  # 4-token answers are nearly always cut off; the toy reward ignores that.
-  history = rl.run(config, str(tmp_path / algorithm), devices=jax.devices()[:1], prompts=PROMPTS,
+  history = rlhf.run(config, str(tmp_path / algorithm), devices=jax.devices()[:1], prompts=PROMPTS,
                    reward_fn=lambda response: float(len(response) > 0 and response[0] in LETTERS))
   scores = [h["score"] for h in history]
   assert np.mean(scores[:2]) < 0.3, scores
@@ -167,7 +168,7 @@ def test_sequence_scores_read_the_last_real_token_of_padded_rows():
   """A padded row scores as the row alone (the head at its last token), whether padded on the right or left."""
   from flax import nnx
   from llm_jax.model import PRESETS
-  model = reward.RewardModel(PRESETS["tiny"], rngs=nnx.Rngs(0))
+  model = reward_model.RewardModel(PRESETS["tiny"], rngs=nnx.Rngs(0))
   model.head.w_D[...] = jax.random.normal(jax.random.key(1), model.head.w_D.shape)
   rng = np.random.default_rng(4)
   t, lengths = 12, (5, 9, 12)
@@ -176,8 +177,8 @@ def test_sequence_scores_read_the_last_real_token_of_padded_rows():
   tokens[0, :5], segments[0, :5] = real[0], 1  # Right padding.
   tokens[1, 3:], segments[1, 3:] = real[1], 1  # Left padding.
   tokens[2], segments[2] = real[2], 1
-  np.testing.assert_array_equal(reward.last_token_index(jnp.asarray(segments)), [4, 11, 11])
-  scores = nnx.jit(reward.sequence_scores)(model, jnp.asarray(tokens), jnp.asarray(segments))
+  np.testing.assert_array_equal(reward_model.last_token_index(jnp.asarray(segments)), [4, 11, 11])
+  scores = nnx.jit(reward_model.sequence_scores)(model, jnp.asarray(tokens), jnp.asarray(segments))
   head = nnx.jit(lambda m, row: m(row[None], jnp.arange(len(row))[None], jnp.ones((1, len(row)), jnp.int32)))
   alone = [float(head(model, jnp.asarray(row))[0, -1]) for row in real]
   np.testing.assert_allclose(scores, alone, rtol=1e-5, atol=1e-6)
@@ -202,7 +203,7 @@ def test_reward_model_learns_synthetic_preferences(likelihood_feature, base_work
   config.likelihood_feature = likelihood_feature
   config.steps, config.batch_size, config.seq_len, config.learning_rate = 60, 16, 64, 1e-3
   config.eval_every, config.log_every, config.warmup_steps = 60, 20, 5
-  result = reward.run(config, str(tmp_path / "rm"), devices=jax.devices()[:1])
+  result = reward_model.run(config, str(tmp_path / "rm"), devices=jax.devices()[:1])
   first = next(r for r in read_metrics(str(tmp_path / "rm")) if r["step"] == 0)
   assert first["eval_loss"] == pytest.approx(np.log(2), rel=1e-4)  # The zero head starts at chance.
   assert result.last_eval["eval_accuracy"] >= 0.95 and result.last_eval["eval_margin"] > 1.0
@@ -216,16 +217,16 @@ def test_kl_estimators_match_numpy():
   log_ratio = np.random.default_rng(4).normal(size=(3, 7))
   expected = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2, "k3": np.exp(-log_ratio) - 1 + log_ratio}
   for name, value in expected.items():
-    np.testing.assert_allclose(rl.KL_ESTIMATORS[name](jnp.asarray(log_ratio, jnp.float32)), value, rtol=1e-5,
+    np.testing.assert_allclose(rlhf.KL_ESTIMATORS[name](jnp.asarray(log_ratio, jnp.float32)), value, rtol=1e-5,
                                atol=1e-6, err_msg=name)
-  assert (np.asarray(rl.KL_ESTIMATORS["k3"](jnp.asarray(log_ratio))) >= 0).all()
+  assert (np.asarray(rlhf.KL_ESTIMATORS["k3"](jnp.asarray(log_ratio))) >= 0).all()
 
 
 def test_token_rewards_put_the_score_on_the_last_real_token_and_subtract_the_kl():
   mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], np.float32)
   kl = np.random.default_rng(5).normal(size=(3, 4)).astype(np.float32)
   scores = np.array([2.0, -1.0, 0.5], np.float32)
-  got = rl.token_rewards(jnp.asarray(scores), jnp.asarray(kl), jnp.asarray(mask), 0.3)
+  got = rlhf.token_rewards(jnp.asarray(scores), jnp.asarray(kl), jnp.asarray(mask), 0.3)
   expected = -0.3 * kl * mask
   for b, last in enumerate([2, 0, 3]):
     expected[b, last] += scores[b]
@@ -236,7 +237,7 @@ def test_gae_ignores_whatever_lies_in_the_padding():
   rng = np.random.default_rng(6)
   mask = (np.arange(8)[None] < np.array([8, 3, 5, 1])[:, None]).astype(np.float64)
   rewards, values = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))  # Garbage beyond each row's length.
-  adv, ret = rl.gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
+  adv, ret = rlhf.gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
                     jnp.asarray(mask, jnp.float32), 1.0, 0.9)
   expected_adv, _ = numpy_gae(rewards * mask, values * mask, mask, 1.0, 0.9)
   np.testing.assert_allclose(np.asarray(adv) * mask, expected_adv, rtol=1e-5, atol=1e-5)
@@ -249,7 +250,7 @@ def test_masked_whiten_uses_the_masked_entries_only():
   mask = (np.arange(6)[None] < np.array([6, 2, 4])[:, None]).astype(np.float64)
   real = x[mask == 1]
   expected = np.where(mask == 1, (x - real.mean()) / np.sqrt(real.var() + 1e-8), 0.0)
-  np.testing.assert_allclose(rl.masked_whiten(jnp.asarray(x, jnp.float32), jnp.asarray(mask, jnp.float32)),
+  np.testing.assert_allclose(rlhf.masked_whiten(jnp.asarray(x, jnp.float32), jnp.asarray(mask, jnp.float32)),
                              expected, rtol=1e-4, atol=1e-5)
 
 
@@ -261,7 +262,7 @@ def test_value_loss_clips_on_both_sides():
   clipped = old + np.clip(new - old, -clip, clip)
   expected = 0.5 * np.maximum((new - ret) ** 2, (clipped - ret) ** 2)
   mask = np.ones(5)
-  got = rl.value_loss(*(jnp.asarray(a, jnp.float32) for a in (new, old, ret, mask)), clip)
+  got = rlhf.value_loss(*(jnp.asarray(a, jnp.float32) for a in (new, old, ret, mask)), clip)
   assert float(got) == pytest.approx(expected.sum(), rel=1e-6)
   # Rows 0 and 1 moved 0.5 toward their return: clipping keeps the loss of the 0.2 step (larger).
   assert expected[0] == pytest.approx(0.5 * 0.8 ** 2) and expected[1] == pytest.approx(0.5 * 0.8 ** 2)
@@ -275,9 +276,9 @@ def test_policy_loss_clips_exactly_at_one_plus_and_minus_epsilon():
   new = np.log(ratios)
   loss_each = np.maximum(-adv * ratios, -adv * np.clip(ratios, 1 - clip, 1 + clip))
   grad_each = np.where(-adv * ratios >= -adv * np.clip(ratios, 1 - clip, 1 + clip), -adv * ratios, 0.0)
-  loss, metrics = rl.policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.ones(8), clip)
+  loss, metrics = rlhf.policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.ones(8), clip)
   assert float(loss) == pytest.approx(loss_each.sum(), rel=1e-5)
-  grad = jax.grad(lambda lp: rl.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.ones(8), clip)[0])(
+  grad = jax.grad(lambda lp: rlhf.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.ones(8), clip)[0])(
       jnp.asarray(new))
   np.testing.assert_allclose(grad, grad_each, rtol=1e-5, atol=1e-6)
   # Clipped (zero gradient): ratio 1.3 with A > 0 and 0.7 with A < 0; the others still move.
@@ -292,22 +293,22 @@ def test_group_advantages_use_ddof_1_and_give_zero_to_groups_without_spread():
   grpo[1] = 0.0
   rloo = groups - (groups.sum(1, keepdims=True) - groups) / 3
   rloo[1] = 0.0
-  got_grpo = np.asarray(rl.group_advantages(jnp.asarray(returns), 4, "grpo")).reshape(3, 4)
+  got_grpo = np.asarray(rlhf.group_advantages(jnp.asarray(returns), 4, "grpo")).reshape(3, 4)
   np.testing.assert_allclose(got_grpo, grpo, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(got_grpo[1], 0.0)  # Exactly zero: rounding noise is not a signal.
   # Three samples of 1.1: their float32 mean is not exactly 1.1, and that rounding error over a std of ~0
   # would be an advantage of -0.1 for every sample.
   tied = jnp.asarray([1.1, 1.1, 1.1, 0.0, 1.0, 0.5], jnp.float32)
   for algorithm in ("grpo", "rloo"):
-    np.testing.assert_array_equal(np.asarray(rl.group_advantages(tied, 3, algorithm))[:3], 0.0)
-  np.testing.assert_allclose(rl.group_advantages(jnp.asarray(returns), 4, "rloo").reshape(3, 4), rloo,
+    np.testing.assert_array_equal(np.asarray(rlhf.group_advantages(tied, 3, algorithm))[:3], 0.0)
+  np.testing.assert_allclose(rlhf.group_advantages(jnp.asarray(returns), 4, "rloo").reshape(3, 4), rloo,
                              rtol=1e-5, atol=1e-6)
 
 
 def test_adaptive_kl_coefficient_follows_ziegler():
   for kl, target in ((0.5, 1.0), (3.0, 1.0), (1.1, 1.0), (0.0, 2.0)):
     error = np.clip(kl / target - 1, -0.2, 0.2)
-    assert rl.adaptive_kl_coef(0.1, kl, target, 64, 10_000) == pytest.approx(0.1 * (1 + error * 64 / 10_000))
+    assert rlhf.adaptive_kl_coef(0.1, kl, target, 64, 10_000) == pytest.approx(0.1 * (1 + error * 64 / 10_000))
 
 
 class _FakeState:
@@ -326,7 +327,7 @@ def _rl_config(algorithm, kl_in, estimator="k3", group_size=4, **overrides):
   fields = dict(algorithm=algorithm, prompt_len=2, group_size=group_size, gamma=1.0, lam=0.95, clip=0.2,
                 value_clip=0.2, value_coef=0.5, whiten_rewards=False, reward_clip=0.0, temperature=1.0,
                 banned_ids=(), kl_in=kl_in, kl_estimator=estimator, missing_eos_penalty=0.0)
-  return rl.RLConfig(**{**fields, **overrides})
+  return rlhf.RLConfig(**{**fields, **overrides})
 
 
 def _rollout(scores, ended, seed=0, rows=8, new=3, vocab=6):
@@ -348,7 +349,7 @@ def test_grpo_advantages_come_from_the_scores_alone(beta):
   """Tied groups get zero advantage whatever β and however far the policy is from the reference."""
   scores = [1, 1, 1, 1, 0, 1, 0, 0]  # Group 0 is all ties.
   batch, policy, ref = _rollout(scores, ended=np.ones(8))
-  score = rl.make_scorer(_rl_config("grpo", "loss"), _FakeState(True), _FakeState(False),
+  score = rlhf.make_scorer(_rl_config("grpo", "loss"), _FakeState(True), _FakeState(False),
                          lambda p, b: b["rule_scores"])
   out, stats = score(policy, ref, None, batch, jnp.float32(beta))
   adv = np.asarray(out["advantages"])
@@ -362,7 +363,7 @@ def test_grpo_advantages_come_from_the_scores_alone(beta):
 def test_kl_in_the_reward_moves_returns_and_missing_eos_is_penalized():
   batch, policy, ref = _rollout([1, 1, 1, 1, 0, 1, 0, 0], ended=[1, 1, 0, 1, 1, 1, 1, 0])
   config = _rl_config("rloo", "reward", estimator="k1", missing_eos_penalty=2.0)
-  out, stats = rl.make_scorer(config, _FakeState(True), _FakeState(False), lambda p, b: b["rule_scores"])(
+  out, stats = rlhf.make_scorer(config, _FakeState(True), _FakeState(False), lambda p, b: b["rule_scores"])(
       policy, ref, None, batch, jnp.float32(0.5))
   lp = jax.nn.log_softmax(policy["logits"][:, 1:-1])
   ref_lp = jax.nn.log_softmax(ref["logits"][:, 1:-1])
@@ -390,7 +391,7 @@ def test_kl_in_the_loss_adds_beta_times_the_estimator(estimator):
   full = {**batch, "old_log_probs": lp, "ref_log_probs": ref_lp, "advantages": np.zeros_like(lp),
           "kl_coef": np.full(8, 0.7, np.float32)}
   model = _FakeState(False).merge(policy)
-  loss, metrics = rl.make_loss(config)(lambda *a: (model(*a), None), full, None)
+  loss, metrics = rlhf.make_loss(config)(lambda *a: (model(*a), None), full, None)
   log_ratio = lp - ref_lp
   k = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2, "k3": np.exp(-log_ratio) - 1 + log_ratio}[estimator]
   assert float(loss) == pytest.approx(0.7 * (k * mask).sum(), rel=1e-4)  # Zero advantages: the KL term alone.
@@ -406,11 +407,11 @@ def test_response_log_probs_align_with_the_sampler_at_any_temperature(base_workd
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   sampler, _, _ = load_sampler(base_workdir, mesh)
   model = nnx_merge(sampler)
-  sampling = chat_lib.chat_sampling(rl.SamplingConfig(max_new_tokens=6, temperature=0.7))
+  sampling = chat_lib.chat_sampling(rlhf.SamplingConfig(max_new_tokens=6, temperature=0.7))
   out = sampler.generate(PROMPTS, sampling, jax.random.key(2))
   prompt_len = max(len(p) for p in PROMPTS)
-  batch = rl.sequences(PROMPTS, out.tokens, prompt_len, 6)
-  logits = model(jnp.asarray(batch["tokens"]), rl.positions_of(jnp.asarray(batch["segment_ids"])),
+  batch = prompt_response_rows(PROMPTS, out.tokens, prompt_len, 6)
+  logits = model(jnp.asarray(batch["tokens"]), positions_from_segments(jnp.asarray(batch["segment_ids"])),
                  jnp.asarray(batch["segment_ids"]))
   config = _rl_config("ppo", "reward", prompt_len=prompt_len, temperature=0.7, banned_ids=sampling.banned_ids)
   log_probs, _ = config.log_probs(logits, jnp.asarray(batch["tokens"]))
@@ -440,16 +441,16 @@ def test_rl_config_errors(override, message):
   for key, value in override.items():
     config[key] = value
   with pytest.raises(UserError, match=message):
-    rl.validate(config, 1)
+    rlhf.validate(config, 1)
 
 
 def test_kl_settings_follow_each_algorithm_unless_set():
   config = rlhf_config.get_config()
-  assert rl.kl_settings(config) == ("reward", "k1")
+  assert rlhf.kl_settings(config) == ("reward", "k1")
   config.algorithm = "grpo"
-  assert rl.kl_settings(config) == ("loss", "k3")
+  assert rlhf.kl_settings(config) == ("loss", "k3")
   config.kl_in, config.kl_estimator = "reward", "k2"
-  assert rl.kl_settings(config) == ("reward", "k2")
+  assert rlhf.kl_settings(config) == ("reward", "k2")
 
 
 def test_prompts_ending_with_an_assistant_turn_are_refused(tmp_path):
@@ -458,7 +459,7 @@ def test_prompts_ending_with_an_assistant_turn_are_refused(tmp_path):
   path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"messages": [
       {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
   with pytest.raises(UserError, match=r"prompts.jsonl:2: 'messages' must end with a user turn"):
-    rl.read_prompts(str(path))
+    rlhf.read_prompts(str(path))
 
 
 def test_reward_model_with_another_tokenizer_is_refused(base_workdir, tmp_path):
@@ -468,8 +469,8 @@ def test_reward_model_with_another_tokenizer_is_refused(base_workdir, tmp_path):
   other.mkdir()
   train_sentencepiece(["the cat sat on the mat. " * 20, "a dog ran. " * 30] * 20, 300).save(str(other))
   with pytest.raises(UserError, match="its tokenizer .* differs from the policy's"):
-    rl.check_same_tokenizer(base_workdir, str(other))
-  rl.check_same_tokenizer(base_workdir, base_workdir)  # The same tokenizer passes.
+    rlhf.check_same_tokenizer(base_workdir, str(other))
+  rlhf.check_same_tokenizer(base_workdir, base_workdir)  # The same tokenizer passes.
 
 
 def test_grad_accum_in_rl_gives_the_same_update(base_workdir, tmp_path):
@@ -481,7 +482,7 @@ def test_grad_accum_in_rl_gives_the_same_update(base_workdir, tmp_path):
     config.iterations, config.max_new_tokens, config.ppo_epochs = 1, 4, 1
     config.prompts_per_iteration, config.minibatch_size, config.grad_accum = 8, 8, accum
     config.missing_eos_penalty = 0.5
-    rows[accum] = rl.run(config, str(tmp_path / f"accum{accum}"), devices=jax.devices()[:1], prompts=PROMPTS,
+    rows[accum] = rlhf.run(config, str(tmp_path / f"accum{accum}"), devices=jax.devices()[:1], prompts=PROMPTS,
                          reward_fn=lambda response: float(len(response) > 0 and response[0] in LETTERS))[0]
   for key in ("loss", "grad_norm", "value_loss", "score"):
     assert rows[2][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-6), key
@@ -495,8 +496,8 @@ def test_an_empty_or_role_token_only_answer_never_beats_a_real_one():
   from flax import nnx
   from llm_jax.chat import END_ID, ROLE_IDS
   from llm_jax.model import PRESETS
-  model = reward.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
-  model.likelihood_weight[...] = jnp.float32(1.0 / reward.LIKELIHOOD_WEIGHT_SCALE)  # w = 1: trained-like.
+  model = reward_model.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
+  model.likelihood_weight[...] = jnp.float32(1.0 / reward_model.LIKELIHOOD_WEIGHT_SCALE)  # w = 1: trained-like.
   prompt = [2, ROLE_IDS["user"], *TOK.encode("where?"), END_ID, ROLE_IDS["assistant"]]
   answers = {"real": TOK.encode("here it is") + [END_ID], "empty": [], "end only": [END_ID],
              "roles only": [ROLE_IDS["user"], ROLE_IDS["assistant"], END_ID]}
@@ -506,7 +507,7 @@ def test_an_empty_or_role_token_only_answer_never_beats_a_real_one():
   for i, answer in enumerate(answers.values()):
     row = prompt + answer
     tokens[i, :len(row)], segments[i, :len(row)] = row, 1
-  scores = dict(zip(answers, np.asarray(reward.sequence_scores(model, jnp.asarray(tokens), jnp.asarray(segments)))))
+  scores = dict(zip(answers, np.asarray(reward_model.sequence_scores(model, jnp.asarray(tokens), jnp.asarray(segments)))))
   for name in ("empty", "end only", "roles only"):
-    assert scores[name] == pytest.approx(reward.EMPTY_ANSWER_LOG_PROB, abs=1e-6), name
+    assert scores[name] == pytest.approx(reward_model.EMPTY_ANSWER_LOG_PROB, abs=1e-6), name
     assert scores[name] < scores["real"], scores

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from llm_jax.sequences import next_token_loss
+from llm_jax import modeling
 from llm_jax import chat as chat_lib
 from llm_jax.chat import END_ID, ROLE_IDS, Message
 from llm_jax.data import text
@@ -104,15 +106,15 @@ def test_a_batch_with_nothing_to_train_on_adds_zero_loss(tmp_path):
   config.warmup_steps = 0
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   factory = lambda rngs: Transformer(PRESETS["tiny"], rngs=rngs)
-  state = loop.model_state(factory, mesh)
+  state = modeling.model_spec(factory, mesh)
   optimizer = loop.make_optimizer(config, state.abstract_params)
   opt_shardings = loop.opt_state_shardings(optimizer, state, mesh)
   rows = text.pack([list(range(8, 40))] * 4, 16)
   batch = {k: v[:2] for k, v in rows.items()}
   batch["loss_mask"] = np.zeros_like(batch["loss_mask"])
   shardings = {k: sharding.batch_sharding(mesh, 2) for k in batch}
-  step = loop.make_train_step(state, pretrain.next_token_loss, optimizer, mesh, opt_shardings, shardings, 1, 0)
-  params = loop.init_params(factory, state, 0)
+  step = loop.make_train_step(state, next_token_loss, optimizer, mesh, opt_shardings, shardings, 1, 0)
+  params = modeling.init_params(factory, state, 0)
   _, _, metrics = step(params, jax.jit(optimizer.init)(params), sharding.global_batch(batch, mesh), 0)
   assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0 and float(metrics["weight"]) == 0
 

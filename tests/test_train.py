@@ -13,6 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
+from llm_jax.sequences import next_token_loss
+from llm_jax import modeling
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import sharding
 from llm_jax.data import text
@@ -91,7 +93,7 @@ def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum
   """The update divides the summed gradient by the whole batch's weight, not by the microbatch count."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   factory = lambda rngs: Transformer(PRESETS["tiny"], rngs=rngs)
-  state = loop.model_state(factory, mesh)
+  state = modeling.model_spec(factory, mesh)
   optimizer = loop.make_optimizer(pretrain_config.get_config(), state.abstract_params)
   rows = text.pack([list(range(8, 60)), list(range(100, 150))] * 2, 16)
   batch = {k: v[:4] for k, v in rows.items()}
@@ -99,13 +101,13 @@ def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum
   mask = np.zeros((4, 16), np.float32)
   mask[0, :3], mask[2, :5], mask[1], mask[3] = 1, 1, 1, 1
   batch["loss_mask"] = mask
-  params = loop.init_params(factory, state, 0)
+  params = modeling.init_params(factory, state, 0)
   weight = mask.sum()
   expected_loss, expected_grads = jax.value_and_grad(
-      lambda p: pretrain.next_token_loss(state.merge(p), batch, None)[0] / weight)(params)
+      lambda p: next_token_loss(state.merge(p), batch, None)[0] / weight)(params)
   expected_norm = float(optax.tree.norm(expected_grads))
   shardings = {k: sharding.batch_sharding(mesh, 2) for k in batch}
-  step = loop.make_train_step(state, pretrain.next_token_loss, optimizer, mesh,
+  step = loop.make_train_step(state, next_token_loss, optimizer, mesh,
                               loop.opt_state_shardings(optimizer, state, mesh), shardings, grad_accum, 0)
   _, _, metrics = step(params, jax.jit(optimizer.init)(params), sharding.global_batch(batch, mesh), 0)
   assert float(metrics["weight"]) == weight == 40
@@ -207,7 +209,7 @@ def test_checkpoint_restores_onto_other_meshes(corpus, tmp_path):
   expected = jax.device_get(result.params)
   for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (1, 4, 2)), (jax.devices()[:4], (2, 1, 2))):
     mesh = sharding.make_mesh(*shape, devices=devices)
-    state = loop.model_state(lambda rngs: pretrain.Transformer(result.state.merge(result.params).cfg, rngs=rngs),
+    state = modeling.model_spec(modeling.lm_factory(result.state.merge(result.params).cfg),
                              mesh)
     params, meta = ckpt_lib.restore_params(str(tmp_path / "run"), state.abstract_params)
     assert meta["step"] == 2

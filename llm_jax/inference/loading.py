@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from jax.sharding import Mesh
 
 from llm_jax import checkpoint as ckpt_lib
+from llm_jax import modeling
 from llm_jax.errors import UserError
 from llm_jax.inference.sampler import Sampler
-from llm_jax.model import ModelConfig, Transformer
 from llm_jax.tokenizer import Tokenizer, load_tokenizer
-from llm_jax.train import loop
 
 
 def split_checkpoint_path(path: str) -> tuple[str, int]:
@@ -31,34 +29,8 @@ def resolve(workdir: str, checkpoint: str) -> tuple[str, int | None]:
   return split_checkpoint_path(checkpoint) if checkpoint else (workdir, None)
 
 
-def _read_workdir_json(workdir: str, key: str):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise UserError(f"{path}: not found; {workdir} is not an llm_jax workdir")
-  try:
-    with open(path) as f:
-      return json.load(f)[key]
-  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-    raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-
-
-def read_model_config(workdir: str) -> ModelConfig:
-  description = _read_workdir_json(workdir, "model")
-  try:
-    return ModelConfig(**description)
-  except TypeError as e:
-    raise UserError(f"{workdir}/config.json: unreadable model description ({e})") from None
-
-
-def read_stage_config(workdir: str) -> dict:
-  """The stage config the workdir was trained with (as written to its config.json)."""
-  return _read_workdir_json(workdir, "config")
-
-
 def load_sampler(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[Sampler, Tokenizer, dict]:
   """The latest (or `step`'s) parameters of `workdir`, sharded on `mesh`, with the workdir's tokenizer."""
-  model_cfg = read_model_config(workdir)
   tokenizer = load_tokenizer(workdir)
-  state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
-  params, meta = ckpt_lib.restore_params(workdir, state.abstract_params, step)
-  return Sampler(state.graphdef, params, mesh), tokenizer, meta
+  spec, params, meta = modeling.load_model(workdir, mesh, step)
+  return Sampler(spec.graphdef, params, mesh), tokenizer, meta

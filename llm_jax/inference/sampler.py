@@ -33,6 +33,7 @@ from llm_jax import chat as chat_lib
 from llm_jax import sharding
 from llm_jax.errors import UserError
 from llm_jax.model import KVCache, ModelConfig, Transformer
+from llm_jax.sequences import left_pad, restrict_logits
 from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
@@ -54,20 +55,6 @@ class SamplingConfig:
       raise UserError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
     if not 0 < self.top_p <= 1:
       raise UserError(f"top_p={self.top_p} must be in (0, 1]")
-
-
-# A finite "minus infinity" for banned ids: their probability is exactly 0, yet p·log p stays 0 (not NaN).
-BANNED_LOGIT = -1e30
-
-
-def restrict_logits(logits_BV: jax.Array, temperature: float = 1.0, banned_ids: Sequence[int] = ()) -> jax.Array:
-  """The logits of the distribution that sampling draws from before top-k/top-p: banned ids removed, then
-  divided by the temperature (0 = greedy: not divided). RLHF computes its log-probs with this same function."""
-  logits_BV = logits_BV.astype(jnp.float32)
-  if banned_ids:
-    banned_V = jnp.zeros(logits_BV.shape[-1], bool).at[jnp.asarray(banned_ids)].set(True)
-    logits_BV = jnp.where(banned_V, BANNED_LOGIT, logits_BV)
-  return logits_BV / temperature if temperature else logits_BV
 
 
 def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature: float, top_k: int, top_p: float,
@@ -124,24 +111,13 @@ def _fetch(tree):
                                            else multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-  """Prompts right-aligned in [B, length] arrays: tokens, and 1 where a token is real (its segment id)."""
-  tokens = np.full((len(prompts), length), PAD_ID, np.int32)
-  segments = np.zeros((len(prompts), length), np.int32)
-  for row, prompt in enumerate(prompts):
-    if len(prompt):
-      tokens[row, length - len(prompt):] = prompt
-      segments[row, length - len(prompt):] = 1
-  return tokens, segments
-
-
 def bucket(n: int, minimum: int = 16) -> int:
   """The next power of two ≥ n: prompt lengths share a few compiled shapes."""
   return max(minimum, 1 << (n - 1).bit_length())
 
 
 class Sampler:
-  """Generates from a model whose parameters are sharded on `mesh` (see `llm_jax.train.loop.ModelState`).
+  """Generates from a model whose parameters are sharded on `mesh` (see `llm_jax.modeling.ModelSpec`).
 
   Compiled functions are cached per (batch, prompt bucket, cache length, sampling settings): calls with the
   same shapes never recompile.

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import perf, sharding
+from llm_jax.modeling import ModelFactory, ModelSpec, init_params, model_spec
 from llm_jax.errors import UserError
 from llm_jax.metrics import MetricWriter
 
@@ -41,40 +42,6 @@ LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax
 
 class NonFiniteLossError(UserError):
   """The loss became NaN or Inf; the run stopped and the last good checkpoint is kept."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model state: sharded init, abstract shapes for restoring.
-
-
-@dataclasses.dataclass
-class ModelState:
-  """A model split into its static graph and a pure dict of parameters, with their shardings."""
-  graphdef: Any
-  abstract_params: Any  # ShapeDtypeStructs carrying the target shardings.
-  param_shardings: Any
-  logical_names: Any  # PartitionSpecs of logical axis names, one per parameter.
-
-  def merge(self, params) -> nnx.Module:
-    return nnx.merge(self.graphdef, params)
-
-
-def model_state(model_factory: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh) -> ModelState:
-  with nnx.use_eager_sharding(False):
-    abstract_model = nnx.eval_shape(lambda: model_factory(nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract_model)
-  logical_names = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
-  abstract = nnx.to_pure_dict(abstract_state)
-  shardings = sharding.tree_shardings(abstract, logical_names, mesh)
-  return ModelState(graphdef, ckpt_lib.abstract_with_shardings(abstract, shardings), shardings, logical_names)
-
-
-def init_params(model_factory: Callable[[nnx.Rngs], nnx.Module], state: ModelState, seed: int):
-  """Initializes directly into the target shardings: no device ever holds the whole model."""
-  def init():
-    with nnx.use_eager_sharding(False):
-      return nnx.to_pure_dict(nnx.state(model_factory(nnx.Rngs(seed))))
-  return jax.jit(init, out_shardings=state.param_shardings)()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,7 +80,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientT
                   weight_decay=config.weight_decay, mask=weight_decay_mask(params)))
 
 
-def opt_state_shardings(optimizer: optax.GradientTransformation, state: ModelState, mesh: Mesh):
+def opt_state_shardings(optimizer: optax.GradientTransformation, state: ModelSpec, mesh: Mesh):
   """Optimizer moments take their parameter's sharding; counters are replicated."""
   abstract_opt = jax.eval_shape(optimizer.init, state.abstract_params)
   return optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, state.param_shardings,
@@ -139,7 +106,7 @@ class OnMesh:
       return self.jitted.lower(*args, **kwargs)
 
 
-def make_train_step(state: ModelState, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
+def make_train_step(state: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
                     opt_shardings, batch_shardings, grad_accum: int, seed: int):
   """One optimizer update on a global batch, split into `grad_accum` microbatches scanned inside the jit."""
 
@@ -183,7 +150,7 @@ def make_train_step(state: ModelState, loss_fn: LossFn, optimizer: optax.Gradien
                         out_shardings=(state.param_shardings, opt_shardings, sharding.replicated(mesh))), mesh)
 
 
-def make_eval_step(state: ModelState, loss_fn: LossFn, mesh: Mesh, batch_shardings):
+def make_eval_step(state: ModelSpec, loss_fn: LossFn, mesh: Mesh, batch_shardings):
   def step(params, batch):
     loss_sum, sums = loss_fn(state.merge(params), batch, jax.random.key(0))
     return {"loss": loss_sum, **sums}
@@ -209,7 +176,7 @@ def evaluate(eval_step, params, batches: list[dict[str, np.ndarray]], mesh: Mesh
 
 @dataclasses.dataclass
 class TrainResult:
-  state: ModelState
+  state: ModelSpec
   mesh: Mesh
   params: Any
   step: int
@@ -239,139 +206,249 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh,
-          model_factory: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn, train_data: grain.MapDataset,
-          eval_data: list[dict[str, np.ndarray]], tokens_per_step: int, flops_per_token: float,
-          initial_params: Callable[[ModelState], Any] | None = None, meta: dict[str, Any] | None = None,
-          extra_eval: Callable[[Any], dict[str, float]] | None = None, eval_at_start: bool = False,
-          stop_after: int | None = None) -> TrainResult:
-  """Trains `config.steps` steps (resuming from the workdir's latest checkpoint if there is one).
+@dataclasses.dataclass
+class Optimization:
+  """AdamW for a model spec, its state's shardings and the jitted update: what training and AOT compile."""
+  optimizer: optax.GradientTransformation
+  opt_shardings: Any
+  abstract_opt_state: Any  # ShapeDtypeStructs carrying the shardings (for restoring and AOT compilation).
+  train_step: OnMesh
 
-  `initial_params(state)` returns starting parameters (e.g. an earlier stage's) instead of a fresh init.
-  `extra_eval(params)` adds a stage's own evaluation (e.g. generation accuracy) to each evaluation;
-  `eval_at_start` also evaluates the initial parameters (logged as step 0) on a fresh start.
-  `stop_after` stops early after that many steps, as a preemption would (used by the resume tests).
-  """
-  state = model_state(model_factory, mesh)
-  optimizer = make_optimizer(config, state.abstract_params)
-  opt_shardings = opt_state_shardings(optimizer, state, mesh)
-  example = train_data[0]
-  batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
-  train_step = make_train_step(state, loss_fn, optimizer, mesh, opt_shardings, batch_shardings,
-                               config.grad_accum, config.seed)
-  eval_step = make_eval_step(state, loss_fn, mesh, batch_shardings)
-  data_iter = iter(train_data.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads,
-                                                                 prefetch_buffer_size=config.data.prefetch)))
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  writer = MetricWriter(workdir)
-  meta = dict(meta or {})
 
-  # The newest checkpoint that restores; newer unreadable ones are moved aside (this run saves those steps again).
-  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, state.abstract_params),
+def make_optimization(config: ml_collections.ConfigDict, spec: ModelSpec, loss_fn: LossFn, mesh: Mesh,
+                      batch_shardings) -> Optimization:
+  optimizer = make_optimizer(config, spec.abstract_params)
+  opt_shardings = opt_state_shardings(optimizer, spec, mesh)
+  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, spec.abstract_params),
                                                   opt_shardings)
-  start, restored = checkpointer.restore_latest(state.abstract_params, abstract_opt, data_iter, move_aside=True)
-  if start is not None:
-    params, opt_state = restored["params"], restored["opt_state"]
-    logging.info("resumed from %s/%d", checkpointer.directory, start)
-    print(f"resuming from step {start} ({checkpointer.directory})", flush=True)
-  else:
-    start = 0
-    params = initial_params(state) if initial_params else init_params(model_factory, state, config.seed)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  train_step = make_train_step(spec, loss_fn, optimizer, mesh, opt_shardings, batch_shardings, config.grad_accum,
+                               config.seed)
+  return Optimization(optimizer, opt_shardings, abstract_opt, train_step)
 
-  def run_eval(step: int) -> dict[str, float]:
-    results = evaluate(eval_step, params, eval_data, mesh)
-    if extra_eval is not None:
-      results.update(extra_eval(params))
-    writer.write(step, results)
+
+StepFn = Callable[[int], dict[str, Any]]  # One step of a stage: its metrics (device arrays or floats).
+
+
+class Trainer:
+  """One run of a stage: the model on the mesh, the optimizer and its jitted update, resume, metrics, evaluation,
+  checkpoints (every `checkpoint_every` steps, at the end, on SIGTERM) and NaN stops.
+
+  A stage builds a Trainer and calls `run(step_fn, num_steps)`. `step_fn(step)` does one step's work through
+  `update(batch, update_index)` (supervised stages: one update on the next batch; RLHF: a rollout and its
+  minibatch updates) and returns the step's metrics. The trainer's state is `params`, `opt_state`, the data
+  iterator's position and `stage_state` (a JSON dict a stage keeps across restarts, e.g. RLHF's β).
+  With `params_key`, checkpoints hold `params[params_key]` as their `params` item (what later stages and
+  generation load) and the rest of the tree as `extra` (RLHF: the policy, and its value function beside it).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh, model_factory: ModelFactory,
+               loss_fn: LossFn, batch_shardings, meta: dict[str, Any], data_iter=None,
+               initial_params: Callable[[ModelSpec], Any] | None = None, params_key: str | None = None,
+               stage_state: dict[str, Any] | None = None):
+    self.config, self.mesh, self.data_iter, self.params_key = config, mesh, data_iter, params_key
+    self.meta = dict(meta)
+    self.spec = model_spec(model_factory, mesh)
+    self.optimization = make_optimization(config, self.spec, loss_fn, mesh, batch_shardings)
+    self.schedule = learning_rate_schedule(config)
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    self.writer = MetricWriter(workdir)
+    self.stage_state = dict(stage_state or {})
+    self.start = self._restore()
+    if self.start is None:
+      self.start = 0
+      params = initial_params(self.spec) if initial_params else init_params(model_factory, self.spec, config.seed)
+      self.params = jax.device_put(params, self.spec.param_shardings)
+      self.opt_state = jax.jit(self.optimization.optimizer.init,
+                               out_shardings=self.optimization.opt_shardings)(self.params)
+    self.last_update = -1  # Index of the latest optimizer update (its learning rate is logged).
+
+  def _split(self, tree):
+    if self.params_key is None:
+      return tree, {}
+    return tree[self.params_key], {k: v for k, v in tree.items() if k != self.params_key}
+
+  def _restore(self) -> int | None:
+    """Resumes from the newest checkpoint that restores (newer unreadable ones are moved aside: this run saves
+    those steps again); None on a fresh start."""
+    abstract_params, abstract_extra = self._split(self.spec.abstract_params)
+    start, restored = self.checkpointer.restore_latest(abstract_params, self.optimization.abstract_opt_state,
+                                                       self.data_iter, abstract_extra=abstract_extra,
+                                                       move_aside=True)
+    if start is None:
+      return None
+    self.params = restored["params"]
+    if self.params_key is not None:
+      self.params = {self.params_key: self.params, **restored.get("extra", {})}
+    self.opt_state = restored["opt_state"]
+    self.stage_state.update(restored["meta"].get("stage_state", {}))
+    logging.info("resumed from %s/%d", self.checkpointer.directory, start)
+    print(f"resuming from step {start} ({self.checkpointer.directory})", flush=True)
+    return start
+
+  def update(self, batch: Batch, update_index: int) -> dict[str, jax.Array]:
+    """One optimizer update (`update_index` counts updates from 0: the schedule and the step's rng use it)."""
+    self.params, self.opt_state, metrics = self.optimization.train_step(self.params, self.opt_state, batch,
+                                                                        jnp.int32(update_index))
+    self.last_update = update_index
+    return metrics
+
+  def save(self, step: int) -> None:
+    params, extra = self._split(self.params)
+    meta = {**self.meta, "step": step, "config": self.config.to_dict(), "stage_state": self.stage_state}
+    self.checkpointer.save(step, params, self.opt_state, self.data_iter, meta, extra=extra)
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.writer.close()
+    if hasattr(self.data_iter, "close"):
+      self.data_iter.close()
+
+  def run(self, step_fn: StepFn, num_steps: int, *, log_every: int, print_every: int | None = None,
+          evaluate: Callable[[Any], dict[str, float]] | None = None, eval_every: int = 0,
+          eval_at_start: bool = False, tokens_per_step: int = 0, flops_per_token: float = 0.0,
+          progress_keys: tuple[str, ...] = ("loss", "learning_rate", "grad_norm"), stop_after: int | None = None
+          ) -> TrainResult:
+    """Runs steps start+1 … num_steps (or `stop_after` of them, as a preemption would); see the class."""
+    log = _ProgressLog(self, num_steps, tokens_per_step, flops_per_token, progress_keys, print_every or log_every)
+    last_eval: dict[str, float] = {}
+    if eval_at_start and self.start == 0 and evaluate is not None:
+      self._evaluate(evaluate, 0)
+    end = num_steps if stop_after is None else min(num_steps, self.start + stop_after)
+    step = self.start
+    try:
+      with _SigtermFlag() as sigterm:
+        for step in range(self.start + 1, end + 1):
+          log.add(step, log.timed(lambda: step_fn(step)))
+          if step % log_every == 0 or step == end:
+            log.flush()
+          if evaluate is not None and (step % eval_every == 0 or step == num_steps):
+            log.flush()
+            last_eval = self._evaluate(evaluate, step)
+            log.restart_clock()  # Throughput counts training steps only.
+          if step % self.config.checkpoint_every == 0 or step == end or sigterm.raised:
+            log.flush()  # Never checkpoint a state whose loss was not checked.
+            self.save(step)
+            log.restart_clock()
+          if sigterm.raised:
+            break
+      self.checkpointer.wait()
+    finally:
+      self.close()
+    return TrainResult(state=self.spec, mesh=self.mesh, params=self.params, step=step,
+                       last_metrics=log.last_metrics, last_eval=last_eval)
+
+  def _evaluate(self, evaluate: Callable[[Any], dict[str, float]], step: int) -> dict[str, float]:
+    results = evaluate(self.params)
+    self.writer.write(step, results)
     if jax.process_index() == 0:
       print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()), flush=True)
     return results
 
-  if eval_at_start and start == 0:
-    run_eval(0)
-  peak = perf.peak_flops_per_device() * mesh.size
-  end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
-  last_metrics: dict[str, float] = {}
-  last_eval: dict[str, float] = {}
-  empty_steps = 0  # Steps whose batch had nothing to train on (weight 0): they add zero loss.
-  window_start, window_steps = time.perf_counter(), 0
-  compile_seconds = None
 
-  def flush_metrics() -> None:
+class _ProgressLog:
+  """The metrics of the steps since the last flush: fetched together (one host sync), checked for NaN, written
+  to metrics.jsonl / TensorBoard, and printed with throughput, MFU and ETA."""
+
+  def __init__(self, trainer: Trainer, num_steps: int, tokens_per_step: int, flops_per_token: float,
+               keys: tuple[str, ...], print_every: int):
+    self.trainer, self.num_steps, self.keys, self.print_every = trainer, num_steps, keys, print_every
+    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    self.peak = perf.peak_flops_per_device() * trainer.mesh.size
+    self.pending: list[tuple[int, dict[str, Any]]] = []
+    self.last_metrics: dict[str, float] = {}
+    self.empty_steps = 0  # Steps whose batch had nothing to train on (weight 0): they add zero loss.
+    self.compiled = False  # The first (compiling) step is not a throughput sample.
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    self.window_start, self.window_steps = time.perf_counter(), 0
+
+  def timed(self, step_fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if self.compiled:
+      self.window_steps += 1
+      return step_fn()
+    start = time.perf_counter()
+    metrics = jax.block_until_ready(step_fn())
+    logging.info("first step (compile + run): %.1f s", time.perf_counter() - start)
+    self.compiled = True
+    self.restart_clock()
+    return metrics
+
+  def add(self, step: int, metrics: dict[str, Any]) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self) -> None:
     """Fetches the pending steps' metrics; stops the run at the first non-finite loss."""
-    nonlocal last_metrics, window_start, window_steps, empty_steps
-    if not pending:
+    if not self.pending:
       return
-    fetched = jax.device_get([m for _, m in pending])
-    now = time.perf_counter()
-    seconds_per_step = (now - window_start) / max(window_steps, 1)
-    for (step, _), values in zip(pending, fetched):
+    fetched = jax.device_get([m for _, m in self.pending])
+    seconds_per_step = (time.perf_counter() - self.window_start) / max(self.window_steps, 1)
+    for (step, _), values in zip(self.pending, fetched):
       values = {k: float(v) for k, v in values.items()}
       if not math.isfinite(values["loss"]):
+        checkpointer = self.trainer.checkpointer
         raise NonFiniteLossError(
             f"non-finite loss ({values['loss']}) at step {step}; stopped. The last good checkpoint is in "
             f"{checkpointer.directory} (step {checkpointer.latest_step()})")
-      values["learning_rate"] = float(learning_rate_schedule(config)(step))  # The rate this step's update used.
-      empty_steps += values["weight"] == 0
-      values["empty_steps"] = empty_steps
-      last_metrics = values
-    step = pending[-1][0]
-    speed = ""
-    if window_steps:  # The compiling first step is not a throughput sample.
-      tokens_per_second = tokens_per_step / seconds_per_step
-      last_metrics.update(tokens_per_second=tokens_per_second, step_seconds=seconds_per_step,
-                          mfu=flops_per_token * tokens_per_second / peak)
-      speed = (f"  {tokens_per_second:,.0f} tok/s  step {1000 * seconds_per_step:.1f} ms  "
-               f"MFU {100 * last_metrics['mfu']:.1f}%  ETA {_format_seconds(seconds_per_step * (end - step))}")
-    writer.write(step, last_metrics)
-    if jax.process_index() == 0:
-      print(f"step {step:>6}/{config.steps}  loss {last_metrics['loss']:.4f}  lr {last_metrics['learning_rate']:.2e}"
-            f"  grad_norm {last_metrics['grad_norm']:.3f}{speed}", flush=True)
-    pending.clear()
-    window_start, window_steps = time.perf_counter(), 0
+      self.empty_steps += values.get("weight", 1) == 0
+      values["empty_steps"] = self.empty_steps
+      self.last_metrics = values
+    # The rate of the latest update (the schedule indexed by step: update k uses the value at k).
+    self.last_metrics["learning_rate"] = float(self.trainer.schedule(self.trainer.last_update + 1))
+    step = self.pending[-1][0]
+    self._add_speed(seconds_per_step, step)
+    self.trainer.writer.write(step, self.last_metrics)
+    if jax.process_index() == 0 and (step % self.print_every == 0 or step == self.num_steps):
+      shown = "  ".join(f"{k} {self.last_metrics[k]:.4g}" for k in self.keys if k in self.last_metrics)
+      print(f"step {step:>6}/{self.num_steps}  {shown}{self.speed}", flush=True)
+    self.pending.clear()
+    self.restart_clock()
 
-  def save(step: int) -> None:
-    flush_metrics()  # Never checkpoint a state whose loss was not checked.
-    checkpointer.save(step, params, opt_state, data_iter,
-                      {**meta, "step": step, "config": config.to_dict()})
+  def _add_speed(self, seconds_per_step: float, step: int) -> None:
+    self.speed = ""
+    if not self.window_steps:
+      return
+    self.last_metrics["step_seconds"] = seconds_per_step
+    self.speed = f"  step {1000 * seconds_per_step:.1f} ms  ETA {_format_seconds(seconds_per_step * (self.num_steps - step))}"
+    if self.tokens_per_step:
+      tokens_per_second = self.tokens_per_step / seconds_per_step
+      self.last_metrics.update(tokens_per_second=tokens_per_second,
+                               mfu=self.flops_per_token * tokens_per_second / self.peak)
+      self.speed = (f"  {tokens_per_second:,.0f} tok/s  MFU {100 * self.last_metrics['mfu']:.1f}%" + self.speed)
 
-  try:
-    with _SigtermFlag() as sigterm:
-      for step in range(start + 1, end + 1):
-        local = next(data_iter)
-        batch = sharding.global_batch(local, mesh)
-        if compile_seconds is None:
-          t0 = time.perf_counter()
-        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step - 1))
-        if compile_seconds is None:
-          jax.block_until_ready(metrics)
-          compile_seconds = time.perf_counter() - t0
-          logging.info("first step (compile + run): %.1f s", compile_seconds)
-          window_start = time.perf_counter()  # Throughput excludes compilation.
-        else:
-          window_steps += 1
-        pending.append((step, metrics))
-        if step % config.log_every == 0 or step == end:
-          flush_metrics()
-        if step % config.eval_every == 0 or step == config.steps:
-          flush_metrics()
-          last_eval = run_eval(step)
-          window_start = time.perf_counter()  # Throughput counts training steps only.
-        if step % config.checkpoint_every == 0 or step == end or sigterm.raised:
-          save(step)
-          window_start = time.perf_counter()
-        if sigterm.raised:
-          break
-    checkpointer.wait()
-  finally:
-    checkpointer.close()
-    writer.close()
-    if hasattr(data_iter, "close"):
-      data_iter.close()
-  return TrainResult(state=state, mesh=mesh, params=params, step=step if end > start else start,
-                     last_metrics=last_metrics, last_eval=last_eval)
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh, model_factory: ModelFactory,
+          loss_fn: LossFn, train_data: grain.MapDataset, eval_data: list[dict[str, np.ndarray]],
+          tokens_per_step: int, flops_per_token: float, initial_params: Callable[[ModelSpec], Any] | None = None,
+          meta: dict[str, Any] | None = None, extra_eval: Callable[[Any], dict[str, float]] | None = None,
+          eval_at_start: bool = False, stop_after: int | None = None) -> TrainResult:
+  """A supervised stage: `config.steps` updates on batches of `train_data` (resuming from the workdir).
+
+  `initial_params(spec)` returns starting parameters (e.g. an earlier stage's) instead of a fresh init.
+  `extra_eval(params)` adds a stage's own evaluation (e.g. generation accuracy) to each evaluation;
+  `eval_at_start` also evaluates the initial parameters (logged as step 0) on a fresh start.
+  `stop_after` stops early after that many steps, as a preemption would (used by the resume tests).
+  """
+  batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in train_data[0].items()}
+  data_iter = iter(train_data.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads,
+                                                                 prefetch_buffer_size=config.data.prefetch)))
+  trainer = Trainer(config, workdir, mesh=mesh, model_factory=model_factory, loss_fn=loss_fn,
+                    batch_shardings=batch_shardings, meta=meta or {}, data_iter=data_iter,
+                    initial_params=initial_params)
+  eval_step = make_eval_step(trainer.spec, loss_fn, mesh, batch_shardings)
+
+  def run_eval(params) -> dict[str, float]:
+    results = evaluate(eval_step, params, eval_data, mesh)
+    if extra_eval is not None:
+      results.update(extra_eval(params))
+    return results
+
+  def step_fn(step: int) -> dict[str, jax.Array]:
+    return trainer.update(sharding.global_batch(next(data_iter), mesh), step - 1)
+
+  return trainer.run(step_fn, config.steps, log_every=config.log_every, evaluate=run_eval,
+                     eval_every=config.eval_every, eval_at_start=eval_at_start, tokens_per_step=tokens_per_step,
+                     flops_per_token=flops_per_token, stop_after=stop_after)
 
 
 def _format_seconds(seconds: float) -> str:

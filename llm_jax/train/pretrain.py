@@ -10,27 +10,17 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 
 from llm_jax import config as config_lib
 from llm_jax import sharding
 from llm_jax.data import builtin_corpus, text
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model import ModelConfig
+from llm_jax.modeling import lm_factory
+from llm_jax.sequences import next_token_loss
 from llm_jax.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
 from llm_jax.train import loop, stage
-
-def next_token_loss(model: Transformer, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Summed cross-entropy over the tokens whose `loss_mask` is set (see loop.LossFn)."""
-  del rng  # No dropout.
-  logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  loss_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
-  mask_BL = batch["loss_mask"].astype(jnp.float32)
-  correct_BL = (jnp.argmax(logits_BLV, axis=-1) == batch["targets"]).astype(jnp.float32)
-  return jnp.sum(loss_BL * mask_BL), {"weight": jnp.sum(mask_BL), "accuracy": jnp.sum(correct_BL * mask_BL)}
-
 
 def builtin_corpus_path(workdir: str, config: ml_collections.ConfigDict) -> str:
   """The project's own world-facts corpus, generated into the workdir (no downloads)."""
@@ -86,7 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   pid, count = jax.process_index(), jax.process_count()
   return loop.train(
       config, workdir, mesh=mesh,
-      model_factory=lambda rngs: Transformer(model_cfg, rngs=rngs),
+      model_factory=lm_factory(model_cfg),
       loss_fn=next_token_loss,
       train_data=text.train_dataset(data.train, config.batch_size, config.seed, pid, count),
       eval_data=text.eval_batches(data.eval, config.batch_size, config.eval_batches, pid, count),

@@ -23,9 +23,10 @@ from llm_jax import checkpoint as ckpt_lib
 from llm_jax.data import text
 from llm_jax.errors import UserError
 from llm_jax.inference.sampler import Sampler, SamplingConfig
-from llm_jax.model import Transformer
+from llm_jax.modeling import lm_factory, model_spec
+from llm_jax.sequences import next_token_loss
 from llm_jax.tokenizer import Tokenizer
-from llm_jax.train import loop, pretrain, stage
+from llm_jax.train import loop, stage
 
 
 @dataclasses.dataclass
@@ -113,13 +114,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
   print(f"chats: {data.report}; {len(data.train_rows['inputs'])} train rows, {len(data.eval_rows['inputs'])} "
         f"eval rows of {config.seq_len}; {len(data.eval_chats)} held-out chats for exact match", flush=True)
 
-  factory = lambda rngs: Transformer(model_cfg, rngs=rngs)
-  state = loop.model_state(factory, mesh)
+  factory = lm_factory(model_cfg)
+  state = model_spec(factory, mesh)
   sampler = Sampler(state.graphdef, None, mesh, model_cfg=model_cfg)
   eval_chats = data.eval_chats[:config.exact_match_examples] if config.exact_match_examples else data.eval_chats
   pid, count = jax.process_index(), jax.process_count()
   return loop.train(
-      config, workdir, mesh=mesh, model_factory=factory, loss_fn=pretrain.next_token_loss,
+      config, workdir, mesh=mesh, model_factory=factory, loss_fn=next_token_loss,
       train_data=text.train_dataset(data.train_rows, config.batch_size, config.seed, pid, count),
       eval_data=text.eval_batches(data.eval_rows, config.batch_size, config.eval_batches, pid, count),
       tokens_per_step=config.batch_size * config.seq_len,

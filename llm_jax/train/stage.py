@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from llm_jax import config as config_lib
 from llm_jax import sharding
 from llm_jax.errors import UserError
-from llm_jax.inference.loading import read_model_config
+from llm_jax.modeling import read_model_config
 from llm_jax.model import ModelConfig
 from llm_jax.tokenizer import Tokenizer, load_tokenizer
 

@@ -32,9 +32,10 @@ from llm_jax import checkpoint as ckpt_lib
 from llm_jax.data import text
 from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
-from llm_jax.inference.loading import read_model_config, read_stage_config
-from llm_jax.model import ModelConfig, Transformer
-from llm_jax.tokenizer import PAD_ID, SPECIAL_TOKENS, Tokenizer
+from llm_jax.model import ModelConfig
+from llm_jax.modeling import ModelSpec, build_model, init_params, load_model, read_model_config, read_stage_config
+from llm_jax.sequences import positions_from_segments, right_pad
+from llm_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
 from llm_jax.train import loop, stage
 
 
@@ -64,7 +65,7 @@ class RewardModel(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, likelihood_feature: bool = False, *, rngs: nnx.Rngs):
-    self.transformer = Transformer(cfg, rngs=rngs)
+    self.transformer = build_model(cfg, rngs)
     self.head = ScalarHead(cfg, rngs=rngs)
     self.likelihood_feature = likelihood_feature
     self.likelihood_weight = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=(), eager_sharding=False)
@@ -106,7 +107,7 @@ def min_answer_log_prob(model: RewardModel, h_BTD, tokens_BT, segment_ids_BT) ->
 def sequence_scores(model: RewardModel, tokens_BT, segment_ids_BT) -> jax.Array:
   """The reward of each row: the head read at its last real token (+ the likelihood term). Rows may be left-
   or right-padded."""
-  positions_BT = jnp.maximum(jnp.cumsum(segment_ids_BT != 0, axis=1) - 1, 0)
+  positions_BT = positions_from_segments(segment_ids_BT)
   h_BTD = model.transformer.backbone(tokens_BT, positions_BT, segment_ids_BT)
   last_B = last_token_index(segment_ids_BT)
   scores_B = jnp.take_along_axis(model.head(h_BTD), last_B[:, None], axis=1)[:, 0]
@@ -184,21 +185,17 @@ def pair_arrays(pairs, tokenizer: Tokenizer, seq_len: int) -> tuple[dict[str, np
     raise UserError(f"every preference pair is longer than seq_len={seq_len}")
   out = {}
   for name, sequences in rows.items():
-    tokens = np.full((len(sequences), seq_len), PAD_ID, np.int32)
-    segments = np.zeros((len(sequences), seq_len), np.int32)
-    for i, s in enumerate(sequences):
-      tokens[i, :len(s)], segments[i, :len(s)] = s, 1
-    out[name], out[f"{name}_segment_ids"] = tokens, segments
+    out[name], out[f"{name}_segment_ids"] = right_pad(sequences, seq_len)
   out["pair_mask"] = np.ones(len(rows["chosen"]), np.float32)
   return out, dropped
 
 
-def load_reward_model(workdir: str, mesh) -> tuple[loop.ModelState, dict, ModelConfig]:
-  """A trained reward model's state and parameters (sharded on `mesh`)."""
+def load_reward_model(workdir: str, mesh) -> tuple[ModelSpec, dict, ModelConfig]:
+  """A trained reward model's spec and parameters (sharded on `mesh`)."""
   model_cfg = read_model_config(workdir)
   likelihood_feature = read_stage_config(workdir).get("likelihood_feature", False)
-  state = loop.model_state(lambda rngs: RewardModel(model_cfg, likelihood_feature, rngs=rngs), mesh)
-  params, meta = ckpt_lib.restore_params(workdir, state.abstract_params)
+  state, params, meta = load_model(
+      workdir, mesh, model_factory=lambda rngs: RewardModel(model_cfg, likelihood_feature, rngs=rngs))
   if meta.get("stage") != "reward_model":
     raise UserError(f"{workdir}: a {meta.get('stage')!r} checkpoint, not a reward model")
   return state, params, model_cfg
@@ -226,8 +223,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
 
   factory = lambda rngs: RewardModel(model_cfg, config.likelihood_feature, rngs=rngs)
 
-  def initial_params(state: loop.ModelState):
-    params = loop.init_params(factory, state, config.seed)
+  def initial_params(state: ModelSpec):
+    params = init_params(factory, state, config.seed)
     backbone, _ = ckpt_lib.restore_params(config.init_from, state.abstract_params["transformer"])
     return {**params, "transformer": backbone}
 

@@ -25,38 +25,34 @@ the reward model (`value_init="reward_model"`) or a scalar head on the policy's 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from llm_jax import chat as chat_lib
-from llm_jax import checkpoint as ckpt_lib
 from llm_jax import sharding
 from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
-from llm_jax.inference.sampler import Sampler, SamplingConfig, bucket, left_pad, restrict_logits
-from llm_jax.metrics import MetricWriter
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.inference.sampler import Sampler, SamplingConfig, bucket
+from llm_jax.model import ModelConfig
+from llm_jax.modeling import ModelSpec, build_model, init_params, load_model
+from llm_jax.sequences import positions_from_segments, prompt_response_rows, response_log_probs
 from llm_jax.tokenizer import load_tokenizer
 from llm_jax.train import loop, stage
-from llm_jax.train.reward import (RewardModel, ScalarHead, load_reward_model, prompt_context,
+from llm_jax.train.reward_model import (RewardModel, ScalarHead, load_reward_model, prompt_context,
                                   sequence_scores)
-
-ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
 class ActorCritic(nnx.Module):
   """The trained parameters: the policy, and for PPO its value function (a network or a head)."""
 
   def __init__(self, cfg: ModelConfig, value: str, *, rngs: nnx.Rngs):
-    self.policy = Transformer(cfg, rngs=rngs)
+    self.policy = build_model(cfg, rngs)
     self.value_mode = value
     if value == "reward_model":
       self.value = RewardModel(cfg, rngs=rngs)
@@ -86,17 +82,6 @@ KL_ESTIMATORS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "k3": lambda log_ratio: jnp.expm1(-log_ratio) + log_ratio,
 }
 KL_PLACEMENTS = ("reward", "loss")
-
-
-def response_log_probs(logits_BTV, tokens_BT, prompt_len: int, temperature: float = 1.0,
-                       banned_ids: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
-  """log p and entropy of each response token [B, N] under the distribution rollouts sample from (banned ids
-  removed, logits / temperature; `restrict_logits`, as the sampler does); the response starts at `prompt_len`."""
-  logits_BNV = restrict_logits(logits_BTV[:, prompt_len - 1:-1], temperature, banned_ids)
-  log_probs_BNV = jax.nn.log_softmax(logits_BNV)
-  chosen_BN = jnp.take_along_axis(log_probs_BNV, tokens_BT[:, prompt_len:, None], axis=-1)[..., 0]
-  entropy_BN = -jnp.sum(jnp.exp(log_probs_BNV) * log_probs_BNV, axis=-1)
-  return chosen_BN, entropy_BN
 
 
 def token_rewards(scores_B, kl_BN, mask_BN, beta) -> jax.Array:
@@ -172,27 +157,6 @@ def adaptive_kl_coef(beta: float, kl: float, target_kl: float, batch_size: int, 
   return beta * (1 + error * batch_size / horizon)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Rollout batches.
-
-
-def sequences(prompts: list[list[int]], responses: list[list[int]], prompt_len: int, max_new: int
-              ) -> dict[str, np.ndarray]:
-  """[B, P + N] arrays: left-padded prompt, then the response, then padding; and the response mask [B, N]."""
-  tokens, segments = left_pad(prompts, prompt_len)
-  response = np.zeros((len(prompts), max_new), np.int32)
-  response_mask = np.zeros((len(prompts), max_new), np.float32)
-  for i, r in enumerate(responses):
-    response[i, :len(r)], response_mask[i, :len(r)] = r, 1
-  return {"tokens": np.concatenate([tokens, response], 1),
-          "segment_ids": np.concatenate([segments, response_mask.astype(np.int32)], 1),
-          "response_mask": response_mask}
-
-
-def positions_of(segment_ids_BT):
-  return jnp.maximum(jnp.cumsum(segment_ids_BT != 0, axis=1) - 1, 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
   """The fields of the config that the math needs (static for jit)."""
@@ -216,14 +180,43 @@ class RLConfig:
     return response_log_probs(logits_BTV, tokens_BT, self.prompt_len, self.temperature, self.banned_ids)
 
 
-def make_scorer(rl: RLConfig, ac_state: loop.ModelState, ref_state: loop.ModelState,
+def gae_advantages(rewards_BN, values_BN, mask_BN, rl: "RLConfig") -> tuple[dict[str, jax.Array], jax.Array]:
+  """PPO: GAE against the value model, whitened; also the returns and values its value loss needs."""
+  advantages, returns = gae(rewards_BN, values_BN, mask_BN, rl.gamma, rl.lam)
+  explained = 1 - masked_mean_var(returns - values_BN, mask_BN)[1] / (masked_mean_var(returns, mask_BN)[1] + 1e-8)
+  out = {"advantages": masked_whiten(advantages, mask_BN), "returns": returns, "old_values": values_BN}
+  return out, explained
+
+
+def critic_free_advantages(rewards_BN, values_BN, mask_BN, rl: "RLConfig") -> tuple[dict[str, jax.Array], jax.Array]:
+  """GRPO / RLOO: one advantage per answer, from the returns of the other answers to the same prompt."""
+  del values_BN
+  advantages_B = group_advantages(rewards_BN.sum(1), rl.group_size, rl.algorithm)
+  return {"advantages": advantages_B[:, None] * mask_BN}, jnp.float32(jnp.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  advantages: Callable[..., tuple[dict[str, jax.Array], jax.Array]]  # (rewards, values, mask, rl) → outputs.
+  critic: bool  # Learns a value function (and samples one answer per prompt); else `group_size` answers.
+  default_kl_in: str  # Where its paper puts the KL penalty ("auto").
+
+
+ALGORITHMS = {
+    "ppo": Algorithm(gae_advantages, critic=True, default_kl_in="reward"),  # Ziegler et al. 2019.
+    "grpo": Algorithm(critic_free_advantages, critic=False, default_kl_in="loss"),  # DeepSeekMath §4.1.
+    "rloo": Algorithm(critic_free_advantages, critic=False, default_kl_in="reward"),  # Ahmadian et al. 2024.
+}
+
+
+def make_scorer(rl: RLConfig, ac_state: ModelSpec, ref_state: ModelSpec,
                 reward_fn: Callable[[Any, jax.Array], jax.Array]):
   """One jitted pass over a rollout batch: log π, log π_ref, values, scores → advantages and returns."""
 
   @jax.jit
   def score(params, ref_params, reward_params, batch, beta):
     tokens, segments, mask = batch["tokens"], batch["segment_ids"], batch["response_mask"]
-    positions = positions_of(segments)
+    positions = positions_from_segments(segments)
     logits, values_BT = ac_state.merge(params)(tokens, positions, segments)
     log_probs, entropy = rl.log_probs(logits, tokens)
     ref_log_probs, _ = rl.log_probs(ref_state.merge(ref_params)(tokens, positions, segments), tokens)
@@ -237,16 +230,10 @@ def make_scorer(rl: RLConfig, ac_state: loop.ModelState, ref_state: loop.ModelSt
     log_ratio = (log_probs - ref_log_probs) * mask
     kl_BN = KL_ESTIMATORS[rl.kl_estimator](log_ratio) * mask
     rewards = token_rewards(scores, kl_BN if rl.kl_in == "reward" else jnp.zeros_like(kl_BN), mask, beta)
-    out = {"old_log_probs": log_probs, "ref_log_probs": ref_log_probs, "response_mask": mask,
-           "kl_coef": jnp.full(mask.shape[:1], beta, jnp.float32)}
-    if rl.algorithm == "ppo":
-      values = values_BT[:, rl.prompt_len - 1:-1] * mask
-      advantages, returns = gae(rewards, values, mask, rl.gamma, rl.lam)
-      out.update(advantages=masked_whiten(advantages, mask), returns=returns, old_values=values)
-      explained = 1 - masked_mean_var(returns - values, mask)[1] / (masked_mean_var(returns, mask)[1] + 1e-8)
-    else:
-      out["advantages"] = group_advantages(rewards.sum(1), rl.group_size, rl.algorithm)[:, None] * mask
-      explained = jnp.nan
+    values = None if values_BT is None else values_BT[:, rl.prompt_len - 1:-1] * mask
+    out, explained = ALGORITHMS[rl.algorithm].advantages(rewards, values, mask, rl)
+    out.update(old_log_probs=log_probs, ref_log_probs=ref_log_probs, response_mask=mask,
+               kl_coef=jnp.full(mask.shape[:1], beta, jnp.float32))
     count = jnp.maximum(mask.sum(), 1.0)
     rows = mask.shape[0]
     stats = {"score": jnp.mean(raw_scores), "reward": jnp.mean(scores),
@@ -261,7 +248,7 @@ def make_loss(rl: RLConfig):
   def loss_fn(model: ActorCritic, batch, rng):
     del rng
     tokens, segments, mask = batch["tokens"], batch["segment_ids"], batch["response_mask"]
-    logits, values_BT = model(tokens, positions_of(segments), segments)
+    logits, values_BT = model(tokens, positions_from_segments(segments), segments)
     log_probs, entropy = rl.log_probs(logits, tokens)
     loss, metrics = policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask, rl.clip)
     metrics["entropy"] = jnp.sum(entropy * mask)
@@ -269,7 +256,7 @@ def make_loss(rl: RLConfig):
       kl_BN = KL_ESTIMATORS[rl.kl_estimator](log_probs - batch["ref_log_probs"]) * mask
       metrics["kl_loss"] = jnp.sum(kl_BN)
       loss = loss + jnp.sum(batch["kl_coef"][:, None] * kl_BN)
-    if rl.algorithm == "ppo":
+    if ALGORITHMS[rl.algorithm].critic:
       values = values_BT[:, rl.prompt_len - 1:-1]
       v_loss = value_loss(values, batch["old_values"], batch["returns"], mask, rl.value_clip)
       metrics["value_loss"] = v_loss
@@ -296,7 +283,7 @@ def kl_settings(config: ml_collections.ConfigDict) -> tuple[str, str]:
   per-token rewards (Ziegler et al. 2019; Ahmadian et al. 2024), GRPO adds β·k3 to the loss (DeepSeekMath §4.1)."""
   kl_in = config.kl_in
   if kl_in == "auto":
-    kl_in = "loss" if config.algorithm == "grpo" else "reward"
+    kl_in = ALGORITHMS[config.algorithm].default_kl_in
   estimator = config.kl_estimator
   if estimator == "auto":
     estimator = "k3" if kl_in == "loss" else "k1"
@@ -308,7 +295,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise UserError(f"algorithm={config.algorithm!r} must be one of {list(ALGORITHMS)}")
   if config.value_init not in ("reward_model", "policy_head"):
     raise UserError(f"value_init={config.value_init!r} must be 'reward_model' or 'policy_head'")
-  if config.algorithm != "ppo" and config.group_size < 2:
+  if not ALGORITHMS[config.algorithm].critic and config.group_size < 2:
     raise UserError(f"group_size={config.group_size} must be >= 2 for {config.algorithm}")
   if config.kl_in not in ("auto", *KL_PLACEMENTS):
     raise UserError(f"kl_in={config.kl_in!r} must be one of {['auto', *KL_PLACEMENTS]}")
@@ -323,7 +310,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                     "ratios and KL are computed at this temperature)")
   if config.missing_eos_penalty < 0:
     raise UserError(f"missing_eos_penalty={config.missing_eos_penalty} must be >= 0")
-  rollout = config.prompts_per_iteration * (config.group_size if config.algorithm != "ppo" else 1)
+  rollout = config.prompts_per_iteration * (1 if ALGORITHMS[config.algorithm].critic else config.group_size)
   if rollout % config.minibatch_size:
     raise UserError(f"minibatch_size={config.minibatch_size} must divide the rollout batch ({rollout})")
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
@@ -341,10 +328,107 @@ def check_same_tokenizer(policy_workdir: str, reward_workdir: str) -> None:
                     f"{policy.vocab_size} ids); it would read the policy's token ids as other text")
 
 
+def rollout_prompts(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig,
+                    prompts: list[list[int]] | None) -> list[list[int]]:
+  """Token ids of the prompts, each ending where the assistant's answer begins; all must leave room for
+  max_new_tokens in the model's context."""
+  if prompts is None:
+    prompts = [chat_lib.render(tokenizer, chat, generation_prompt=True)[0] for chat in read_prompts(config.data.path)]
+  too_long = [i for i, p in enumerate(prompts) if len(p) + config.max_new_tokens > model_cfg.max_seq_len]
+  if too_long:
+    raise UserError(f"{len(too_long)} prompts (first: #{too_long[0]}) leave no room for max_new_tokens="
+                    f"{config.max_new_tokens} in the model's context of {model_cfg.max_seq_len}")
+  return prompts
+
+
+def rl_config(config: ml_collections.ConfigDict, prompts: list[list[int]], model_cfg: ModelConfig) -> RLConfig:
+  prompt_len = min(bucket(max(len(p) for p in prompts)), model_cfg.max_seq_len - config.max_new_tokens)
+  kl_in, kl_estimator = kl_settings(config)
+  return RLConfig(config.algorithm, prompt_len, 1 if ALGORITHMS[config.algorithm].critic else config.group_size,
+                  config.gamma, config.lam, config.clip, config.value_clip, config.value_coef,
+                  config.whiten_rewards, config.reward_clip, config.temperature, chat_lib.BANNED_IN_ANSWERS,
+                  kl_in, kl_estimator, config.missing_eos_penalty)
+
+
+# What each iteration prints (all of its metrics go to metrics.jsonl).
+PROGRESS_KEYS = ("score", "kl_k1", "kl_k3", "beta", "clip_fraction", "response_length", "truncated_fraction",
+                 "rollout_tokens_per_second", "iteration_seconds")
+
+
+class RolloutIteration:
+  """One RL iteration, the loop's step: rollout → score → `ppo_epochs` passes of minibatch updates."""
+
+  def __init__(self, config: ml_collections.ConfigDict, rl: RLConfig, trainer: loop.Trainer,
+               prompts: list[list[int]], sampler: Sampler, score, ref_params, reward_params,
+               reward_fn: Callable[[list[int]], float] | None, fields: list[str]):
+    self.config, self.rl, self.trainer, self.prompts, self.score = config, rl, trainer, prompts, score
+    self.ref_params, self.reward_params, self.reward_fn, self.fields = ref_params, reward_params, reward_fn, fields
+    self.sampler = sampler  # The policy's language model (its parameters change every iteration).
+    # Answers in the chat template: stop at <|end|>/<eos>, never a role or control token (banned_ids, which the
+    # log-probs exclude too).
+    self.sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=config.max_new_tokens,
+                                                          temperature=config.temperature))
+    self.rollout_size = config.prompts_per_iteration * rl.group_size
+    self.minibatches = self.rollout_size // config.minibatch_size
+    self.order = [int(i) for i in np.random.default_rng(config.seed).permutation(len(prompts))]
+    self.history: list[dict[str, float]] = []
+
+  def rollout(self, iteration: int) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+    config = self.config
+    picked = [self.order[(iteration * config.prompts_per_iteration + j) % len(self.order)]
+              for j in range(config.prompts_per_iteration)]
+    batch_prompts = [self.prompts[i] for i in picked for _ in range(self.rl.group_size)]
+    self.sampler.params = self.trainer.params["policy"]
+    generation = self.sampler.generate(batch_prompts, self.sampling,
+                                       jax.random.key(config.seed * 100_003 + iteration))
+    host = prompt_response_rows(batch_prompts, generation.tokens, self.rl.prompt_len, config.max_new_tokens)
+    host["ended"] = np.array([len(t) > 0 and t[-1] in self.sampling.stop_ids for t in generation.tokens],
+                             np.float32)
+    if self.reward_fn is not None:
+      host["rule_scores"] = np.array([self.reward_fn(t) for t in generation.tokens], np.float32)
+    return host, generation.tokens
+
+  def update(self, iteration: int, rollout: dict[str, np.ndarray]) -> list[dict[str, jax.Array]]:
+    """`ppo_epochs` passes over shuffled minibatches; metrics stay on device (no host sync between updates)."""
+    config, metrics = self.config, []
+    update_index = (iteration - 1) * config.ppo_epochs * self.minibatches
+    for epoch in range(config.ppo_epochs):
+      perm = np.random.default_rng(config.seed + iteration * 1000 + epoch).permutation(self.rollout_size)
+      for m in range(self.minibatches):
+        idx = np.sort(perm[m * config.minibatch_size:(m + 1) * config.minibatch_size])
+        minibatch = sharding.global_batch({k: v[idx] for k, v in rollout.items()}, self.trainer.mesh)
+        metrics.append(self.trainer.update(minibatch, update_index))
+        update_index += 1
+    return metrics
+
+  def __call__(self, iteration: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    host, responses = self.rollout(iteration)
+    t_rollout = time.perf_counter() - t0
+    beta = self.trainer.stage_state["beta"]
+    batch = sharding.global_batch(host, self.trainer.mesh)
+    prepared, stats = self.score(self.trainer.params, self.ref_params, self.reward_params, batch, jnp.float32(beta))
+    prepared.update(tokens=batch["tokens"], segment_ids=batch["segment_ids"])
+    step_metrics = self.update(iteration, jax.device_get({k: prepared[k] for k in self.fields}))
+    step_metrics, stats = jax.device_get((step_metrics, stats))
+    stats = {k: float(v) for k, v in stats.items()}
+    row = {**stats, **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]},
+           "first_ratio": float(step_metrics[0]["ratio"]), "beta": beta, "rollout_seconds": t_rollout,
+           "rollout_tokens_per_second": sum(len(t) for t in responses) / t_rollout,
+           "iteration_seconds": time.perf_counter() - t0}
+    if stats["kl_k1"] < 0:
+      print(f"WARNING: negative mean KL {stats['kl_k1']:.4f} at iteration {iteration}", flush=True)
+    if self.config.target_kl > 0:
+      self.trainer.stage_state["beta"] = adaptive_kl_coef(beta, stats["kl_k1"], self.config.target_kl,
+                                                          self.rollout_size, self.config.kl_horizon)
+    self.history.append(row)
+    return row
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
         reward_fn: Callable[[list[int]], float] | None = None, prompts: list[list[int]] | None = None
         ) -> list[dict[str, float]]:
-  """Runs `config.iterations` RL iterations; returns the per-iteration metrics.
+  """Runs `config.iterations` RL iterations on the shared loop; returns the per-iteration metrics.
 
   `reward_fn(response_tokens) -> float`, a rule instead of a reward model, and raw token `prompts` serve tests
   and toy tasks; normally the reward model at `config.reward_model` scores, on prompts from `config.data.path`.
@@ -352,28 +436,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
   model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "SFT", validate_training=False)
-
-  # Prompts (token ids, ending where the assistant's answer begins).
-  if prompts is None:
-    chats = read_prompts(config.data.path)
-    prompts = [chat_lib.render(tokenizer, chat, generation_prompt=True)[0] for chat in chats]
-  too_long = [i for i, p in enumerate(prompts) if len(p) + config.max_new_tokens > model_cfg.max_seq_len]
-  if too_long:
-    raise UserError(f"{len(too_long)} prompts (first: #{too_long[0]}) leave no room for max_new_tokens="
-                    f"{config.max_new_tokens} in the model's context of {model_cfg.max_seq_len}")
-  prompt_len = min(bucket(max(len(p) for p in prompts)), model_cfg.max_seq_len - config.max_new_tokens)
-  kl_in, kl_estimator = kl_settings(config)
-  rl = RLConfig(config.algorithm, prompt_len, config.group_size if config.algorithm != "ppo" else 1,
-                config.gamma, config.lam, config.clip, config.value_clip, config.value_coef,
-                config.whiten_rewards, config.reward_clip, config.temperature, chat_lib.BANNED_IN_ANSWERS,
-                kl_in, kl_estimator, config.missing_eos_penalty)
+  prompts = rollout_prompts(config, tokenizer, model_cfg, prompts)
+  rl = rl_config(config, prompts, model_cfg)
 
   # The policy (+ value), the frozen reference and the frozen reward model.
-  value_mode = config.value_init if config.algorithm == "ppo" else "none"
+  value_mode = config.value_init if ALGORITHMS[config.algorithm].critic else "none"
   factory = lambda rngs: ActorCritic(model_cfg, value_mode, rngs=rngs)
-  ac_state = loop.model_state(factory, mesh)
-  ref_state = loop.model_state(lambda rngs: Transformer(model_cfg, rngs=rngs), mesh)
-  ref_params, _ = ckpt_lib.restore_params(config.init_from, ref_state.abstract_params)
+  ref_state, ref_params, _ = load_model(config.init_from, mesh)
   if reward_fn is None:
     check_same_tokenizer(config.init_from, config.reward_model)
     rm_state, rm_params, _ = load_reward_model(config.reward_model, mesh)
@@ -382,111 +451,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
     rm_params = None
     reward = lambda params, batch: batch["rule_scores"]
 
-  def initial_params(state):
-    params = loop.init_params(factory, state, config.seed)
+  def initial_params(spec: ModelSpec):
+    params = init_params(factory, spec, config.seed)
     params = {**params, "policy": jax.tree.map(jnp.copy, ref_params)}  # A copy: updates donate their inputs.
-    if value_mode == "reward_model":
-      params["value"] = jax.tree.map(jnp.copy, rm_params) if rm_params is not None else params["value"]
+    if value_mode == "reward_model" and rm_params is not None:
+      params["value"] = jax.tree.map(jnp.copy, rm_params)
     return params
 
-  optimizer = loop.make_optimizer(config, ac_state.abstract_params)
-  opt_shardings = loop.opt_state_shardings(optimizer, ac_state, mesh)
-  rollout_size = config.prompts_per_iteration * rl.group_size
   fields = ["tokens", "segment_ids", "response_mask", "old_log_probs", "ref_log_probs", "advantages", "kl_coef"]
-  fields += ["returns", "old_values"] if rl.algorithm == "ppo" else []
-  batch_shardings = {k: sharding.batch_sharding(mesh, 1 if k == "kl_coef" else 2) for k in fields}
-  update = loop.make_train_step(ac_state, make_loss(rl), optimizer, mesh, opt_shardings, batch_shardings,
-                                config.grad_accum, config.seed)
-  score = make_scorer(rl, ac_state, ref_state, reward)
-  sampler = Sampler(ref_state.graphdef, None, mesh, model_cfg=model_cfg)
-  # Answers in the chat template: stop at <|end|>/<eos>, never a role or control token (banned_ids, which the
-  # log-probs above exclude too).
-  sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=config.max_new_tokens,
-                                                   temperature=config.temperature))
-
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  # The newest checkpoint that restores; newer unreadable ones are moved aside (this run saves those steps again).
-  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, ac_state.abstract_params),
-                                                  opt_shardings)
-  abstract_value = {k: v for k, v in ac_state.abstract_params.items() if k != "policy"}
-  start, restored = checkpointer.restore_latest(ac_state.abstract_params["policy"], abstract_opt,
-                                                abstract_extra=abstract_value, move_aside=True)
-  if start is None:
-    params, start, beta = initial_params(ac_state), 0, config.kl_coef
-    params = jax.device_put(params, ac_state.param_shardings)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-  else:
-    params = {"policy": restored["params"], **restored.get("extra", {})}  # GRPO/RLOO save no extra.
-    opt_state, beta = restored["opt_state"], restored["meta"]["beta"]
-    print(f"resuming from iteration {start}", flush=True)
-  writer = MetricWriter(workdir)
-  history = []
-  rng = np.random.default_rng(config.seed)
-  order = [int(i) for i in rng.permutation(len(prompts))]
-  update_step = start * config.ppo_epochs * (rollout_size // config.minibatch_size)
-  try:
-    for iteration in range(start + 1, config.iterations + 1):
-      t0 = time.perf_counter()
-      # 1. Rollout from the current policy.
-      picked = [order[(iteration * config.prompts_per_iteration + j) % len(order)]
-                for j in range(config.prompts_per_iteration)]
-      batch_prompts = [prompts[i] for i in picked for _ in range(rl.group_size)]
-      sampler.params = params["policy"]
-      generation = sampler.generate(batch_prompts, sampling, jax.random.key(config.seed * 100_003 + iteration))
-      t_rollout = time.perf_counter() - t0
-      host = sequences(batch_prompts, generation.tokens, prompt_len, config.max_new_tokens)
-      host["ended"] = np.array([len(t) > 0 and t[-1] in sampling.stop_ids for t in generation.tokens], np.float32)
-      if reward_fn is not None:
-        host["rule_scores"] = np.array([reward_fn(t) for t in generation.tokens], np.float32)
-      batch = sharding.global_batch(host, mesh)
-      # 2-4. Scores, rewards, advantages.
-      prepared, stats = score(params, ref_params, rm_params, batch, jnp.float32(beta))
-      prepared.update(tokens=batch["tokens"], segment_ids=batch["segment_ids"])
-      # 5. Clipped updates over minibatches.
-      step_metrics = []  # Fetched once per iteration: no host sync between updates.
-      minibatches = rollout_size // config.minibatch_size
-      rollout = jax.device_get({k: prepared[k] for k in fields})
-      for epoch in range(config.ppo_epochs):
-        perm = np.random.default_rng(config.seed + iteration * 1000 + epoch).permutation(rollout_size)
-        for m in range(minibatches):
-          idx = np.sort(perm[m * config.minibatch_size:(m + 1) * config.minibatch_size])
-          mb = {k: v[idx] for k, v in rollout.items()}
-          params, opt_state, metrics = update(params, opt_state, sharding.global_batch(mb, mesh),
-                                              jnp.int32(update_step))
-          update_step += 1
-          step_metrics.append(metrics)
-      step_metrics, stats = jax.device_get((step_metrics, stats))
-      stats = {k: float(v) for k, v in stats.items()}
-      row = {**stats, **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]},
-             "first_ratio": float(step_metrics[0]["ratio"]), "beta": beta, "rollout_seconds": t_rollout,
-             "rollout_tokens_per_second": sum(len(t) for t in generation.tokens) / t_rollout,
-             "iteration_seconds": time.perf_counter() - t0}
-      if stats["kl_k1"] < 0:
-        logging.warning("mean KL estimate is negative (%.4f): are rollouts sampled from the policy itself "
-                        "(temperature 1, no top-k/top-p)?", stats["kl_k1"])
-        print(f"WARNING: negative mean KL {stats['kl_k1']:.4f} at iteration {iteration}", flush=True)
-      if not math.isfinite(row["loss"]):
-        raise loop.NonFiniteLossError(f"non-finite loss at iteration {iteration}; stopped")
-      if config.target_kl > 0:
-        beta = adaptive_kl_coef(beta, stats["kl_k1"], config.target_kl, rollout_size, config.kl_horizon)
-      history.append(row)
-      writer.write(iteration, row)
-      if jax.process_index() == 0 and (iteration % config.log_every == 0 or iteration == config.iterations):
-        print(f"iteration {iteration:>4}/{config.iterations}  score {stats['score']:.3f}  "
-              f"kl {stats['kl_k1']:.4f} (k3 {stats['kl_k3']:.4f})  beta {beta:.4f}  "
-              f"clip {row['clip_fraction']:.3f}  len {stats['response_length']:.1f}  "
-              f"truncated {stats['truncated_fraction']:.2f}  "
-              f"rollout {row['rollout_tokens_per_second']:,.0f} tok/s  {row['iteration_seconds']:.1f} s/it",
-              flush=True)
-      if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
-        # `params` holds the policy alone (what generation and evaluation load); the value function is extra.
-        value = {k: v for k, v in params.items() if k != "policy"}
-        checkpointer.save(iteration, params["policy"], opt_state, None,
-                          {"stage": "rlhf", "step": iteration, "beta": beta, "algorithm": config.algorithm,
-                           "model": dataclasses.asdict(model_cfg), "init_from": config.init_from},
-                          extra=value)
-    checkpointer.wait()
-  finally:
-    checkpointer.close()
-    writer.close()
-  return history
+  fields += ["returns", "old_values"] if ALGORITHMS[config.algorithm].critic else []
+  trainer = loop.Trainer(
+      config, workdir, mesh=mesh, model_factory=factory, loss_fn=make_loss(rl),
+      batch_shardings={k: sharding.batch_sharding(mesh, 1 if k == "kl_coef" else 2) for k in fields},
+      meta={"stage": "rlhf", "algorithm": config.algorithm, "model": dataclasses.asdict(model_cfg),
+            "init_from": config.init_from},
+      initial_params=initial_params, params_key="policy", stage_state={"beta": config.kl_coef})
+  iteration = RolloutIteration(config, rl, trainer, prompts, Sampler(ref_state.graphdef, None, mesh, model_cfg=model_cfg),
+                               make_scorer(rl, trainer.spec, ref_state, reward), ref_params, rm_params, reward_fn,
+                               fields)
+  trainer.run(iteration, config.iterations, log_every=1, print_every=config.log_every, progress_keys=PROGRESS_KEYS)
+  return iteration.history
