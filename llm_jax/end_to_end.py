@@ -22,7 +22,7 @@ from llm_jax.data import world_facts
 from llm_jax.inference.loading import load_sampler, read_model_config
 from llm_jax.metrics import read_metrics
 from llm_jax.model import Transformer
-from llm_jax.train import loop, pretrain, reward, rl, sft
+from llm_jax.train import loop, pretrain, reward, rl, sft, stage
 from llm_jax import checkpoint as ckpt_lib
 
 QUESTION = "Where is the capital of China?"
@@ -148,6 +148,7 @@ def write_report(workdir: str, results: dict, plots: list[str], seconds: float) 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   import time
   start = time.perf_counter()
+  stage.make_workdir(workdir)
   data = world_facts.write_all(os.path.join(workdir, "data"), seed=config.seed, **config.data)
   dirs = run_stages(config, workdir, data)
   mesh = sharding.make_mesh()
