@@ -17,10 +17,11 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Compile only: the host backend, plus the topology's TPU devices.
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+from llm_jax import flag_parsing  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "pretrain.py"), "Config file.")
+flag_parsing.define_config_file("config", os.path.join(_CONFIGS, "pretrain.py"), "Config file.")
 flags.DEFINE_string("topology", "v5p:2x2x2", "TPU slice, e.g. v5p:4x4x4 (v5p-128), v5e:16x16, v4:4x4x4, v6e:8x8.")
 flags.DEFINE_integer("num_slices", 1, "Slices (multislice over DCN).")
 flags.DEFINE_float("hbm_gib", 0, "HBM per chip in GiB (0: the chip's data-sheet value).")
@@ -48,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from llm_jax import cli
+  app.run(main, flags_parser=cli.parse_flags)

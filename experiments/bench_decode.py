@@ -54,23 +54,43 @@ def _compile(jitted, *args, **static):
 
 def main(argv):
   del argv
+  from llm_jax import cli
+  cli.run(bench)
+
+
+def bench():
   import jax
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
 
   from llm_jax import sharding
+  from llm_jax.errors import UserError
   from llm_jax.inference.sampler import Sampler, SamplingConfig
   from llm_jax.model import PRESETS
   from llm_jax.modeling import init_params, lm_factory, model_spec
 
+  if FLAGS.model not in PRESETS:
+    raise UserError(f"--model={FLAGS.model}: unknown preset; choose one of {sorted(PRESETS)}")
+  for name in ("prompt_len", "max_new_tokens", "repeats"):
+    if FLAGS[name].value < 1:
+      raise UserError(f"--{name}={FLAGS[name].value} must be >= 1")
+  if FLAGS.vocab_size < 0:
+    raise UserError(f"--vocab_size={FLAGS.vocab_size} must be >= 0 (0 keeps the preset's)")
+  try:
+    batch_sizes = [int(x) for x in FLAGS.batch_sizes]
+  except ValueError:
+    raise UserError(f"--batch_sizes={','.join(FLAGS.batch_sizes)}: expected integers, e.g. 1,8,64") from None
+  if not batch_sizes or min(batch_sizes) < 1:
+    raise UserError(f"--batch_sizes={','.join(FLAGS.batch_sizes)}: each must be >= 1")
   cfg = PRESETS[FLAGS.model]
   if FLAGS.vocab_size:
     cfg = dataclasses.replace(cfg, vocab_size=FLAGS.vocab_size)
   p, n = FLAGS.prompt_len, FLAGS.max_new_tokens
   context = p + n
   if context > cfg.max_seq_len:
-    raise app.UsageError(f"prompt_len + max_new_tokens = {context} > the model's max_seq_len {cfg.max_seq_len}")
+    raise UserError(f"--prompt_len + --max_new_tokens = {context} exceeds the model's max_seq_len "
+                    f"{cfg.max_seq_len}")
 
   mesh = sharding.make_mesh()
   factory = lm_factory(cfg)
@@ -97,7 +117,7 @@ def main(argv):
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   rng = np.random.default_rng(FLAGS.seed)
   rows, checks = [], []
-  for b in (int(x) for x in FLAGS.batch_sizes):
+  for b in batch_sizes:
     prompts = rng.integers(4, cfg.vocab_size, (b, p), dtype=np.int32)  # Ids 0-3 are pad/unk/bos/eos.
     tokens = jax.device_put(prompts, sharding.batch_sharding(mesh))
     segments = jax.device_put(np.ones((b, p), np.int32), sharding.batch_sharding(mesh))
@@ -167,4 +187,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from llm_jax import cli
+  app.run(main, flags_parser=cli.parse_flags)

@@ -51,24 +51,45 @@ def _time(fn, steps: int) -> list[float]:
 
 def main(argv):
   del argv
+  from llm_jax import cli
+  cli.run(bench)
+
+
+def bench():
   import jax
   import jax.numpy as jnp
   import ml_collections
   import numpy as np
 
   from llm_jax import perf, sharding
+  from llm_jax.config import validate_model_config
+  from llm_jax.errors import UserError
   from llm_jax.model import PRESETS
   from llm_jax.modeling import init_params, lm_factory, model_spec
   from llm_jax.train import loop
   from llm_jax.sequences import next_token_loss
 
+  if FLAGS.model not in PRESETS:
+    raise UserError(f"--model={FLAGS.model}: unknown preset; choose one of {sorted(PRESETS)}")
+  for name in ("batch_size", "seq_len", "steps", "grad_accum"):
+    if FLAGS[name].value < 1:
+      raise UserError(f"--{name}={FLAGS[name].value} must be >= 1")
+  if FLAGS.warmup_steps < 0 or FLAGS.vocab_size < 0:
+    raise UserError("--warmup_steps and --vocab_size must be >= 0")
   overrides = dict(dtype=FLAGS.dtype, remat=FLAGS.remat)
   if FLAGS.scan_layers is not None:
     overrides["scan_layers"] = FLAGS.scan_layers
   if FLAGS.vocab_size:
     overrides["vocab_size"] = FLAGS.vocab_size
   cfg = dataclasses.replace(PRESETS[FLAGS.model], **overrides)
+  validate_model_config(cfg)
   b, t = FLAGS.batch_size, FLAGS.seq_len
+  if t > cfg.max_seq_len:
+    raise UserError(f"--seq_len={t} exceeds the model's max_seq_len={cfg.max_seq_len}")
+  shape = sharding.mesh_shape(FLAGS.data, FLAGS.fsdp, FLAGS.tensor, jax.device_count())
+  if b % (shape[0] * shape[1] * FLAGS.grad_accum):
+    raise UserError(f"--batch_size={b} must be divisible by data*fsdp*grad_accum = "
+                    f"{shape[0]}*{shape[1]}*{FLAGS.grad_accum}")
   config = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=10, steps=1000, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.99,
       grad_clip=1.0, seed=0, grad_accum=FLAGS.grad_accum))
@@ -153,4 +174,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from llm_jax import cli
+  app.run(main, flags_parser=cli.parse_flags)

@@ -6,12 +6,11 @@ See configs/end_to_end.py for what each stage does, its runtime and the expected
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from llm_jax import cli
+from llm_jax import cli, flag_parsing
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "end_to_end.py"), "Config file.")
+flag_parsing.define_config_file("config", os.path.join(_CONFIGS, "end_to_end.py"), "Config file.")
 flags.DEFINE_string("workdir", "workdirs/end_to_end", "One sub-workdir per stage; rerun to resume.")
 FLAGS = flags.FLAGS
 
@@ -23,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -47,26 +47,53 @@ def main(argv):
     from llm_jax import checkpoint as ckpt_lib
     from llm_jax.data import builtin_corpus, text, world_facts
     from llm_jax.errors import UserError
+    from llm_jax.chat import prompt_and_answer, read_chats
     from llm_jax.inference.loading import load_sampler, resolve
-    from llm_jax.modeling import lm_factory, model_spec, read_model_config
+    from llm_jax.modeling import check_language_model, lm_factory, model_spec, read_model_config
     from llm_jax.tokenizer import load_tokenizer
+    from llm_jax.train import stage
     from llm_jax.train import reward_model as reward
 
     workdir, step = resolve(FLAGS.workdir, FLAGS.checkpoint)
-    mesh = sharding.make_mesh()
-    checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"{checkpointer.directory}: no complete checkpoint")
-    meta = checkpointer.read_meta(step)
-    checkpointer.close()
-    results = {"workdir": os.path.abspath(workdir), "stage": meta.get("stage"), "step": step}
-
+    # Every file and workdir the flags name is checked before a model is loaded: evaluating takes minutes.
+    if os.path.isdir(FLAGS.output) or not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.output))):
+      raise UserError(f"--output={FLAGS.output}: " + ("is a directory" if os.path.isdir(FLAGS.output)
+                                                      else "its directory does not exist"))
+    if FLAGS.seq_len < 2:
+      raise UserError(f"--seq_len={FLAGS.seq_len} must be >= 2")
+    read_model_config(workdir)  # Not a workdir at all: says so.
+    meta = ckpt_lib.workdir_meta(workdir, step)
+    if meta is None:
+      raise UserError(f"{workdir}: no readable checkpoint in {os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)}")
+    language_model_flags = [f"--{name}" for name in ("reference", "reward_model", "text", "qa") if FLAGS[name].value]
     if meta.get("stage") == "reward_model":
-      state, params, _ = reward.load_reward_model(workdir, mesh)
-      tokenizer = load_tokenizer(workdir)
+      if language_model_flags:
+        raise UserError(f"{', '.join(language_model_flags)}: for language models; {workdir} is a reward model "
+                        "(give it --pairs)")
+      pairs = reward.read_pairs(FLAGS.pairs) if FLAGS.pairs else None
+    else:
       if FLAGS.pairs:
-        results.update(evaluation.pair_accuracy(state, params, tokenizer, reward.read_pairs(FLAGS.pairs), mesh))
+        raise UserError(f"--pairs: for reward models; {workdir} is a {meta.get('stage')} workdir")
+      documents = (text.read_documents(FLAGS.text, name="--text") if FLAGS.text
+                   else builtin_corpus.pretraining_documents(seed=1, num_documents=200))
+      chats = read_chats(FLAGS.qa).chats if FLAGS.qa else None
+      for i, chat in enumerate(chats or []):
+        if not any(m.role == "assistant" for m in chat[1:]):
+          raise UserError(f"--qa={FLAGS.qa}: conversation {i + 1} has no assistant answer after a prompt")
+      if FLAGS.reference:
+        check_language_model(FLAGS.reference)
+        stage.check_same_tokenizer(FLAGS.reference, "--reference", workdir, "--workdir")
+      if FLAGS.reward_model:
+        stage.check_source_workdir(FLAGS.reward_model, "--reward_model", "reward-model", ("reward_model",))
+        stage.check_same_tokenizer(FLAGS.reward_model, "--reward_model", workdir, "--workdir")
+
+    mesh = sharding.make_mesh()
+    results = {"workdir": os.path.abspath(workdir), "stage": meta.get("stage"), "step": meta.get("step")}
+    if meta.get("stage") == "reward_model":
+      state, params, _ = reward.load_reward_model(workdir, mesh, step)
+      tokenizer = load_tokenizer(workdir)
+      if pairs:
+        results.update(evaluation.pair_accuracy(state, params, tokenizer, pairs, mesh))
       else:
         data = world_facts.write_all(tempfile.mkdtemp())
         results.update(evaluation.pair_accuracy(state, params, tokenizer,
@@ -75,16 +102,13 @@ def main(argv):
                                              reward.read_pairs(data["pairs_held_out_countries"]), mesh)
         results.update({f"{k}_held_out_countries": v for k, v in countries.items()})
     else:
-      sampler, tokenizer, _ = load_sampler(workdir, mesh, step)
+      sampler, tokenizer, loaded = load_sampler(workdir, mesh, step)
+      results["step"] = loaded.get("step")  # The checkpoint used (an unreadable newer one is skipped).
       model_cfg = read_model_config(workdir)
-      documents = (text.read_documents(FLAGS.text) if FLAGS.text
-                   else builtin_corpus.pretraining_documents(seed=1, num_documents=200))
       state = model_spec(lm_factory(model_cfg), mesh)
       seq_len = min(FLAGS.seq_len, model_cfg.max_seq_len)
       results.update(evaluation.perplexity(state, sampler.params, tokenizer, documents, seq_len, mesh))
-      if FLAGS.qa:
-        from llm_jax.chat import read_chats, prompt_and_answer
-        chats = read_chats(FLAGS.qa).chats
+      if chats:
         questions = [prompt_and_answer(c)[0][-1].content for c in chats]
         references = [prompt_and_answer(c)[1].strip() for c in chats]
         replies = evaluation.answers(sampler, tokenizer, questions)
@@ -125,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -48,6 +48,8 @@ def main(argv):
           prompts += [line.rstrip("\n") for line in f if line.strip()]
       except OSError as e:
         raise UserError(f"--prompt_file={FLAGS.prompt_file}: {e.strerror}") from None
+      except UnicodeDecodeError as e:
+        raise UserError(f"--prompt_file={FLAGS.prompt_file}: not UTF-8 text ({e.reason})") from None
     if not prompts:
       raise UserError("no prompt: give --prompt or --prompt_file")
     for i, prompt in enumerate(prompts):
@@ -71,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

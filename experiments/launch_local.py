@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from llm_jax.flag_parsing import parse_flags
+
 flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 flags.DEFINE_integer("devices_per_process", 0, "CPU devices per process via XLA_FLAGS="
                      "--xla_force_host_platform_device_count (0: leave XLA_FLAGS alone).")
@@ -42,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -8,12 +8,11 @@ With no flags it trains the `tiny` model on the built-in world-facts corpus. See
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from llm_jax import cli
+from llm_jax import cli, flag_parsing
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "pretrain.py"), "Config file.")
+flag_parsing.define_config_file("config", os.path.join(_CONFIGS, "pretrain.py"), "Config file.")
 flags.DEFINE_string("workdir", "workdirs/pretrain", "Checkpoints, tokenizer, metrics; rerun to resume.")
 flags.DEFINE_multi_string("sample_prompt", ["The capital of China is", "People in France speak"],
                           "Prompts to complete after training.")
@@ -24,11 +23,14 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   import jax
+  from llm_jax.errors import UserError
   from llm_jax.inference.sampler import Sampler, SamplingConfig
   from llm_jax.tokenizer import load_tokenizer
   from llm_jax.train import pretrain
 
   def run():
+    if FLAGS.sample_tokens < 0:
+      raise UserError(f"--sample_tokens={FLAGS.sample_tokens} must be >= 0 (0: no samples)")
     result = pretrain.run(FLAGS.config, FLAGS.workdir)
     if FLAGS.sample_tokens:
       sampler = Sampler(result.state.graphdef, result.params, result.mesh)
@@ -42,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -3,12 +3,11 @@
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from llm_jax import cli
+from llm_jax import cli, flag_parsing
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "reward_model.py"), "Config file.")
+flag_parsing.define_config_file("config", os.path.join(_CONFIGS, "reward_model.py"), "Config file.")
 flags.DEFINE_string("workdir", "workdirs/reward_model", "Checkpoints, tokenizer, metrics; rerun to resume.")
 FLAGS = flags.FLAGS
 
@@ -20,4 +19,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

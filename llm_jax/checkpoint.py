@@ -211,18 +211,19 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
     checkpointer.close()
 
 
-def read_latest_meta(workdir: str) -> dict[str, Any] | None:
-  """The meta record (stage, step, model) of the newest checkpoint whose meta reads; None if there is none.
-
-  Cheap (one small JSON): how a tool checks what kind of workdir it was given before loading anything.
-  """
-  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+def workdir_meta(workdir: str, step: int | None = None) -> dict[str, Any] | None:
+  """The meta record (stage, step, model) of a checkpoint: `step`'s, or the newest one whose meta reads (None if
+  the workdir has no checkpoint). Cheap (one small JSON): how a tool checks what kind of workdir it was given
+  before loading anything."""
+  if step is None and not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     return None
   checkpointer = Checkpointer(workdir, create=False)
   try:
-    for step in reversed(checkpointer.all_steps()):
+    if step is not None:
+      return checkpointer.read_meta(step)
+    for candidate in reversed(checkpointer.all_steps()):
       try:
-        return checkpointer.read_meta(step)
+        return checkpointer.read_meta(candidate)
       except UnreadableCheckpoint:
         continue  # The restore that follows reports it (and falls back) in its own words.
     return None
@@ -260,7 +261,9 @@ def _reason(e: BaseException) -> str:
   """The innermost read error, first line, without TensorStore's driver-by-driver prefix and spec dump."""
   inner = [x for x in _chain(e) if isinstance(x, (OSError, ValueError, KeyError))][-1]
   text = str(inner.args[0]) if isinstance(inner, KeyError) and inner.args else str(inner)
-  text = re.sub(r"\s*\[tensorstore_spec.*", "", text.strip().split("\n")[0])
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()] or [""]
+  text = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")  # Say what, briefly.
+  text = re.sub(r"\s*\[tensorstore_spec.*", "", text)
   status = re.match(r"([A-Z_]{4,}): (.*)", text)
   if status:  # "OUT_OF_RANGE: Error opening ...: Error reading ...: Requested byte range ... is not valid ..."
     text = f"{status[1]}: {status[2].rsplit(': ', 1)[-1]}"

@@ -8,6 +8,7 @@ from typing import Callable
 from absl import flags, logging
 
 from llm_jax.errors import UserError
+from llm_jax.flag_parsing import parse_flags  # noqa: F401  (re-exported: `app.run(main, flags_parser=cli.parse_flags)`)
 
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs "
                     "(or JAX_COORDINATOR_ADDRESS; TPU pods and SLURM are detected by JAX).")

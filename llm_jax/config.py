@@ -7,6 +7,7 @@ field, e.g. "model.num_heads=5 must divide model.d_model=64".
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 import ml_collections
@@ -85,18 +86,26 @@ def validate_training_config(config: ml_collections.ConfigDict, num_devices: int
   for field in positive:
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be positive")
-  if config.learning_rate <= 0:
-    raise UserError(f"learning_rate={config.learning_rate} must be positive")
+  if "eval_batches" in config and config.eval_batches < 0:
+    raise UserError(f"eval_batches={config.eval_batches} must be >= 0 (0: the whole held-out split)")
+  if not config.learning_rate > 0 or not math.isfinite(config.learning_rate):
+    raise UserError(f"learning_rate={config.learning_rate} must be positive and finite")
   if not 0 <= config.warmup_steps <= config.steps:
     raise UserError(f"warmup_steps={config.warmup_steps} must be in [0, steps={config.steps}]")
   if not 0 <= config.min_lr_ratio <= 1:
     raise UserError(f"min_lr_ratio={config.min_lr_ratio} must be in [0, 1]")
+  for field in ("b1", "b2"):
+    if not 0 <= config[field] < 1:
+      raise UserError(f"{field}={config[field]} must be in [0, 1)")
   if config.grad_clip < 0 or config.weight_decay < 0:
     raise UserError("grad_clip and weight_decay must be >= 0")
   if config.seq_len > model_cfg.max_seq_len:
     raise UserError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
   if "tokenizer" in config.data and config.data.tokenizer not in ("char", "spm"):
     raise UserError(f"data.tokenizer={config.data.tokenizer!r} must be 'char' or 'spm'")
+  for field in ("num_threads", "prefetch"):
+    if field in config.data and config.data[field] < 0:
+      raise UserError(f"data.{field}={config.data[field]} must be >= 0")
   if not 0 <= config.data.eval_fraction < 1:
     raise UserError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1)")
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)

@@ -23,6 +23,7 @@ from llm_jax.inference.loading import load_sampler
 from llm_jax.metrics import read_metrics
 from llm_jax.modeling import load_model
 from llm_jax.train import pretrain, reward_model, rlhf, sft
+from llm_jax.train import stage
 
 QUESTION = "Where is the capital of China?"
 
@@ -91,18 +92,18 @@ def plot(dirs: dict[str, str], out_dir: str) -> list[str]:
             ("reward_model", "reward-model pair accuracy", ["accuracy", "eval_accuracy"]),
             ("rlhf", "RLHF reward-model score", ["score"]), ("rlhf", "RLHF KL to SFT (per answer)", ["kl_k1", "kl_k3"])]
   paths = []
-  for stage, title, keys in panels:
-    rows = read_metrics(dirs[stage])
+  for name, title, keys in panels:
+    rows = read_metrics(dirs[name])
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for key in keys:
       points = [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
       if points:
         ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
     ax.set_title(title)
-    ax.set_xlabel("iteration" if stage == "rlhf" else "step")
+    ax.set_xlabel("iteration" if name == "rlhf" else "step")
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(out_dir, f"{stage}_{keys[0]}.png".replace("/", "_"))
+    path = os.path.join(out_dir, f"{name}_{keys[0]}.png".replace("/", "_"))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     paths.append(path)
@@ -145,6 +146,7 @@ def write_report(workdir: str, results: dict, plots: list[str], seconds: float) 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   import time
   start = time.perf_counter()
+  stage.make_workdir(workdir)
   data = world_facts.write_all(os.path.join(workdir, "data"), seed=config.seed, **config.data)
   dirs = run_stages(config, workdir, data)
   mesh = sharding.make_mesh()

@@ -94,6 +94,28 @@ def read_stage_config(workdir: str) -> dict:
   return _read_workdir_json(workdir, "config")
 
 
+def check_model_matches(workdir: str, meta: dict) -> None:
+  """The model of config.json (what is built) is the one the checkpoint holds (what is restored)."""
+  recorded, current = meta.get("model") or {}, dataclasses.asdict(read_model_config(workdir))
+  changed = sorted(k for k in recorded if k in current and recorded[k] != current[k])  # Older records lack fields.
+  if changed:
+    raise UserError(f"{workdir}/config.json describes another model than its checkpoint {meta.get('step')} "
+                    f"(fields {changed} differ): was config.json replaced?")
+
+
+def check_language_model(workdir: str, step: int | None = None) -> dict:
+  """The latest (or `step`'s) checkpoint meta of a workdir that holds a language model; else one UserError."""
+  read_model_config(workdir)  # Not a workdir at all: says so.
+  meta = ckpt_lib.workdir_meta(workdir, step)
+  if meta is None:
+    raise UserError(f"{workdir}: no readable checkpoint in {os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)}")
+  if meta.get("stage") == "reward_model":
+    raise UserError(f"{workdir} is a reward-model workdir: it scores answers but does not generate; give a "
+                    "pretraining, SFT or RLHF workdir")
+  check_model_matches(workdir, meta)
+  return meta
+
+
 def load_model(workdir: str, mesh: Mesh, step: int | None = None, model_factory: ModelFactory | None = None
                ) -> tuple[ModelSpec, Any, dict[str, Any]]:
   """(spec, parameters sharded on `mesh`, checkpoint meta) of the latest (or `step`'s) checkpoint of `workdir`.

@@ -123,3 +123,22 @@ def test_every_checkpoint_unreadable_is_one_error_and_nothing_is_deleted(trained
   after = listing(workdir)
   assert {f: n for f, n in after.items() if not f.startswith("tensorboard")} == \
       {f: n for f, n in before.items() if not f.startswith("tensorboard")}  # Nothing deleted, moved or written.
+
+
+def test_command_line_names_the_bad_checkpoint(trained, tmp_path):
+  """generate.py: a named bad checkpoint is one line and exit 2; --workdir falls back with one warning line."""
+  from test_cli_errors import run_cases
+  _, straight, _ = trained
+  workdir = copy(straight, tmp_path)
+  bad_file = truncate_data(os.path.join(workdir, "checkpoints", "6"))
+  named, latest = run_cases([
+      ("generate", [f"--checkpoint={workdir}/checkpoints/6", "--prompt=the", "--max_new_tokens=1"]),
+      ("generate", [f"--workdir={workdir}", "--prompt=the", "--max_new_tokens=1"])])
+  lines = named["stderr"].splitlines()
+  assert named["code"] == 2 and len(lines) == 1, named["stderr"]
+  assert lines[0].startswith(f"error: checkpoint {workdir}/checkpoints/6 does not restore: {bad_file}: "
+                             "ValueError: OUT_OF_RANGE: "), lines[0]
+  lines = [line for line in latest["stderr"].splitlines() if line.strip()]
+  assert latest["code"] == 0 and len(lines) == 1, latest["stderr"]  # No leftover tracebacks from the failed read.
+  assert lines[0].startswith(f"warning: checkpoint {workdir}/checkpoints/6 does not restore ({bad_file}: ")
+  assert lines[0].endswith(f"using checkpoint {workdir}/checkpoints/4 instead")

@@ -84,4 +84,4 @@ def test_evaluate_writes_the_documented_fields(pipeline, tmp_path):
   assert results["stage"] == "reward_model" and results["pairs"] > 100
   proc = subprocess.run([sys.executable, script, f"--workdir={tmp_path}/nothing", "--output=x.json"],
                         capture_output=True, text=True, env=env, timeout=300)
-  assert proc.returncode == 2 and "no checkpoints" in proc.stderr
+  assert proc.returncode == 2 and "is not an llm_jax workdir" in proc.stderr

@@ -217,8 +217,9 @@ def test_generate_cli_and_its_bad_inputs(tmp_path):
   assert len(lines) == 2 and lines[0].startswith("the cat") and lines[1].startswith("a")
   for args, message in (([f"--workdir={workdir}", "--prompt= "], "prompt 0 is empty"),
                         ([f"--workdir={workdir}", "--prompt=" + "x" * 200], "prompt 0 has 201 tokens"),
-                        ([f"--workdir={tmp_path}/no_checkpoint", "--prompt=hi"], "no checkpoints"),
-                        ([f"--checkpoint={workdir}/checkpoints/7", "--prompt=hi"], "cannot restore")):
+                        ([f"--workdir={tmp_path}/no_checkpoint", "--prompt=hi"], "no readable checkpoint in"),
+                        ([f"--checkpoint={workdir}/checkpoints/7", "--prompt=hi"],
+                         "checkpoints/7: no such checkpoint; the checkpoints in")):
     proc = run(*args)
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (args, proc.stderr)

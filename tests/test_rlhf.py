@@ -465,12 +465,13 @@ def test_prompts_ending_with_an_assistant_turn_are_refused(tmp_path):
 def test_reward_model_with_another_tokenizer_is_refused(base_workdir, tmp_path):
   from llm_jax.errors import UserError
   from llm_jax.tokenizer import train_sentencepiece
+  from llm_jax.train import stage
   other = tmp_path / "rm"
   other.mkdir()
   train_sentencepiece(["the cat sat on the mat. " * 20, "a dog ran. " * 30] * 20, 300).save(str(other))
-  with pytest.raises(UserError, match="its tokenizer .* differs from the policy's"):
-    rlhf.check_same_tokenizer(base_workdir, str(other))
-  rlhf.check_same_tokenizer(base_workdir, base_workdir)  # The same tokenizer passes.
+  with pytest.raises(UserError, match="use different tokenizers"):
+    stage.check_same_tokenizer(str(other), "reward_model", base_workdir, "init_from")
+  stage.check_same_tokenizer(base_workdir, "reward_model", base_workdir, "init_from")  # The same one passes.
 
 
 def test_grad_accum_in_rl_gives_the_same_update(base_workdir, tmp_path):

@@ -18,20 +18,26 @@ def read_jsonl(path: str, parse: Callable[[Any], T], on_error: str = "raise") ->
   """
   if on_error not in ("raise", "skip"):
     raise UserError(f"on_error={on_error!r} must be 'raise' or 'skip'")
+  if not path:
+    raise UserError("a JSONL file is needed but the path is empty")
   items, skipped = [], 0
   try:
     f = open(path, encoding="utf-8")
   except OSError as e:
     raise UserError(f"{path}: {e.strerror}") from None
+  line_no = 0
   with f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        items.append(parse(json.loads(line)))
-      except (json.JSONDecodeError, ValueError) as e:
-        if on_error == "raise":
-          reason = f"malformed JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-          raise UserError(f"{path}:{line_no}: {reason}") from None
-        skipped += 1
+    try:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          items.append(parse(json.loads(line)))
+        except (json.JSONDecodeError, ValueError) as e:
+          if on_error == "raise":
+            reason = f"malformed JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise UserError(f"{path}:{line_no}: {reason}") from None
+          skipped += 1
+    except UnicodeDecodeError as e:  # Decoding runs ahead of the lines: the line is approximate.
+      raise UserError(f"{path}: not UTF-8 text near line {line_no + 1} ({e.reason})") from None
   return items, skipped

@@ -32,24 +32,26 @@ from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def expand_paths(pattern: str) -> list[str]:
-  """Comma-separated files or globs → sorted list of files; a pattern that matches nothing is an error."""
+def expand_paths(pattern: str, name: str = "data.path") -> list[str]:
+  """Comma-separated files or globs → sorted list of files; a pattern that matches nothing is an error.
+
+  `name` is the setting the pattern came from, for the error message."""
   paths: list[str] = []
   for part in filter(None, (p.strip() for p in pattern.split(","))):
     matches = sorted(glob.glob(os.path.expanduser(part)))
     if not matches:
-      raise UserError(f"data.path: no file matches {part!r}")
+      raise UserError(f"{name}: no file matches {part!r}")
     paths.extend(m for m in matches if os.path.isfile(m))
   if not paths:
-    raise UserError(f"data.path={pattern!r}: no files")
+    raise UserError(f"{name}={pattern!r}: no files")
   return paths
 
 
-def read_documents(pattern: str, text_field: str = "text") -> list[str]:
+def read_documents(pattern: str, text_field: str = "text", name: str = "data.path") -> list[str]:
   """Documents from text files (one per file), JSONL (one per line, field `text_field`) and ArrayRecord
-  (one per record: UTF-8 text, or a JSON object with `text_field`)."""
+  (one per record: UTF-8 text, or a JSON object with `text_field`). `name`: the setting, for error messages."""
   documents: list[str] = []
-  for path in expand_paths(pattern):
+  for path in expand_paths(pattern, name):
     if path.endswith((".jsonl", ".json")):
       documents.extend(_read_jsonl(path, text_field))
     elif path.endswith(".array_record") or ".array_record-" in path:
@@ -63,7 +65,7 @@ def read_documents(pattern: str, text_field: str = "text") -> list[str]:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
   documents = [d for d in documents if d]
   if not documents:
-    raise UserError(f"data.path={pattern!r}: the corpus is empty")
+    raise UserError(f"{name}={pattern!r}: the corpus is empty")
   return documents
 
 

@@ -31,6 +31,7 @@ def resolve(workdir: str, checkpoint: str) -> tuple[str, int | None]:
 
 def load_sampler(workdir: str, mesh: Mesh, step: int | None = None) -> tuple[Sampler, Tokenizer, dict]:
   """The latest (or `step`'s) parameters of `workdir`, sharded on `mesh`, with the workdir's tokenizer."""
+  modeling.check_language_model(workdir, step)
   tokenizer = load_tokenizer(workdir)
   spec, params, meta = modeling.load_model(workdir, mesh, step)
   return Sampler(spec.graphdef, params, mesh), tokenizer, meta

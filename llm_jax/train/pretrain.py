@@ -52,7 +52,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Tokenizer,
   """Reads, tokenizes and packs the corpus; returns the tokenizer, the rows and the final model config."""
   path = config.data.path or builtin_corpus_path(workdir, config)
   documents = text.read_documents(path)
-  eval_documents = text.read_documents(config.data.eval_path) if config.data.eval_path else None
+  eval_documents = (text.read_documents(config.data.eval_path, name="data.eval_path") if config.data.eval_path
+                    else None)
   tokenizer = get_tokenizer(config, workdir, documents)
   data = text.build_packed_dataset(documents, tokenizer, config.seq_len, config.data.eval_fraction,
                                    eval_documents)
@@ -66,7 +67,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   devices = jax.devices() if devices is None else devices
   config_lib.validate_training_config(config, len(devices), jax.process_count())
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-  os.makedirs(workdir, exist_ok=True)
+  stage.make_workdir(workdir)
+  stage.check_workdir_stage(workdir, "pretrain")
   tokenizer, data, model_cfg = prepare(config, workdir)
   stage.check_workdir_config(workdir, config, model_cfg)
   print(f"corpus: {data.num_documents:,} documents, {data.num_tokens:,} tokens ({tokenizer.kind} tokenizer, "

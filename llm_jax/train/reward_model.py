@@ -190,12 +190,15 @@ def pair_arrays(pairs, tokenizer: Tokenizer, seq_len: int) -> tuple[dict[str, np
   return out, dropped
 
 
-def load_reward_model(workdir: str, mesh) -> tuple[ModelSpec, dict, ModelConfig]:
-  """A trained reward model's spec and parameters (sharded on `mesh`)."""
+def load_reward_model(workdir: str, mesh, step: int | None = None) -> tuple[ModelSpec, dict, ModelConfig]:
+  """A trained reward model's spec and parameters (sharded on `mesh`): the latest (or `step`'s) checkpoint."""
+  if not workdir:
+    raise UserError("reward_model: give the reward-model workdir")
+  stage.check_source_workdir(workdir, "reward_model", "reward-model", ("reward_model",))  # Before loading.
   model_cfg = read_model_config(workdir)
   likelihood_feature = read_stage_config(workdir).get("likelihood_feature", False)
   state, params, meta = load_model(
-      workdir, mesh, model_factory=lambda rngs: RewardModel(model_cfg, likelihood_feature, rngs=rngs))
+      workdir, mesh, step, model_factory=lambda rngs: RewardModel(model_cfg, likelihood_feature, rngs=rngs))
   if meta.get("stage") != "reward_model":
     raise UserError(f"{workdir}: a {meta.get('stage')!r} checkpoint, not a reward model")
   return state, params, model_cfg
@@ -203,7 +206,7 @@ def load_reward_model(workdir: str, mesh) -> tuple[ModelSpec, dict, ModelConfig]
 
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.TrainResult:
   devices = jax.devices() if devices is None else devices
-  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "SFT")
+  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "SFT", stage_name="reward_model")
   if not config.data.path:
     raise UserError("data.path: give a JSONL file of preference pairs")
   pairs = read_pairs(config.data.path)

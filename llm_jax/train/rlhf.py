@@ -42,7 +42,6 @@ from llm_jax.inference.sampler import Sampler, SamplingConfig, bucket
 from llm_jax.model import ModelConfig
 from llm_jax.modeling import ModelSpec, build_model, init_params, load_model
 from llm_jax.sequences import positions_from_segments, prompt_response_rows, response_log_probs
-from llm_jax.tokenizer import load_tokenizer
 from llm_jax.train import loop, stage
 from llm_jax.train.reward_model import (RewardModel, ScalarHead, load_reward_model, prompt_context,
                                   sequence_scores)
@@ -319,15 +318,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                     f"({config.grad_accum}*{shape[0]}*{shape[1]})")
 
 
-def check_same_tokenizer(policy_workdir: str, reward_workdir: str) -> None:
-  """The reward model reads the policy's token ids: its tokenizer must be the same one."""
-  policy, scorer = load_tokenizer(policy_workdir), load_tokenizer(reward_workdir)
-  if policy.fingerprint() != scorer.fingerprint():
-    raise UserError(f"reward_model={reward_workdir}: its tokenizer ({scorer.fingerprint()}, {scorer.vocab_size} "
-                    f"ids) differs from the policy's in {policy_workdir} ({policy.fingerprint()}, "
-                    f"{policy.vocab_size} ids); it would read the policy's token ids as other text")
-
-
 def rollout_prompts(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig,
                     prompts: list[list[int]] | None) -> list[list[int]]:
   """Token ids of the prompts, each ending where the assistant's answer begins; all must leave room for
@@ -435,7 +425,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   """
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
-  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "SFT", validate_training=False)
+  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "SFT", validate_training=False,
+                                                  stage_name="rlhf")
   prompts = rollout_prompts(config, tokenizer, model_cfg, prompts)
   rl = rl_config(config, prompts, model_cfg)
 
@@ -444,7 +435,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   factory = lambda rngs: ActorCritic(model_cfg, value_mode, rngs=rngs)
   ref_state, ref_params, _ = load_model(config.init_from, mesh)
   if reward_fn is None:
-    check_same_tokenizer(config.init_from, config.reward_model)
     rm_state, rm_params, _ = load_reward_model(config.reward_model, mesh)
     reward = lambda params, batch: sequence_scores(rm_state.merge(params), batch["tokens"], batch["segment_ids"])
   else:

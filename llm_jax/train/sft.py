@@ -109,7 +109,8 @@ def exact_match_eval(sampler: Sampler, tokenizer: Tokenizer, chats, max_answer_t
 
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.TrainResult:
   devices = jax.devices() if devices is None else devices
-  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "pretraining (or SFT)")
+  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "pretraining (or SFT)",
+                                                   stage_name="sft")
   data = prepare(config, tokenizer)
   print(f"chats: {data.report}; {len(data.train_rows['inputs'])} train rows, {len(data.eval_rows['inputs'])} "
         f"eval rows of {config.seq_len}; {len(data.eval_chats)} held-out chats for exact match", flush=True)
