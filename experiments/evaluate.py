@@ -45,7 +45,9 @@ def main(argv):
     import jax
     from llm_jax import evaluation, sharding
     from llm_jax import checkpoint as ckpt_lib
-    from llm_jax.data import builtin_corpus, text, world_facts
+    from llm_jax.data import text
+    from llm_jax.tasks.world_facts import corpus as builtin_corpus
+    from llm_jax.tasks.world_facts import data as world_facts
     from llm_jax.errors import UserError
     from llm_jax.chat import prompt_and_answer, read_chats
     from llm_jax.inference.loading import load_sampler, resolve

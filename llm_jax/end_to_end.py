@@ -18,10 +18,10 @@ import jax
 import ml_collections
 
 from llm_jax import evaluation, sharding
-from llm_jax.data import world_facts
 from llm_jax.inference.loading import load_sampler
 from llm_jax.metrics import read_metrics
 from llm_jax.modeling import load_model
+from llm_jax.tasks.world_facts import data as world_facts
 from llm_jax.train import pretrain, reward_model, rlhf, sft
 from llm_jax.train import stage
 
@@ -114,7 +114,7 @@ def write_report(workdir: str, results: dict, plots: list[str], seconds: float) 
   table = [("base (pretrained)", "pretrain"), ("SFT", "sft"), ("RLHF", "rlhf")]
   lines = ["# World-facts experiment", "",
            "Held-out countries never appear in SFT, preference or RL data: answering them needs facts learned "
-           "in pretraining. Grades come from the gold judge (llm_jax/data/world_facts.py).", "",
+           "in pretraining. Grades come from the gold judge (llm_jax/tasks/world_facts/data.py).", "",
            "| model | held-out QA accuracy (correct capital) | complete answers | example |", "| --- | --- | --- | --- |"]
   for label, key in table:
     lines.append(f"| {label} | {results[f'{key}/qa_accuracy']:.1%} | {results[f'{key}/qa_complete']:.1%} | "

@@ -12,10 +12,11 @@ import numpy as np
 
 from llm_jax import chat as chat_lib
 from llm_jax import sharding
-from llm_jax.data import text, world_facts
+from llm_jax.data import text
 from llm_jax.inference.sampler import Sampler, SamplingConfig
 from llm_jax.tokenizer import Tokenizer
 from llm_jax.modeling import ModelSpec
+from llm_jax.tasks.world_facts import data as world_facts
 from llm_jax.sequences import (next_token_loss, positions_from_segments, prompt_response_rows,
                                  response_log_probs, right_pad)
 from llm_jax.train import loop

@@ -1,0 +1,6 @@
+"""The world-facts task: the project's built-in, download-free experiment.
+
+- `corpus`: the pretraining corpus, generated from a seed and a table of 163 countries.
+- `data`: the country split, SFT chats, preference pairs and RL prompts about the train countries, and the gold
+  judge.
+"""
