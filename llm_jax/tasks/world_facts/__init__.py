@@ -3,4 +3,5 @@
 - `corpus`: the pretraining corpus, generated from a seed and a table of 163 countries.
 - `data`: the country split, SFT chats, preference pairs and RL prompts about the train countries, and the gold
   judge.
+- `evaluation`: held-out QA graded by the gold judge, gold win-rates, and the defaults of experiments/evaluate.py.
 """
