@@ -117,7 +117,8 @@ def write_report(workdir: str, results: dict, plots: list[str], seconds: float) 
   lines = ["# World-facts experiment", "",
            "Held-out countries never appear in SFT, preference or RL data: answering them needs facts learned "
            "in pretraining. Grades come from the gold judge (llm_jax/tasks/world_facts/data.py).", "",
-           "| model | held-out QA accuracy (correct capital) | complete answers | example |", "| --- | --- | --- | --- |"]
+           "| model | held-out QA accuracy (correct capital) | complete answers | example |",
+           "| --- | --- | --- | --- |"]
   for label, key in table:
     lines.append(f"| {label} | {results[f'{key}/qa_accuracy']:.1%} | {results[f'{key}/qa_complete']:.1%} | "
                  f"{results[f'{key}/example']} |")
