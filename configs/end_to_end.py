@@ -30,7 +30,7 @@ def _stage_config(name: str) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = ml_collections.ConfigDict()  # The generated datasets (llm_jax/data/world_facts.py).
+  config.data = ml_collections.ConfigDict()  # The generated datasets (llm_jax/tasks/world_facts/data.py).
   config.data.sft_per_country = 4
   # Imperfect demonstrations: half the SFT answers are curt ("Beijing."), which SFT imitates and the ranked
   # pairs rank below the complete sentence; this is what RLHF has to fix.

@@ -1,25 +1,33 @@
-"""Evaluation of any checkpoint: perplexity, QA accuracy (gold judge and exact match), reward-model scores,
-win-rates and KL to a reference. Used by experiments/evaluate.py and experiments/end_to_end.py.
+"""Evaluation of any checkpoint: perplexity, QA exact match (and a task's gold judge), reward-model scores and pair
+accuracy, win-rates and KL to a reference; `evaluate_workdir` is experiments/evaluate.py.
+
+Nothing here knows a task: what to evaluate on when no file is named (documents, questions with a gold judge,
+preference pairs) comes in as `Defaults`, e.g. `llm_jax.tasks.world_facts.evaluation.DEFAULTS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
+import os
+from typing import Callable
 
 import jax
 import numpy as np
 
 from llm_jax import chat as chat_lib
+from llm_jax import checkpoint as ckpt_lib
 from llm_jax import sharding
-from llm_jax.data import text, world_facts
+from llm_jax.data import text
+from llm_jax.errors import UserError
+from llm_jax.inference.loading import load_sampler, resolve
 from llm_jax.inference.sampler import Sampler, SamplingConfig
-from llm_jax.tokenizer import Tokenizer
-from llm_jax.modeling import ModelSpec
+from llm_jax.tokenizer import Tokenizer, load_tokenizer
+from llm_jax.modeling import ModelSpec, check_language_model, lm_factory, model_spec, read_model_config
 from llm_jax.sequences import (next_token_loss, positions_from_segments, prompt_response_rows,
                                  response_log_probs, right_pad)
-from llm_jax.train import loop
-from llm_jax.train.reward_model import sequence_scores
+from llm_jax.train import loop, stage
+from llm_jax.train.reward_model import load_reward_model, read_pairs, sequence_scores
 
 ANSWER = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=32, temperature=0.0))
 
@@ -33,10 +41,6 @@ def answers(sampler: Sampler, tokenizer: Tokenizer, questions: list[str], sampli
   """The model's answers to questions asked as user turns (greedy by default)."""
   out = sampler.generate(chat_prompts(tokenizer, questions), sampling, jax.random.key(seed), allow_context_cut=True)
   return [tokenizer.decode(t).strip() for t in out.tokens]
-
-
-def gold_grades(countries, replies: list[str]) -> list[int]:
-  return [world_facts.judge(c, r) for c, r in zip(countries, replies)]
 
 
 def win_rate(grades_a: list[int], grades_b: list[int]) -> float:
@@ -102,44 +106,186 @@ def perplexity(state: ModelSpec, params, tokenizer: Tokenizer, documents: list[s
   return {"loss": result["eval_loss"], "perplexity": result["eval_perplexity"]}
 
 
-def held_out_qa(sampler: Sampler, tokenizer: Tokenizer, seed: int = 0, held_out_fraction: float = 0.2):
-  """Capital questions about the held-out countries: (countries, questions, answers, grades)."""
-  _, held_out = world_facts.split_countries(seed, held_out_fraction)
-  pairs = world_facts.held_out_questions(held_out)
-  countries, questions = [c for c, _ in pairs], [q for _, q in pairs]
-  replies = answers(sampler, tokenizer, questions)
-  return countries, questions, replies, gold_grades(countries, replies)
+# ---- evaluate_workdir: experiments/evaluate.py ----
 
 
-def gold_win_rates(sampler_a: Sampler, sampler_b: Sampler, tokenizer: Tokenizer, countries, questions,
-                   samples: int = 4, seed: int = 0) -> dict[str, float]:
-  """Gold-judge win-rates of a over b on capital questions: on `samples` answers per question sampled from each
-  policy (temperature 1: the distribution RL optimizes), and on greedy answers."""
-  sampling = dataclasses.replace(ANSWER, temperature=1.0)
-  repeated_questions = [q for q in questions for _ in range(samples)]
-  repeated_countries = [c for c in countries for _ in range(samples)]
-  sampled = [gold_grades(repeated_countries, answers(s, tokenizer, repeated_questions, sampling, seed + i))
-             for i, s in enumerate((sampler_a, sampler_b))]
-  greedy = [gold_grades(countries, answers(s, tokenizer, questions)) for s in (sampler_a, sampler_b)]
-  return {"gold_win_rate": win_rate(*sampled), "gold_win_rate_greedy": win_rate(*greedy)}
+@dataclasses.dataclass(frozen=True)
+class QuestionSet:
+  """Questions asked as single user turns, their reference answers (exact match), and maybe a gold judge.
+
+  Attributes:
+    questions: The user turns.
+    references: The expected answer to each question; `qa_exact_match` is the share answered exactly so.
+    grade: A gold judge: the answers to `questions` → one grade each (higher is better). Gives `win_rate_gold`.
+    summarize: The grades → figures for the results (e.g. accuracy).
+  """
+  questions: list[str]
+  references: list[str]
+  grade: Callable[[list[str]], list[int]] | None = None
+  summarize: Callable[[list[int]], dict[str, float]] | None = None
 
 
-def qa_summary(grades: list[int]) -> dict[str, float]:
-  return {"qa_accuracy": float(np.mean([g >= 1 for g in grades])),
-          "qa_complete": float(np.mean([g == 2 for g in grades]))}
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+  """What `evaluate_workdir` evaluates on when the request names no file; a task supplies these.
+
+  Attributes:
+    documents: Documents for perplexity (no `text`).
+    questions: The questions for QA (no `qa`).
+    pairs: Preference pairs for a reward model (no `pairs`), by the suffix of their result keys ("" for the main
+      set): each set gives pair_accuracy{suffix}, pair_margin{suffix} and pairs{suffix}.
+  """
+  documents: Callable[[], list[str]]
+  questions: Callable[[], QuestionSet]
+  pairs: Callable[[], dict[str, list]]
 
 
-@dataclasses.dataclass
-class Scored:
-  name: str
-  values: dict[str, float]
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """experiments/evaluate.py's flags (errors name them so: --output, --text, ...)."""
+  workdir: str = ""
+  checkpoint: str = ""
+  reference: str = ""
+  reward_model: str = ""
+  text: str = ""
+  qa: str = ""
+  pairs: str = ""
+  seq_len: int = 128
+  output: str = "results.json"
 
 
-def format_table(rows: list[Scored]) -> str:
-  keys = sorted({k for r in rows for k in r.values})
-  lines = ["| model | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
-  for r in rows:
-    cells = [f"{r.values[k]:.3f}" if isinstance(r.values.get(k), float) and math.isfinite(r.values[k])
-             else str(r.values.get(k, "")) for k in keys]
-    lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+  """A checked request: the model to load and what to evaluate it on."""
+  workdir: str
+  step: int | None
+  meta: dict
+  documents: list[str] | None = None  # Language models.
+  questions: QuestionSet | None = None  # Language models.
+  pairs: dict[str, list] | None = None  # Reward models.
+
+
+def _check_output_and_workdir(request: Request) -> tuple[str, int | None, dict]:
+  workdir, step = resolve(request.workdir, request.checkpoint)
+  output = request.output
+  if os.path.isdir(output) or not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+    raise UserError(f"--output={output}: " + ("is a directory" if os.path.isdir(output)
+                                              else "its directory does not exist"))
+  if request.seq_len < 2:
+    raise UserError(f"--seq_len={request.seq_len} must be >= 2")
+  read_model_config(workdir)  # Not a workdir at all: says so.
+  meta = ckpt_lib.workdir_meta(workdir, step)
+  if meta is None:
+    raise UserError(f"{workdir}: no readable checkpoint in {os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)}")
+  return workdir, step, meta
+
+
+def _read_questions(path: str) -> QuestionSet:
+  """A chat file's conversations: the last user turn before the last assistant turn, and that answer."""
+  chats = chat_lib.read_chats(path).chats
+  for i, chat in enumerate(chats):
+    if not any(m.role == "assistant" for m in chat[1:]):
+      raise UserError(f"--qa={path}: conversation {i + 1} has no assistant answer after a prompt")
+  return QuestionSet([chat_lib.prompt_and_answer(c)[0][-1].content for c in chats],
+                     [chat_lib.prompt_and_answer(c)[1].strip() for c in chats])
+
+
+def _check_request(request: Request, defaults: Defaults) -> _Inputs:
+  """Checks every file and workdir the request names and reads its inputs; a mistake is a UserError.
+
+  All of it happens before a model is loaded: evaluating takes minutes.
+  """
+  workdir, step, meta = _check_output_and_workdir(request)
+  if meta.get("stage") == "reward_model":
+    language_model_flags = [f"--{name}" for name in ("reference", "reward_model", "text", "qa")
+                            if getattr(request, name)]
+    if language_model_flags:
+      raise UserError(f"{', '.join(language_model_flags)}: for language models; {workdir} is a reward model "
+                      "(give it --pairs)")
+    return _Inputs(workdir, step, meta, pairs={"": read_pairs(request.pairs)} if request.pairs else defaults.pairs())
+  if request.pairs:
+    raise UserError(f"--pairs: for reward models; {workdir} is a {meta.get('stage')} workdir")
+  documents = text.read_documents(request.text, name="--text") if request.text else defaults.documents()
+  questions = _read_questions(request.qa) if request.qa else defaults.questions()
+  if request.reference:
+    check_language_model(request.reference)
+    stage.check_same_tokenizer(request.reference, "--reference", workdir, "--workdir")
+  if request.reward_model:
+    stage.check_source_workdir(request.reward_model, "--reward_model", "reward-model", ("reward_model",))
+    stage.check_same_tokenizer(request.reward_model, "--reward_model", workdir, "--workdir")
+  return _Inputs(workdir, step, meta, documents, questions)
+
+
+def _evaluate_reward_model(inputs: _Inputs, mesh, results: dict) -> None:
+  state, params, _ = load_reward_model(inputs.workdir, mesh, inputs.step)
+  tokenizer = load_tokenizer(inputs.workdir)
+  for suffix, pairs in inputs.pairs.items():
+    results.update({f"{k}{suffix}": v for k, v in pair_accuracy(state, params, tokenizer, pairs, mesh).items()})
+
+
+def _evaluate_language_model(request: Request, inputs: _Inputs, mesh, results: dict) -> None:
+  sampler, tokenizer, loaded = load_sampler(inputs.workdir, mesh, inputs.step)
+  results["step"] = loaded.get("step")  # The checkpoint used (an unreadable newer one is skipped).
+  model_cfg = read_model_config(inputs.workdir)
+  state = model_spec(lm_factory(model_cfg), mesh)
+  seq_len = min(request.seq_len, model_cfg.max_seq_len)
+  results.update(perplexity(state, sampler.params, tokenizer, inputs.documents, seq_len, mesh))
+  qa = inputs.questions
+  replies = answers(sampler, tokenizer, qa.questions)
+  grades = qa.grade(replies) if qa.grade else None
+  if grades is not None and qa.summarize:
+    results.update(qa.summarize(grades))
+  results["qa_exact_match"] = sum(r == a for r, a in zip(replies, qa.references)) / len(qa.references)
+  results["qa_example"] = f"{qa.questions[0]} → {replies[0]}"
+  reference_replies = None
+  if request.reference:
+    ref_sampler, _, _ = load_sampler(request.reference, mesh)
+    reference_replies = answers(ref_sampler, tokenizer, qa.questions)
+    if grades is not None:
+      results["win_rate_gold"] = win_rate(grades, qa.grade(reference_replies))
+    ref_state = model_spec(lm_factory(read_model_config(request.reference)), mesh)
+    results["kl_to_reference"] = kl_to_reference(sampler, ref_state, ref_sampler.params, tokenizer, qa.questions)
+  if request.reward_model:
+    rm_state, rm_params, _ = load_reward_model(request.reward_model, mesh)
+    scores = reward_scores(rm_state, rm_params, tokenizer, qa.questions, replies, mesh)
+    results["reward_score"] = sum(scores) / len(scores)
+    if reference_replies is not None:
+      ref_scores = reward_scores(rm_state, rm_params, tokenizer, qa.questions, reference_replies, mesh)
+      results["win_rate_reward"] = win_rate(scores, ref_scores)
+
+
+def print_and_write(results: dict, output: str) -> None:
+  """Prints one line per figure and writes them all to `output` (JSON; process 0 only)."""
+  width = max(len(k) for k in results)
+  for key, value in results.items():
+    print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+  if jax.process_index() == 0:
+    with open(output, "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {output}")
+
+
+def evaluate_workdir(request: Request, defaults: Defaults) -> dict:
+  """experiments/evaluate.py: checks the request, evaluates its checkpoint, prints and writes the results.
+
+  A reward-model workdir gets pair accuracy and margin; a language model (pretrain, SFT, RLHF) gets perplexity,
+  QA (exact match; a gold judge's figures and win-rate where the questions have one), KL to --reference and
+  --reward_model's scores.
+
+  Args:
+    request: The flags.
+    defaults: What to evaluate on when the request names no file (a task's; see `Defaults`).
+
+  Returns:
+    The results, as written to `request.output`.
+  """
+  inputs = _check_request(request, defaults)
+  mesh = sharding.make_mesh()
+  results = {"workdir": os.path.abspath(inputs.workdir), "stage": inputs.meta.get("stage"),
+             "step": inputs.meta.get("step")}
+  if inputs.meta.get("stage") == "reward_model":
+    _evaluate_reward_model(inputs, mesh, results)
+  else:
+    _evaluate_language_model(request, inputs, mesh, results)
+  print_and_write(results, request.output)
+  return results

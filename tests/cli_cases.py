@@ -23,7 +23,7 @@ def main(cases):
   import jax  # noqa: F401
   import optax  # noqa: F401
   import orbax.checkpoint  # noqa: F401
-  import llm_jax.end_to_end  # noqa: F401
+  import llm_jax.tasks.world_facts.end_to_end  # noqa: F401
   import llm_jax.evaluation  # noqa: F401
   results = []
   for tool, args in cases:

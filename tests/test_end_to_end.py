@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from llm_jax import end_to_end
+from llm_jax.tasks.world_facts import end_to_end
 from llm_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,22 +13,14 @@ import jax
 import ml_collections
 
 from llm_jax import config as config_lib
-from llm_jax import sharding
-from llm_jax.data import builtin_corpus, text
+from llm_jax import sharding, tasks
+from llm_jax.data import text
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig
 from llm_jax.modeling import lm_factory
 from llm_jax.sequences import next_token_loss
 from llm_jax.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
 from llm_jax.train import loop, stage
-
-def builtin_corpus_path(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """The project's own world-facts corpus, generated into the workdir (no downloads)."""
-  path = os.path.join(workdir, "data", "builtin_corpus.jsonl")
-  if not os.path.exists(path):
-    builtin_corpus.write_pretraining_jsonl(path, seed=config.data.builtin_seed,
-                                           num_documents=config.data.builtin_documents)
-  return path
 
 
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str, documents: list[str]) -> Tokenizer:
@@ -50,7 +42,8 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str, documents: li
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Tokenizer, text.PackedDataset, ModelConfig]:
   """Reads, tokenizes and packs the corpus; returns the tokenizer, the rows and the final model config."""
-  path = config.data.path or builtin_corpus_path(workdir, config)
+  # No data.path: the project's own corpus, generated into the workdir (no downloads; see llm_jax.tasks).
+  path = config.data.path or tasks.builtin_corpus(workdir, config.data.builtin_seed, config.data.builtin_documents)
   documents = text.read_documents(path)
   eval_documents = (text.read_documents(config.data.eval_path, name="data.eval_path") if config.data.eval_path
                     else None)

@@ -8,8 +8,8 @@ The likelihood term reads the backbone's own LM head: the log-probability of the
 (the answer is everything after the last <|assistant|> role token). A wrong fact shows up there as one very
 unlikely token, even for facts that no ranked pair mentioned; a scalar head fine-tuned on a few thousand pairs
 instead memorizes which answers were good for the prompts it saw. On the world-facts experiment
-(llm_jax/end_to_end.py) the term takes held-out pair accuracy from 70.9 % to 98.2 %, and on pairs about
-countries that no training pair mentions from 50.8 % (chance) to 86.8 %.
+(llm_jax/tasks/world_facts/end_to_end.py) the term takes held-out pair accuracy from 70.9 % to 98.2 %, and on pairs
+about countries that no training pair mentions from 50.8 % (chance) to 86.8 %.
 
 Pairs are JSONL `{"prompt": "..." | "messages": [...], "chosen": "...", "rejected": "..."}`, rendered with the one
 chat template (llm_jax/chat.py). The backbone starts from an SFT workdir; the head and `w` start at zero, so

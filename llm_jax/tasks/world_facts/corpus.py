@@ -1,29 +1,19 @@
-"""Built-in "world facts" pretraining corpus, generated from a seed.
+"""The world-facts pretraining corpus: English documents generated from a seed and a table of 163 countries.
 
-Why this exists
----------------
-The project has to run on a fresh machine with no downloads, so it cannot fetch
-a text corpus. Instead it generates one: English documents built from a small,
-hand-written table of real countries (capital, continent, language, currency)
-plus general prose from a tiny template grammar. Everything is a pure function
-of the seed (``random.Random(seed)``, never the global random state), so the
-same seed always gives byte-identical text.
+The project has to run on a fresh machine with no downloads, so it cannot fetch a text corpus. Instead it generates
+one: documents built from a small, hand-written table of real countries (capital, continent, language, currency)
+plus general prose from a tiny template grammar. Everything is a pure function of the seed (`random.Random(seed)`,
+never the global random state), so the same seed always gives byte-identical text.
 
-How it is used
---------------
-* As the default pretraining corpus (``pretraining_documents`` /
-  ``write_pretraining_jsonl``).
-* For an end-to-end experiment: pretrain -> SFT on capital questions ->
-  reward model -> RLHF. ``split_countries`` holds some countries out of the SFT
-  data; the pretraining corpus still mentions *every* country, so the answers
-  for held-out countries can only come from knowledge learned in pretraining.
-  SFT teaches the answer format ``capital_answer(country)``, i.e.
-  "The capital of X is Y.", and the corpus contains that exact sentence for
-  every country several times, alongside many other phrasings.
+It is the pretraining stage's default corpus (`pretraining_documents`, `write_pretraining_jsonl`; reached through
+`llm_jax.tasks.builtin_corpus`) and the base of the end-to-end experiment (pretrain → SFT on capital questions →
+reward model → RLHF). `split_countries` holds some countries out of the SFT data; the corpus still mentions every
+country, so answers about held-out countries can only come from knowledge learned in pretraining. SFT teaches the
+answer format `capital_answer(country)` ("The capital of X is Y."), and the corpus contains that exact sentence for
+every country several times, alongside many other phrasings.
 
-Roughly 35% of documents are general prose (people, travel, markets, school,
-letters, nature) so a small model also learns ordinary English grammar. Prose
-that mentions countries only states things that agree with the facts table.
+Roughly 35 % of documents are general prose (people, travel, markets, school, letters, nature) so a small model also
+learns ordinary English grammar. Prose that mentions countries only states things that agree with the facts table.
 """
 
 from __future__ import annotations
@@ -32,43 +22,30 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-
-__all__ = [
-    "CANONICAL_CAPITAL_TEMPLATE",
-    "COUNTRIES",
-    "Country",
-    "capital_answer",
-    "capital_question_templates",
-    "pretraining_documents",
-    "split_countries",
-    "write_pretraining_jsonl",
-]
 
 
 @dataclass(frozen=True)
 class Country:
-    """One row of the facts table. All strings are plain ASCII."""
+  """One row of the facts table. All strings are plain ASCII."""
 
-    name: str
-    capital: str
-    continent: str
-    language: str  # an official/national language; the most widely spoken if several
-    currency: str  # common English name, used as "the {currency}"
+  name: str
+  capital: str
+  continent: str
+  language: str  # an official/national language; the most widely spoken if several
+  currency: str  # common English name, used as "the {currency}"
 
 
 _AF, _AS, _EU = "Africa", "Asia", "Europe"
 _NA, _SA, _OC = "North America", "South America", "Oceania"
 
-# Deliberately left out, so that every template below is both true and
-# grammatical with a bare country name:
-# * names that need "the" in English (the United States, the United Kingdom,
-#   the Netherlands, the Philippines, the Bahamas, the Gambia, ...);
-# * disputed or split capitals (Bolivia, South Africa, Sri Lanka, Cote d'Ivoire,
-#   Eswatini, Israel, ...) and capitals named like the country (Singapore,
-#   Djibouti, San Marino, ...);
-# * currencies in flux (Zimbabwe).
+# Deliberately left out, so that every template below is both true and grammatical with a bare country name:
+# - names that need "the" in English (the United States, the United Kingdom, the Netherlands, the Philippines,
+#   the Bahamas, the Gambia, ...);
+# - disputed or split capitals (Bolivia, South Africa, Sri Lanka, Cote d'Ivoire, Eswatini, Israel, ...) and
+#   capitals named like the country (Singapore, Djibouti, San Marino, ...);
+# - currencies in flux (Zimbabwe).
 COUNTRIES: tuple[Country, ...] = (
     # Europe
     Country("Albania", "Tirana", _EU, "Albanian", "Albanian lek"),
@@ -214,9 +191,7 @@ COUNTRIES: tuple[Country, ...] = (
     Country("Panama", "Panama City", _NA, "Spanish", "Panamanian balboa"),
     Country("Saint Kitts and Nevis", "Basseterre", _NA, "English", "East Caribbean dollar"),
     Country("Saint Lucia", "Castries", _NA, "English", "East Caribbean dollar"),
-    Country(
-        "Saint Vincent and the Grenadines", "Kingstown", _NA, "English", "East Caribbean dollar"
-    ),
+    Country("Saint Vincent and the Grenadines", "Kingstown", _NA, "English", "East Caribbean dollar"),
     Country("Trinidad and Tobago", "Port of Spain", _NA, "English", "Trinidad and Tobago dollar"),
     # South America
     Country("Argentina", "Buenos Aires", _SA, "Spanish", "Argentine peso"),
@@ -243,8 +218,8 @@ COUNTRIES: tuple[Country, ...] = (
     Country("Vanuatu", "Port Vila", _OC, "Bislama", "Vanuatu vatu"),
 )
 
-# The demo question ("Where is the capital of China?") must be answerable in
-# the SFT-taught format, so China always lands in the train split.
+# The demo question ("Where is the capital of China?") must be answerable in the SFT-taught format, so China
+# always lands in the train split.
 _ALWAYS_TRAIN = "China"
 
 
@@ -270,42 +245,49 @@ _QUESTION_TEMPLATES = (
 
 
 def capital_question_templates() -> tuple[str, ...]:
-    """Varied ways to ask for a capital; each has one ``{country}`` slot."""
-    return _QUESTION_TEMPLATES
+  """Varied ways to ask for a capital; each has one `{country}` slot."""
+  return _QUESTION_TEMPLATES
 
 
 def capital_answer(country: Country) -> str:
-    """The canonical answer, exactly ``"The capital of {name} is {capital}."``."""
-    return CANONICAL_CAPITAL_TEMPLATE.format(country=country.name, capital=country.capital)
+  """The canonical answer, exactly "The capital of {name} is {capital}."."""
+  return CANONICAL_CAPITAL_TEMPLATE.format(country=country.name, capital=country.capital)
 
 
-def split_countries(
-    seed: int = 0, held_out_fraction: float = 0.2
-) -> tuple[tuple[Country, ...], tuple[Country, ...]]:
-    """Split ``COUNTRIES`` into ``(train, held_out)``, deterministically from ``seed``.
+def split_countries(seed: int = 0,
+                    held_out_fraction: float = 0.2) -> tuple[tuple[Country, ...], tuple[Country, ...]]:
+  """Splits `COUNTRIES` into train and held-out countries, deterministically from `seed`.
 
-    Held-out countries never appear in SFT data, so a model can only answer
-    them from pretraining knowledge. China is always in ``train`` (the demo
-    question "Where is the capital of China?" should be answered in the format
-    SFT teaches). ``round(held_out_fraction * len(COUNTRIES))`` countries are
-    held out; both tuples keep the order of ``COUNTRIES``.
-    """
-    if not 0.0 <= held_out_fraction < 1.0:
-        raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
-    candidates = [c for c in COUNTRIES if c.name != _ALWAYS_TRAIN]
-    random.Random(seed).shuffle(candidates)
-    held_out_names = {c.name for c in candidates[: round(held_out_fraction * len(COUNTRIES))]}
-    train = tuple(c for c in COUNTRIES if c.name not in held_out_names)
-    held_out = tuple(c for c in COUNTRIES if c.name in held_out_names)
-    return train, held_out
+  Held-out countries never appear in SFT data, so a model can only answer them from pretraining knowledge. China
+  is always in train (the demo question "Where is the capital of China?" should be answered in the format SFT
+  teaches).
+
+  Args:
+    seed: Seeds the shuffle that picks the held-out countries.
+    held_out_fraction: `round(held_out_fraction * len(COUNTRIES))` countries are held out; in [0, 1).
+
+  Returns:
+    `(train, held_out)`, both in the order of `COUNTRIES`.
+
+  Raises:
+    ValueError: `held_out_fraction` is outside [0, 1).
+  """
+  if not 0.0 <= held_out_fraction < 1.0:
+    raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+  candidates = [c for c in COUNTRIES if c.name != _ALWAYS_TRAIN]
+  random.Random(seed).shuffle(candidates)
+  held_out_names = {c.name for c in candidates[: round(held_out_fraction * len(COUNTRIES))]}
+  train = tuple(c for c in COUNTRIES if c.name not in held_out_names)
+  held_out = tuple(c for c in COUNTRIES if c.name in held_out_names)
+  return train, held_out
 
 
 # ---------------------------------------------------------------------------
 # Fact documents
 # ---------------------------------------------------------------------------
 
-# Slots: {country} {capital} {continent} {language} {currency}. Index 0 of the
-# capital templates is the canonical SFT answer sentence.
+# Slots: {country} {capital} {continent} {language} {currency}. Index 0 of the capital templates is the canonical
+# SFT answer sentence.
 _FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "capital": (
         CANONICAL_CAPITAL_TEMPLATE,
@@ -386,47 +368,44 @@ _OTHER_RELATIONS = ("language", "currency", "continent")
 
 
 def _fact_slots(country: Country) -> dict[str, str]:
-    name = country.name
-    return {
-        "country": name,
-        "country_possessive": name + ("'" if name.endswith("s") else "'s"),
-        "capital": country.capital,
-        "continent": country.continent,
-        "language": country.language,
-        "currency": country.currency,
-    }
+  name = country.name
+  return {
+      "country": name,
+      "country_possessive": name + ("'" if name.endswith("s") else "'s"),
+      "capital": country.capital,
+      "continent": country.continent,
+      "language": country.language,
+      "currency": country.currency,
+  }
 
 
-def _fact_sentences(
-    rng: random.Random, country: Country, relations: list[str], force_canonical: bool
-) -> list[str]:
-    """Render ``relations`` of ``country`` as sentences with varied templates."""
-    slots = _fact_slots(country)
-    remaining = list(relations)
-    sentences = []
-    if force_canonical:
-        sentences.append(CANONICAL_CAPITAL_TEMPLATE.format(**slots))
-        remaining.remove("capital")
-    # Sometimes fold two facts into one sentence, for variety of structure.
-    # Only with 3+ facts left, so a document always keeps at least 2 sentences.
-    if len(remaining) >= 3 and rng.random() < 0.5:
-        fitting = [key for key in _COMBINED_FACT_TEMPLATES if key <= set(remaining)]
-        if fitting:
-            key = rng.choice(fitting)
-            sentences.append(rng.choice(_COMBINED_FACT_TEMPLATES[key]).format(**slots))
-            remaining = [r for r in remaining if r not in key]
-    sentences.extend(rng.choice(_FACT_TEMPLATES[r]).format(**slots) for r in remaining)
-    rng.shuffle(sentences)
-    return sentences
+def _fact_sentences(rng: random.Random, country: Country, relations: list[str], force_canonical: bool) -> list[str]:
+  """Renders `relations` of `country` as sentences with varied templates."""
+  slots = _fact_slots(country)
+  remaining = list(relations)
+  sentences = []
+  if force_canonical:
+    sentences.append(CANONICAL_CAPITAL_TEMPLATE.format(**slots))
+    remaining.remove("capital")
+  # Sometimes fold two facts into one sentence, for variety of structure. Only with 3+ facts left, so a document
+  # always keeps at least 2 sentences.
+  if len(remaining) >= 3 and rng.random() < 0.5:
+    fitting = [key for key in _COMBINED_FACT_TEMPLATES if key <= set(remaining)]
+    if fitting:
+      key = rng.choice(fitting)
+      sentences.append(rng.choice(_COMBINED_FACT_TEMPLATES[key]).format(**slots))
+      remaining = [r for r in remaining if r not in key]
+  sentences.extend(rng.choice(_FACT_TEMPLATES[r]).format(**slots) for r in remaining)
+  rng.shuffle(sentences)
+  return sentences
 
 
 def _country_deck(rng: random.Random) -> Iterator[Country]:
-    """Endless stream of countries: every country once per shuffled round, so
-    all of them get the same number of fact documents."""
-    while True:
-        deck = list(COUNTRIES)
-        rng.shuffle(deck)
-        yield from deck
+  """An endless stream of countries: every country once per shuffled round, so all get as many fact documents."""
+  while True:
+    deck = list(COUNTRIES)
+    rng.shuffle(deck)
+    yield from deck
 
 
 _OTHER_COUNTRY_BRIDGES = (
@@ -437,33 +416,30 @@ _OTHER_COUNTRY_BRIDGES = (
 
 
 def _fact_document(rng: random.Random, main: Country, force_canonical: bool) -> str:
-    """2-8 sentences: several facts about ``main``, maybe one or two about others."""
-    sentences = []
-    if rng.random() < 0.3:
-        sentences.append(rng.choice(_FACT_INTROS).format(country=main.name))
-    relations = ["capital", *rng.sample(_OTHER_RELATIONS, rng.randint(1, 3))]
-    sentences += _fact_sentences(rng, main, relations, force_canonical)
+  """2-8 sentences: several facts about `main`, maybe one or two about others."""
+  sentences = []
+  if rng.random() < 0.3:
+    sentences.append(rng.choice(_FACT_INTROS).format(country=main.name))
+  relations = ["capital", *rng.sample(_OTHER_RELATIONS, rng.randint(1, 3))]
+  sentences += _fact_sentences(rng, main, relations, force_canonical)
 
-    # Intro + main facts give at most 5 sentences. An extra country adds at
-    # most 3 (bridge + two facts) and is only added while there are <= 5, so
-    # a document never exceeds 8 sentences.
-    for _ in range(rng.choice((0, 0, 1, 1, 2))):
-        if len(sentences) > 5:
-            break
-        if rng.random() < 0.6:
-            # Bridge sentence to another country on the same continent.
-            other = rng.choice(
-                [c for c in COUNTRIES if c.continent == main.continent and c != main]
-            )
-            bridge = rng.choice(_OTHER_COUNTRY_BRIDGES)
-            sentences.append(bridge.format(continent=main.continent, country=other.name))
-            known = ("capital", "language", "currency")  # the bridge gave the continent
-        else:
-            other = rng.choice([c for c in COUNTRIES if c != main])
-            known = ("capital", *_OTHER_RELATIONS)
-        relations = rng.sample(known, rng.randint(1, 2))
-        sentences += _fact_sentences(rng, other, relations, force_canonical=False)
-    return " ".join(sentences)
+  # Intro + main facts give at most 5 sentences. An extra country adds at most 3 (bridge + two facts) and is only
+  # added while there are <= 5, so a document never exceeds 8 sentences.
+  for _ in range(rng.choice((0, 0, 1, 1, 2))):
+    if len(sentences) > 5:
+      break
+    if rng.random() < 0.6:
+      # Bridge sentence to another country on the same continent.
+      other = rng.choice([c for c in COUNTRIES if c.continent == main.continent and c != main])
+      bridge = rng.choice(_OTHER_COUNTRY_BRIDGES)
+      sentences.append(bridge.format(continent=main.continent, country=other.name))
+      known = ("capital", "language", "currency")  # the bridge gave the continent
+    else:
+      other = rng.choice([c for c in COUNTRIES if c != main])
+      known = ("capital", *_OTHER_RELATIONS)
+    relations = rng.sample(known, rng.randint(1, 2))
+    sentences += _fact_sentences(rng, other, relations, force_canonical=False)
+  return " ".join(sentences)
 
 
 # ---------------------------------------------------------------------------
@@ -472,7 +448,7 @@ def _fact_document(rng: random.Random, main: Country, force_canonical: bool) -> 
 
 
 def _with_article(noun: str) -> str:
-    return ("an " if noun[0] in "aeiou" else "a ") + noun
+  return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
 _NAMES = (
@@ -585,51 +561,50 @@ _VOCAB: dict[str, tuple[str, ...]] = {
 
 
 class _Slots(dict):
-    """Format mapping for one sentence: fixed per-document slots, plus
-    ``_VOCAB`` slots drawn at random for lexical variety. Numbered slots
-    ("food2") draw from the same list as "food" but never repeat a word
-    already used in the sentence."""
+  """The format mapping of one sentence: fixed per-document slots, plus `_VOCAB` slots drawn at random.
 
-    def __init__(self, rng: random.Random, fixed: dict[str, str]):
-        super().__init__(fixed)
-        self.rng = rng
+  Numbered slots ("food2") draw from the same list as "food" but never repeat a word already used in the sentence.
+  """
 
-    def __missing__(self, key: str) -> str:
-        base = key.rstrip("0123456789")
-        used = {v for k, v in self.items() if k.rstrip("0123456789") == base}
-        word = self.rng.choice([w for w in _VOCAB[base] if w not in used])
-        self[key] = word
-        return word
+  def __init__(self, rng: random.Random, fixed: dict[str, str]):
+    super().__init__(fixed)
+    self.rng = rng
+
+  def __missing__(self, key: str) -> str:
+    base = key.rstrip("0123456789")
+    used = {v for k, v in self.items() if k.rstrip("0123456789") == base}
+    word = self.rng.choice([w for w in _VOCAB[base] if w not in used])
+    self[key] = word
+    return word
 
 
 def _render(rng: random.Random, fixed: dict[str, str], template: str) -> str:
-    return template.format_map(_Slots(rng, fixed))
+  return template.format_map(_Slots(rng, fixed))
 
 
 def _person_slots(rng: random.Random) -> dict[str, str]:
-    """A person living in some capital, plus a second city for them to mention.
-    Every country fact mentioned here comes from ``COUNTRIES``."""
-    name, pronoun = rng.choice(_NAMES)
-    friend, _ = rng.choice([n for n in _NAMES if n[0] != name])
-    home, other = rng.sample(COUNTRIES, 2)
-    weather, weather_action = rng.choice(_WEATHER)
-    return {
-        "name": name,
-        **_PRONOUNS[pronoun],
-        "friend": friend,
-        "city": home.capital,
-        "country": home.name,
-        "continent": home.continent,
-        "language": home.language,
-        "currency": home.currency,
-        "other_city": other.capital,
-        "other_country": other.name,
-        "other_continent": other.continent,
-        "other_language": other.language,
-        "other_currency": other.currency,
-        "weather": weather,
-        "weather_action": weather_action,
-    }
+  """A person living in some capital, and a second city for them to mention (every fact from `COUNTRIES`)."""
+  name, pronoun = rng.choice(_NAMES)
+  friend, _ = rng.choice([n for n in _NAMES if n[0] != name])
+  home, other = rng.sample(COUNTRIES, 2)
+  weather, weather_action = rng.choice(_WEATHER)
+  return {
+      "name": name,
+      **_PRONOUNS[pronoun],
+      "friend": friend,
+      "city": home.capital,
+      "country": home.name,
+      "continent": home.continent,
+      "language": home.language,
+      "currency": home.currency,
+      "other_city": other.capital,
+      "other_country": other.name,
+      "other_continent": other.continent,
+      "other_language": other.language,
+      "other_currency": other.currency,
+      "weather": weather,
+      "weather_action": weather_action,
+  }
 
 
 _DAY_OPENINGS = (
@@ -673,181 +648,146 @@ _DAY_CLOSINGS = (
 
 
 def _pick_in_order(rng: random.Random, items: list[str], low: int, high: int) -> list[str]:
-    """A random subset of ``low``..``high`` items, kept in their original
-    (time) order so that the story stays coherent."""
-    indices = rng.sample(range(len(items)), min(len(items), rng.randint(low, high)))
-    return [items[i] for i in sorted(indices)]
+  """A random subset of `low`..`high` items, kept in their original (time) order so that the story stays coherent."""
+  indices = rng.sample(range(len(items)), min(len(items), rng.randint(low, high)))
+  return [items[i] for i in sorted(indices)]
 
 
 def _day_story(rng: random.Random) -> list[str]:
-    fixed = _person_slots(rng)
-    middles = _pick_in_order(rng, list(_DAY_MIDDLES), 1, 5)
-    templates = [rng.choice(_DAY_OPENINGS), *middles, rng.choice(_DAY_CLOSINGS)]
-    return [_render(rng, fixed, t) for t in templates]
+  fixed = _person_slots(rng)
+  middles = _pick_in_order(rng, list(_DAY_MIDDLES), 1, 5)
+  templates = [rng.choice(_DAY_OPENINGS), *middles, rng.choice(_DAY_CLOSINGS)]
+  return [_render(rng, fixed, t) for t in templates]
 
 
 def _travel_story(rng: random.Random) -> list[str]:
-    fixed = _person_slots(rng)
-    templates = [
-        rng.choice(
-            (
-                "{name} decided to travel from {city} to {other_city}.",
-                "One {season}, {name} left {city} for a trip to {other_country}.",
-                "{name} had always wanted to visit {other_city}, the capital of {other_country}.",
-            )
-        ),
-        "{He} took the {transport}, and the trip lasted {trip_duration}.",
-    ]
-    # Fly between continents; go overland or by boat within one.
-    if fixed["continent"] == fixed["other_continent"]:
-        fixed["transport"] = rng.choice(("train", "bus", "night train", "boat"))
-    else:
-        fixed["transport"] = "plane"
-    # Language and money sentences depend on the facts, so they stay true.
-    if fixed["other_language"] != fixed["language"]:
-        language = "People there spoke {other_language}, so {he} learned a few new words."
-    else:
-        language = "Like at home, people there spoke {language}."
-    optional = [
-        "Through the window, {he} saw {landscape}.",
-        "When {he} arrived in {other_city}, the weather was {weather}.",
-        language,
-        "{He} stayed in a small hotel near the {place}.",
-        "On the first day, {he} visited the {place} and the {place2}.",
-        "{He} bought {goods} as a gift for {his} {relative}.",
-    ]
-    if fixed["other_currency"] != fixed["currency"]:
-        optional.insert(3, "{He} changed some money into the {other_currency}.")
-    templates += _pick_in_order(rng, optional, 1, 4)
-    templates.append(
-        rng.choice(
-            (
-                "After {number} days, {he} returned home with many stories.",
-                "{He} was sad to leave, but happy to see {city} again.",
-                "Back in {city}, {he} told {friend} all about the trip.",
-            )
-        )
-    )
-    return [_render(rng, fixed, t) for t in templates]
+  fixed = _person_slots(rng)
+  templates = [
+      rng.choice(("{name} decided to travel from {city} to {other_city}.",
+                  "One {season}, {name} left {city} for a trip to {other_country}.",
+                  "{name} had always wanted to visit {other_city}, the capital of {other_country}.")),
+      "{He} took the {transport}, and the trip lasted {trip_duration}.",
+  ]
+  # Fly between continents; go overland or by boat within one.
+  if fixed["continent"] == fixed["other_continent"]:
+    fixed["transport"] = rng.choice(("train", "bus", "night train", "boat"))
+  else:
+    fixed["transport"] = "plane"
+  # Language and money sentences depend on the facts, so they stay true.
+  if fixed["other_language"] != fixed["language"]:
+    language = "People there spoke {other_language}, so {he} learned a few new words."
+  else:
+    language = "Like at home, people there spoke {language}."
+  optional = [
+      "Through the window, {he} saw {landscape}.",
+      "When {he} arrived in {other_city}, the weather was {weather}.",
+      language,
+      "{He} stayed in a small hotel near the {place}.",
+      "On the first day, {he} visited the {place} and the {place2}.",
+      "{He} bought {goods} as a gift for {his} {relative}.",
+  ]
+  if fixed["other_currency"] != fixed["currency"]:
+    optional.insert(3, "{He} changed some money into the {other_currency}.")
+  templates += _pick_in_order(rng, optional, 1, 4)
+  templates.append(rng.choice(("After {number} days, {he} returned home with many stories.",
+                                "{He} was sad to leave, but happy to see {city} again.",
+                                "Back in {city}, {he} told {friend} all about the trip.")))
+  return [_render(rng, fixed, t) for t in templates]
 
 
 def _market_scene(rng: random.Random) -> list[str]:
-    fixed = _person_slots(rng)
-    templates = ["The market in {city} opened early in the morning."]
-    optional = [
-        "Farmers brought {food}, {food2} and {food3} from the nearby villages.",
-        "Traders from {other_country} sold {goods} and {goods2}.",
-        "Most traders spoke {language}, and some knew a few words of {other_language}.",
-        "An old woman sold {food} from a wooden cart.",
-        "Everyone paid with the {currency}, the currency of {country}.",
-        "A young {job} bought {goods} for the family shop.",
-        "Children ran between the stalls, laughing and shouting.",
-        "By noon, the market was crowded and noisy.",
-    ]
-    templates += _pick_in_order(rng, optional, 2, 5)
-    templates.append(
-        rng.choice(
-            (
-                "When the sun went down, the sellers packed their goods and went home.",
-                "In the late afternoon, the streets around the market grew quiet again.",
-            )
-        )
-    )
-    return [_render(rng, fixed, t) for t in templates]
+  fixed = _person_slots(rng)
+  templates = ["The market in {city} opened early in the morning."]
+  optional = [
+      "Farmers brought {food}, {food2} and {food3} from the nearby villages.",
+      "Traders from {other_country} sold {goods} and {goods2}.",
+      "Most traders spoke {language}, and some knew a few words of {other_language}.",
+      "An old woman sold {food} from a wooden cart.",
+      "Everyone paid with the {currency}, the currency of {country}.",
+      "A young {job} bought {goods} for the family shop.",
+      "Children ran between the stalls, laughing and shouting.",
+      "By noon, the market was crowded and noisy.",
+  ]
+  templates += _pick_in_order(rng, optional, 2, 5)
+  templates.append(rng.choice(("When the sun went down, the sellers packed their goods and went home.",
+                                "In the late afternoon, the streets around the market grew quiet again.")))
+  return [_render(rng, fixed, t) for t in templates]
 
 
 def _nature_scene(rng: random.Random) -> list[str]:
-    # No real places here: general weather claims about real cities could be false.
-    templates = [
-        rng.choice(
-            (
-                "The {generic_place} was quiet in the early morning.",
-                "One {season} morning, the {generic_place} was still asleep.",
-            )
-        )
-    ]
-    optional = [
-        "A {adj_wind} wind blew from the {direction}.",
-        "Birds sang in the tall trees, and a small river ran past the fields.",
-        "The smell of fresh bread came from a house near the road.",
-        "A fisher pulled a small boat onto the shore.",
-        "Farmers worked in the fields, and children played near the water.",
-        "By noon, the {sky_state}.",
-        "Under an old tree, {a_animal} rested in the shade.",
-    ]
-    templates += _pick_in_order(rng, optional, 1, 5)
-    templates.append("In the evening, the sky turned {color}, and the air became cool.")
-    return [_render(rng, {}, t) for t in templates]
+  # No real places here: general weather claims about real cities could be false.
+  templates = [rng.choice(("The {generic_place} was quiet in the early morning.",
+                            "One {season} morning, the {generic_place} was still asleep."))]
+  optional = [
+      "A {adj_wind} wind blew from the {direction}.",
+      "Birds sang in the tall trees, and a small river ran past the fields.",
+      "The smell of fresh bread came from a house near the road.",
+      "A fisher pulled a small boat onto the shore.",
+      "Farmers worked in the fields, and children played near the water.",
+      "By noon, the {sky_state}.",
+      "Under an old tree, {a_animal} rested in the shade.",
+  ]
+  templates += _pick_in_order(rng, optional, 1, 5)
+  templates.append("In the evening, the sky turned {color}, and the air became cool.")
+  return [_render(rng, {}, t) for t in templates]
 
 
 def _school_lesson(rng: random.Random) -> list[str]:
-    fixed = _person_slots(rng)  # {name} is a pupil here
-    # No "Mr." with a period: a period always ends a sentence in this corpus.
-    teacher, teacher_pronoun = rng.choice((("Mr Costa", "he"), ("Mrs Okafor", "she")))
-    named = rng.sample([c for c in COUNTRIES if c.continent == fixed["continent"]], 2)
-    fixed |= {
-        **_PRONOUNS[teacher_pronoun],  # {He}/{he} refer to the teacher
-        "teacher": teacher,
-        "named1": named[0].name,
-        "named2": named[1].name,
-        "named2_capital": named[1].capital,
-    }
-    templates = [
-        "In a small school in {city}, {teacher} showed the children a map of the world.",
-        "{He} pointed to {continent} and asked them to name a country there.",
-        "The children named {named1} and {named2}.",
-    ]
-    optional = [
-        "Then {he} told them that the capital of {named2} is {named2_capital}.",
-        "{name} raised a hand and asked a question about {topic}.",
-        "The class also practiced reading and writing in {language}.",
-        "Everyone copied the names of the countries into their notebooks.",
-    ]
-    templates += _pick_in_order(rng, optional, 0, 3)
-    templates.append("After the lesson, the children played {game} in the yard.")
-    return [_render(rng, fixed, t) for t in templates]
+  fixed = _person_slots(rng)  # {name} is a pupil here
+  # No "Mr." with a period: a period always ends a sentence in this corpus.
+  teacher, teacher_pronoun = rng.choice((("Mr Costa", "he"), ("Mrs Okafor", "she")))
+  named = rng.sample([c for c in COUNTRIES if c.continent == fixed["continent"]], 2)
+  fixed |= {
+      **_PRONOUNS[teacher_pronoun],  # {He}/{he} refer to the teacher
+      "teacher": teacher,
+      "named1": named[0].name,
+      "named2": named[1].name,
+      "named2_capital": named[1].capital,
+  }
+  templates = [
+      "In a small school in {city}, {teacher} showed the children a map of the world.",
+      "{He} pointed to {continent} and asked them to name a country there.",
+      "The children named {named1} and {named2}.",
+  ]
+  optional = [
+      "Then {he} told them that the capital of {named2} is {named2_capital}.",
+      "{name} raised a hand and asked a question about {topic}.",
+      "The class also practiced reading and writing in {language}.",
+      "Everyone copied the names of the countries into their notebooks.",
+  ]
+  templates += _pick_in_order(rng, optional, 0, 3)
+  templates.append("After the lesson, the children played {game} in the yard.")
+  return [_render(rng, fixed, t) for t in templates]
 
 
 def _letter(rng: random.Random) -> list[str]:
-    fixed = _person_slots(rng)
-    greeting = rng.choice(("Dear {friend},", "Dear Mother,", "Dear Father,", "Dear Grandmother,"))
-    opening = rng.choice(("I am writing to you from {city}.", "I hope you are well."))
-    templates = [f"{greeting} {opening}"]
-    optional = [
-        "The weather here has been {weather} all week.",
-        "I have found work as {a_job}, and I like it very much.",
-        "Last weekend I visited the {place} with some new friends.",
-        "Everyone here speaks {language}, and I am learning quickly.",
-        "Next month I hope to travel to {other_city}.",
-        "I miss you and the rest of the family.",
-        "The food is good, especially the {food}.",
-    ]
-    templates += _pick_in_order(rng, optional, 1, 5)
-    templates.append(
-        rng.choice(
-            (
-                "Please write back soon. With love, {name}.",
-                "I will write again soon. With love, {name}.",
-            )
-        )
-    )
-    return [_render(rng, fixed, t) for t in templates]
+  fixed = _person_slots(rng)
+  greeting = rng.choice(("Dear {friend},", "Dear Mother,", "Dear Father,", "Dear Grandmother,"))
+  opening = rng.choice(("I am writing to you from {city}.", "I hope you are well."))
+  templates = [f"{greeting} {opening}"]
+  optional = [
+      "The weather here has been {weather} all week.",
+      "I have found work as {a_job}, and I like it very much.",
+      "Last weekend I visited the {place} with some new friends.",
+      "Everyone here speaks {language}, and I am learning quickly.",
+      "Next month I hope to travel to {other_city}.",
+      "I miss you and the rest of the family.",
+      "The food is good, especially the {food}.",
+  ]
+  templates += _pick_in_order(rng, optional, 1, 5)
+  templates.append(rng.choice(("Please write back soon. With love, {name}.",
+                                "I will write again soon. With love, {name}.")))
+  return [_render(rng, fixed, t) for t in templates]
 
 
-_PROSE_GENERATORS = (
-    (_day_story, 4),
-    (_travel_story, 2),
-    (_market_scene, 2),
-    (_nature_scene, 2),
-    (_school_lesson, 1),
-    (_letter, 1),
-)
+_PROSE_GENERATORS = ((_day_story, 4), (_travel_story, 2), (_market_scene, 2), (_nature_scene, 2), (_school_lesson, 1),
+                     (_letter, 1))
 
 
 def _prose_document(rng: random.Random) -> str:
-    generators, weights = zip(*_PROSE_GENERATORS)
-    (generate,) = rng.choices(generators, weights=weights)
-    return " ".join(generate(rng))
+  generators, weights = zip(*_PROSE_GENERATORS)
+  (generate,) = rng.choices(generators, weights=weights)
+  return " ".join(generate(rng))
 
 
 # ---------------------------------------------------------------------------
@@ -855,77 +795,67 @@ def _prose_document(rng: random.Random) -> str:
 # ---------------------------------------------------------------------------
 
 _PROSE_FRACTION = 0.35
-# Every third time a country is the subject of a fact document, its capital is
-# stated with the canonical SFT sentence, so each country gets it several times.
+# Every third time a country is the subject of a fact document, its capital is stated with the canonical SFT
+# sentence, so each country gets it several times.
 _CANONICAL_EVERY = 3
 
 
 def pretraining_documents(seed: int = 0, num_documents: int = 4000) -> list[str]:
-    """Generate ``num_documents`` single-paragraph English documents.
+  """Generates single-paragraph English documents; deterministic: depends only on `seed` and `num_documents`.
 
-    About 65% are fact documents (several facts about one to three countries,
-    in varied phrasings), the rest general prose. Fact documents cycle through
-    all countries evenly, so with the default size every country is the
-    subject of roughly 16 documents and its canonical sentence
-    "The capital of X is Y." appears at least 5 times. Deterministic: depends
-    only on ``seed`` and ``num_documents``.
-    """
-    if num_documents < 0:
-        raise ValueError(f"num_documents must be >= 0, got {num_documents}")
-    rng = random.Random(seed)
-    deck = _country_deck(rng)
-    times_as_subject: dict[str, int] = {}
-    documents = []
-    for _ in range(num_documents):
-        if rng.random() < _PROSE_FRACTION:
-            documents.append(_prose_document(rng))
-            continue
-        main = next(deck)
-        count = times_as_subject.get(main.name, 0)
-        times_as_subject[main.name] = count + 1
-        documents.append(_fact_document(rng, main, force_canonical=count % _CANONICAL_EVERY == 0))
-    return documents
+  About 65 % are fact documents (several facts about one to three countries, in varied phrasings), the rest general
+  prose. Fact documents cycle through all countries evenly, so with the default size every country is the subject
+  of roughly 16 documents and its canonical sentence "The capital of X is Y." appears at least 5 times.
 
+  Args:
+    seed: Seeds the one `random.Random` every choice comes from.
+    num_documents: How many documents (>= 0).
 
-def write_pretraining_jsonl(
-    path: str | os.PathLike[str], seed: int = 0, num_documents: int = 4000
-) -> str:
-    """Write the corpus as JSON Lines (``{"text": doc}`` per line) and return the path.
+  Returns:
+    The documents, each a single line.
 
-    Parent directories are created. The file is written to a temporary file in
-    the same directory and then moved into place, so readers never see a
-    half-written corpus.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for doc in pretraining_documents(seed=seed, num_documents=num_documents):
-                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; a corpus is not secret
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    return path
+  Raises:
+    ValueError: `num_documents` is negative.
+  """
+  if num_documents < 0:
+    raise ValueError(f"num_documents must be >= 0, got {num_documents}")
+  rng = random.Random(seed)
+  deck = _country_deck(rng)
+  times_as_subject: dict[str, int] = {}
+  documents = []
+  for _ in range(num_documents):
+    if rng.random() < _PROSE_FRACTION:
+      documents.append(_prose_document(rng))
+      continue
+    main = next(deck)
+    count = times_as_subject.get(main.name, 0)
+    times_as_subject[main.name] = count + 1
+    documents.append(_fact_document(rng, main, force_canonical=count % _CANONICAL_EVERY == 0))
+  return documents
 
 
-def capital_chats(
-    countries: Sequence[Country], seed: int = 0, per_country: int = 3
-) -> list[dict[str, str]]:
-    """SFT chats asking for capitals in varied phrasings, answered in the canonical sentence.
+def write_pretraining_jsonl(path: str | os.PathLike[str], seed: int = 0, num_documents: int = 4000) -> str:
+  """Writes `pretraining_documents(seed, num_documents)` as JSON Lines, one `{"text": doc}` a line.
 
-    Each is ``{"prompt": question, "response": "The capital of X is Y."}`` (a line of a chat JSONL file).
-    """
-    rng = random.Random(seed)
-    templates = capital_question_templates()
-    chats = [
-        {"prompt": template.format(country=country.name), "response": capital_answer(country)}
-        for country in countries
-        for template in rng.sample(templates, min(per_country, len(templates)))
-    ]
-    rng.shuffle(chats)
-    return chats
+  Parent directories are created. The file is written to a temporary file in the same directory and then moved
+  into place, so readers never see a half-written corpus.
+
+  Returns:
+    `path`, as a string.
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for doc in pretraining_documents(seed=seed, num_documents=num_documents):
+        f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; a corpus is not secret
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
+  return path
+

@@ -27,8 +27,8 @@ import os
 import random
 import re
 
-from llm_jax.data.builtin_corpus import (COUNTRIES, Country, capital_answer, capital_question_templates,
-                                         split_countries)
+from llm_jax.tasks.world_facts.corpus import (COUNTRIES, Country, capital_answer, capital_question_templates,
+                                              split_countries)
 
 _CAPITALS = {c.capital for c in COUNTRIES}
 
@@ -132,8 +132,24 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
 
 
 def write_all(directory: str, seed: int = 0, held_out_fraction: float = 0.2, sft_per_country: int = 4,
-              curt_fraction: float = 0.3, pairs_per_country: int = 10) -> dict[str, str]:
-  """Writes every dataset of the experiment into `directory`; returns their paths by name."""
+              curt_fraction: float = 0.5, pairs_per_country: int = 10) -> dict[str, str]:
+  """Writes every dataset of the experiment into `directory`.
+
+  The defaults are the experiment's (configs/end_to_end.py `data`; a test keeps them equal), so
+  `write_all(directory)` writes the data the end-to-end experiment trained on.
+
+  Args:
+    directory: Created if missing; existing files of the same names are replaced.
+    seed: Seeds the country split and every choice.
+    held_out_fraction: The share of countries held out of every training set.
+    sft_per_country: SFT chats per train country.
+    curt_fraction: The probability that an SFT answer is curt ("Beijing.") rather than the complete sentence.
+    pairs_per_country: Training preference pairs drawn per train country (and per held-out country for the
+      held-out-country pairs); pairs of equal grade are dropped.
+
+  Returns:
+    The paths by name: sft, sft_held_out, pairs, pairs_held_out, pairs_held_out_countries, prompts.
+  """
   train, held_out = split_countries(seed, held_out_fraction)
   rng = random.Random(seed)
   sft = sft_chats(train, rng, sft_per_country, curt_fraction)

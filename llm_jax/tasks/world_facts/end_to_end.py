@@ -18,10 +18,11 @@ import jax
 import ml_collections
 
 from llm_jax import evaluation, sharding
-from llm_jax.data import world_facts
 from llm_jax.inference.loading import load_sampler
 from llm_jax.metrics import read_metrics
 from llm_jax.modeling import load_model
+from llm_jax.tasks.world_facts import data as world_facts
+from llm_jax.tasks.world_facts import evaluation as world_facts_evaluation
 from llm_jax.train import pretrain, reward_model, rlhf, sft
 from llm_jax.train import stage
 
@@ -60,14 +61,15 @@ def evaluate_all(dirs: dict[str, str], data: dict[str, str], mesh, seed: int) ->
   for name in ("pretrain", "sft", "rlhf"):
     sampler, tokenizer, _ = load_sampler(dirs[name], mesh)
     samplers[name] = sampler
-    countries, questions, replies, grades[name] = evaluation.held_out_qa(sampler, tokenizer, seed)
-    for key, value in evaluation.qa_summary(grades[name]).items():
+    countries, questions, replies, grades[name] = world_facts_evaluation.held_out_qa(sampler, tokenizer, seed)
+    for key, value in world_facts_evaluation.qa_summary(grades[name]).items():
       results[f"{name}/{key}"] = value
     results[f"{name}/example"] = f"{questions[0]} → {replies[0]}"
   prompt_sets = {"held_out_prompts": world_facts.held_out_prompts(world_facts.split_countries(seed)[0], seed),
                  "held_out_countries": list(zip(countries, questions))}
   for set_name, pairs in prompt_sets.items():
-    rates = evaluation.gold_win_rates(samplers["rlhf"], samplers["sft"], tokenizer, *zip(*pairs), seed=seed)
+    rates = world_facts_evaluation.gold_win_rates(samplers["rlhf"], samplers["sft"], tokenizer, *zip(*pairs),
+                                                  seed=seed)
     results.update({f"rlhf_vs_sft/{set_name}/{k}": v for k, v in rates.items()})
   ref_state, ref_params, _ = load_model(dirs["sft"], mesh)
   results["rlhf/kl_to_sft"] = evaluation.kl_to_reference(samplers["rlhf"], ref_state, ref_params, tokenizer,
@@ -114,8 +116,9 @@ def write_report(workdir: str, results: dict, plots: list[str], seconds: float) 
   table = [("base (pretrained)", "pretrain"), ("SFT", "sft"), ("RLHF", "rlhf")]
   lines = ["# World-facts experiment", "",
            "Held-out countries never appear in SFT, preference or RL data: answering them needs facts learned "
-           "in pretraining. Grades come from the gold judge (llm_jax/data/world_facts.py).", "",
-           "| model | held-out QA accuracy (correct capital) | complete answers | example |", "| --- | --- | --- | --- |"]
+           "in pretraining. Grades come from the gold judge (llm_jax/tasks/world_facts/data.py).", "",
+           "| model | held-out QA accuracy (correct capital) | complete answers | example |",
+           "| --- | --- | --- | --- |"]
   for label, key in table:
     lines.append(f"| {label} | {results[f'{key}/qa_accuracy']:.1%} | {results[f'{key}/qa_complete']:.1%} | "
                  f"{results[f'{key}/example']} |")
