@@ -45,7 +45,8 @@ moments, bf16 compute):
   Decoding 256 prompts × (1024 + 1024 new) on the same mesh: prefill 18.5 GiB, decode loop 8.7 GiB (measured
   with scan_layers=False, before decoding scanned models was fixed).
 
-  70B class (measured before the activations were pinned; Llama-2-70B shape: --config.model=llama_7b --config.model_overrides.num_layers=80
+  70B class (measured before the activations were pinned; Llama-2-70B shape: --config.model=llama_7b
+  --config.model_overrides.num_layers=80
   --config.model_overrides.d_model=8192 --config.model_overrides.num_heads=64 --config.model_overrides.num_kv_heads=8
   --config.model_overrides.d_ff=28672; 69 B parameters), remat=full, scan:
     v5p-256 (v5p:4x4x8, 128 chips), fsdp=32 × tensor=4, batch 128             45.3 GiB  fits

@@ -7,7 +7,8 @@
 The mesh, batch, sequence length, grad_accum and model (`--config.model_overrides.remat=...`) come from the
 config exactly as for training; nothing is allocated or run. Prints a table (compile seconds; argument, output,
 aliased, temporary and peak bytes per device) and a FITS / DOES NOT FIT line; exit status 0 either way, 1 if a
-step did not compile (a bug: its error is in the table and the traceback in the log), 2 for a mistake (a mesh that does not match the topology's chip count, an unknown topology, no libtpu).
+step did not compile (a bug: its error is in the table and the traceback in the log), 2 for a mistake (a mesh that
+does not match the topology's chip count, an unknown topology, no libtpu).
 See llm_jax/aot.py and configs/pretrain.py's docstring for measured settings.
 """
 
@@ -38,16 +39,25 @@ def main(argv):
   from llm_jax import aot, cli
 
   def run():
-    report = aot.compile_for_topology(FLAGS.config, FLAGS.topology, num_slices=FLAGS.num_slices,
-                                      hbm_gib=FLAGS.hbm_gib, train=FLAGS.train, decode=FLAGS.decode,
-                                      decode_batch=FLAGS.decode_batch, prompt_len=FLAGS.prompt_len,
-                                      cache_len=FLAGS.cache_len)
+    report = aot.compile_for_topology(
+      FLAGS.config,
+      FLAGS.topology,
+      num_slices=FLAGS.num_slices,
+      hbm_gib=FLAGS.hbm_gib,
+      train=FLAGS.train,
+      decode=FLAGS.decode,
+      decode_batch=FLAGS.decode_batch,
+      prompt_len=FLAGS.prompt_len,
+      cache_len=FLAGS.cache_len,
+    )
     print(report.table(), flush=True)
     if report.errors:
       sys.exit(1)
+
   cli.run(run)
 
 
 if __name__ == "__main__":
   from llm_jax import cli
+
   app.run(main, flags_parser=cli.parse_flags)

@@ -55,6 +55,7 @@ def _compile(jitted, *args, **static):
 def main(argv):
   del argv
   from llm_jax import cli
+
   cli.run(bench)
 
 
@@ -89,8 +90,7 @@ def bench():
   p, n = FLAGS.prompt_len, FLAGS.max_new_tokens
   context = p + n
   if context > cfg.max_seq_len:
-    raise UserError(f"--prompt_len + --max_new_tokens = {context} exceeds the model's max_seq_len "
-                    f"{cfg.max_seq_len}")
+    raise UserError(f"--prompt_len + --max_new_tokens = {context} exceeds the model's max_seq_len {cfg.max_seq_len}")
 
   mesh = sharding.make_mesh()
   factory = lm_factory(cfg)
@@ -104,11 +104,13 @@ def bench():
   def no_cache_generate(params, tokens_BC):
     """Greedy decoding by re-running the full forward pass over the whole buffer for every new token."""
     model = nnx.merge(state.graphdef, params)
+
     def one_token(i, tokens_BC):
       logits_BCV = model(tokens_BC)  # Full forward pass, every position, every step.
       logits_BV = jax.lax.dynamic_index_in_dim(logits_BCV, p + i - 1, axis=1, keepdims=False)
       token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
       return jax.lax.dynamic_update_index_in_dim(tokens_BC, token_B, p + i, axis=1)
+
     return jax.lax.fori_loop(0, n, one_token, tokens_BC)[:, p:]
 
   no_cache_jit = jax.jit(no_cache_generate)
@@ -130,13 +132,16 @@ def bench():
 
     # 2. Cached decoding (the state is donated: each run starts from a fresh prefill, outside the timing).
     until = jnp.int32(context)
-    decode_c, row["decode compile s"] = _compile(decode, params, prefill_c(params, tokens, segments), key,
-                                                 until, sampling=greedy)
+    decode_c, row["decode compile s"] = _compile(
+      decode, params, prefill_c(params, tokens, segments), key, until, sampling=greedy
+    )
+
     def run_decode():
       s = jax.block_until_ready(prefill_c(params, tokens, segments))
       start = time.perf_counter()
       s = jax.block_until_ready(decode_c(params, s, key, until))
       return time.perf_counter() - start, s
+
     run_decode()
     runs = [run_decode() for _ in range(FLAGS.repeats)]
     decode_s, final = min(runs, key=lambda r: r[0])
@@ -153,8 +158,9 @@ def bench():
     if b <= FLAGS.no_cache_max_batch:
       buffer = jnp.asarray(np.concatenate([prompts, np.zeros((b, n), np.int32)], axis=1))  # Right-padded.
       nc_c, row["no-cache compile s"] = _compile(no_cache_jit, params, buffer)
-      nc_s, nc_tokens = _best(lambda: jax.block_until_ready(nc_c(params, buffer)), max(1, FLAGS.repeats - 1),
-                              warmup=False)  # Already compiled; slow, so no warmup and one run fewer.
+      nc_s, nc_tokens = _best(
+        lambda: jax.block_until_ready(nc_c(params, buffer)), max(1, FLAGS.repeats - 1), warmup=False
+      )  # Already compiled; slow, so no warmup and one run fewer.
       row["no-cache tok/s"] = b * n / nc_s
       row["cached / no-cache"] = row["decode tok/s"] / row["no-cache tok/s"]
       same = (np.asarray(nc_tokens) == cached_tokens).all(axis=1)
@@ -169,16 +175,20 @@ def bench():
     print(f"batch {b} done", flush=True)
 
   stats = None if on_cpu else jax.devices()[0].memory_stats()
-  print(f"\nmodel      {FLAGS.model} ({cfg.num_layers} layers, d={cfg.d_model}, {cfg.num_heads} heads / "
-        f"{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}, {cfg.dtype}), {cfg.num_params():,} params, "
-        f"{param_bytes / 2**20:.2f} MiB")
+  print(
+    f"\nmodel      {FLAGS.model} ({cfg.num_layers} layers, d={cfg.d_model}, {cfg.num_heads} heads / "
+    f"{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}, {cfg.dtype}), {cfg.num_params():,} params, "
+    f"{param_bytes / 2**20:.2f} MiB"
+  )
   print(f"devices    {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")
   print(f"context    {p} prompt + {n} new = {context} tokens; greedy, no stop ids; best of {FLAGS.repeats}")
   if stats and "peak_bytes_in_use" in stats:
     print(f"peak mem   {stats['peak_bytes_in_use'] / 2**20:,.0f} MiB (device 0 peak_bytes_in_use)")
   print(f"peak mem   {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB (process max RSS)\n")
   columns = list(rows[0])
-  fmt = lambda v: v if isinstance(v, str) else f"{v:,}" if isinstance(v, int) else f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
+  fmt = lambda v: (
+    v if isinstance(v, str) else f"{v:,}" if isinstance(v, int) else f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
+  )
   widths = [max(len(c), *(len(fmt(r[c])) for r in rows)) for c in columns]
   print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
   for r in rows:
@@ -188,4 +198,5 @@ def bench():
 
 if __name__ == "__main__":
   from llm_jax import cli
+
   app.run(main, flags_parser=cli.parse_flags)

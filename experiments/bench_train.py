@@ -52,6 +52,7 @@ def _time(fn, steps: int) -> list[float]:
 def main(argv):
   del argv
   from llm_jax import cli
+
   cli.run(bench)
 
 
@@ -66,8 +67,8 @@ def bench():
   from llm_jax.errors import UserError
   from llm_jax.model import PRESETS
   from llm_jax.modeling import init_params, lm_factory, model_spec
-  from llm_jax.train import loop
   from llm_jax.sequences import next_token_loss
+  from llm_jax.train import loop
 
   if FLAGS.model not in PRESETS:
     raise UserError(f"--model={FLAGS.model}: unknown preset; choose one of {sorted(PRESETS)}")
@@ -88,11 +89,23 @@ def bench():
     raise UserError(f"--seq_len={t} exceeds the model's max_seq_len={cfg.max_seq_len}")
   shape = sharding.mesh_shape(FLAGS.data, FLAGS.fsdp, FLAGS.tensor, jax.device_count())
   if b % (shape[0] * shape[1] * FLAGS.grad_accum):
-    raise UserError(f"--batch_size={b} must be divisible by data*fsdp*grad_accum = "
-                    f"{shape[0]}*{shape[1]}*{FLAGS.grad_accum}")
-  config = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, warmup_steps=10, steps=1000, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.99,
-      grad_clip=1.0, seed=0, grad_accum=FLAGS.grad_accum))
+    raise UserError(
+      f"--batch_size={b} must be divisible by data*fsdp*grad_accum = {shape[0]}*{shape[1]}*{FLAGS.grad_accum}"
+    )
+  config = ml_collections.ConfigDict(
+    dict(
+      learning_rate=1e-3,
+      warmup_steps=10,
+      steps=1000,
+      min_lr_ratio=0.1,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.99,
+      grad_clip=1.0,
+      seed=0,
+      grad_accum=FLAGS.grad_accum,
+    )
+  )
 
   mesh = sharding.make_mesh(FLAGS.data, FLAGS.fsdp, FLAGS.tensor)
   factory = lm_factory(cfg)
@@ -104,15 +117,21 @@ def bench():
 
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, (b, t + 1), dtype=np.int32)
-  local = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-           "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.int32)}
+  local = {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+    "segment_ids": np.ones((b, t), np.int32),
+    "loss_mask": np.ones((b, t), np.int32),
+  }
   batch = sharding.global_batch(local, mesh)
   batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in local.items()}
-  train_step = loop.make_train_step(state, next_token_loss, optimizer, mesh, opt_shardings, batch_shardings,
-                                    config.grad_accum, config.seed)
+  train_step = loop.make_train_step(
+    state, next_token_loss, optimizer, mesh, opt_shardings, batch_shardings, config.grad_accum, config.seed
+  )
 
   step_number = 0
+
   def run_step():
     nonlocal params, opt_state, step_number
     params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step_number))
@@ -127,8 +146,10 @@ def bench():
 
   rows = []
   if FLAGS.compare_forward:
+
     def loss_of(p):
       return next_token_loss(state.merge(p), batch, None)[0]
+
     forward = jax.jit(loss_of)
     forward_backward = jax.jit(jax.value_and_grad(loss_of))
     for name, fn in (("forward ms (median)", forward), ("forward+backward ms (median)", forward_backward)):
@@ -152,21 +173,28 @@ def bench():
     memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB (process max RSS)"
 
   rows = [
-      ("model", f"{FLAGS.model} ({cfg.num_layers} layers, d={cfg.d_model}, {cfg.num_heads} heads, "
-                f"vocab {cfg.vocab_size}, {cfg.dtype}, remat={cfg.remat}, scan={cfg.scan_layers})"),
-      ("devices / mesh", f"{jax.device_count()} x {jax.devices()[0].device_kind}; {dict(mesh.shape)}"),
-      ("params", f"{cfg.num_params():,}"),
-      ("tokens/step", f"{tokens_per_step:,} ({b} x {t}, grad_accum {FLAGS.grad_accum})"),
-      ("compile + first step s", f"{compile_s:.2f}"),
-      ("step ms (mean / median)", f"{1000 * mean_s:.1f} / {1000 * median_s:.1f}  ({FLAGS.steps} steps)"),
-      ("tokens/s (median)", f"{tokens_per_s:,.0f}"),
-      ("model FLOPs/token", f"{flops_per_token / 1e6:.2f} M  (6N + 12·L·d_attn·T)"),
-      ("achieved TFLOP/s", f"{achieved / 1e12:.4f}"),
-      ("f32 matmul peak TFLOP/s", f"{peak_1024 / 1e12:.4f} (1024²), {peak_2048 / 1e12:.4f} (2048²)"
-                                  if on_cpu else f"{peak / mesh.size / 1e12:.1f} per device (data sheet)"),
-      ("MFU", f"{100 * achieved / peak:.1f} %"),
-      ("peak memory", memory),
-      ("final loss", f"{loss:.4f}"),
+    (
+      "model",
+      f"{FLAGS.model} ({cfg.num_layers} layers, d={cfg.d_model}, {cfg.num_heads} heads, "
+      f"vocab {cfg.vocab_size}, {cfg.dtype}, remat={cfg.remat}, scan={cfg.scan_layers})",
+    ),
+    ("devices / mesh", f"{jax.device_count()} x {jax.devices()[0].device_kind}; {dict(mesh.shape)}"),
+    ("params", f"{cfg.num_params():,}"),
+    ("tokens/step", f"{tokens_per_step:,} ({b} x {t}, grad_accum {FLAGS.grad_accum})"),
+    ("compile + first step s", f"{compile_s:.2f}"),
+    ("step ms (mean / median)", f"{1000 * mean_s:.1f} / {1000 * median_s:.1f}  ({FLAGS.steps} steps)"),
+    ("tokens/s (median)", f"{tokens_per_s:,.0f}"),
+    ("model FLOPs/token", f"{flops_per_token / 1e6:.2f} M  (6N + 12·L·d_attn·T)"),
+    ("achieved TFLOP/s", f"{achieved / 1e12:.4f}"),
+    (
+      "f32 matmul peak TFLOP/s",
+      f"{peak_1024 / 1e12:.4f} (1024²), {peak_2048 / 1e12:.4f} (2048²)"
+      if on_cpu
+      else f"{peak / mesh.size / 1e12:.1f} per device (data sheet)",
+    ),
+    ("MFU", f"{100 * achieved / peak:.1f} %"),
+    ("peak memory", memory),
+    ("final loss", f"{loss:.4f}"),
   ] + rows
   width = max(len(k) for k, _ in rows)
   for k, v in rows:
@@ -175,4 +203,5 @@ def bench():
 
 if __name__ == "__main__":
   from llm_jax import cli
+
   app.run(main, flags_parser=cli.parse_flags)

@@ -18,6 +18,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from llm_jax.tasks.world_facts import end_to_end
+
   cli.run(lambda: end_to_end.run(FLAGS.config, FLAGS.workdir))
 
 

@@ -41,10 +41,20 @@ def main(argv):
   def run():
     from llm_jax import evaluation
     from llm_jax.tasks.world_facts import evaluation as world_facts
-    request = evaluation.Request(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, reference=FLAGS.reference,
-                                 reward_model=FLAGS.reward_model, text=FLAGS.text, qa=FLAGS.qa, pairs=FLAGS.pairs,
-                                 seq_len=FLAGS.seq_len, output=FLAGS.output)
+
+    request = evaluation.Request(
+      workdir=FLAGS.workdir,
+      checkpoint=FLAGS.checkpoint,
+      reference=FLAGS.reference,
+      reward_model=FLAGS.reward_model,
+      text=FLAGS.text,
+      qa=FLAGS.qa,
+      pairs=FLAGS.pairs,
+      seq_len=FLAGS.seq_len,
+      output=FLAGS.output,
+    )
     evaluation.evaluate_workdir(request, world_facts.DEFAULTS)  # The built-in defaults are the world-facts task's.
+
   cli.run(run)
 
 

@@ -35,6 +35,7 @@ def main(argv):
 
   def run():
     import jax
+
     from llm_jax import sharding
     from llm_jax.errors import UserError
     from llm_jax.inference.loading import load_sampler, resolve
@@ -57,18 +58,25 @@ def main(argv):
         raise UserError(f"prompt {i} is empty")
     mesh = sharding.make_mesh(FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)
     sampler, tokenizer, meta = load_sampler(workdir, mesh, step)
-    sampling = SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                              top_k=FLAGS.top_k, top_p=FLAGS.top_p, stop_ids=(tokenizer.eos_id,))
+    sampling = SamplingConfig(
+      max_new_tokens=FLAGS.max_new_tokens,
+      temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k,
+      top_p=FLAGS.top_p,
+      stop_ids=(tokenizer.eos_id,),
+    )
     key = jax.random.key(FLAGS.seed)
     if len(prompts) == 1:  # Stream the answer as it is produced.
       sys.stdout.write(prompts[0] + ("\n" if FLAGS.chat else ""))
-      sampler.complete(tokenizer, prompts, sampling, key, chat=FLAGS.chat,
-                       stream=lambda text: print(text, end="", flush=True))
+      sampler.complete(
+        tokenizer, prompts, sampling, key, chat=FLAGS.chat, stream=lambda text: print(text, end="", flush=True)
+      )
       print()
     else:
       completions = sampler.complete(tokenizer, prompts, sampling, key, chat=FLAGS.chat)
       for prompt, completion in zip(prompts, completions):
         print(prompt + ("\n" if FLAGS.chat else "") + completion, flush=True)
+
   cli.run(run)
 
 

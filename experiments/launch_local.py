@@ -21,8 +21,11 @@ from absl import app, flags
 from llm_jax.flag_parsing import parse_flags
 
 flags.DEFINE_integer("num_processes", 2, "Processes to start.")
-flags.DEFINE_integer("devices_per_process", 0, "CPU devices per process via XLA_FLAGS="
-                     "--xla_force_host_platform_device_count (0: leave XLA_FLAGS alone).")
+flags.DEFINE_integer(
+  "devices_per_process",
+  0,
+  "CPU devices per process via XLA_FLAGS=--xla_force_host_platform_device_count (0: leave XLA_FLAGS alone).",
+)
 flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).")
 flags.DEFINE_string("logs", "", "Directory for process_<i>.log (default: a new temporary directory).")
 flags.DEFINE_float("grace_seconds", 10.0, "After a failure: seconds between SIGTERM and SIGKILL for the rest.")
@@ -33,10 +36,17 @@ FLAGS = flags.FLAGS
 def main(argv):
   from llm_jax import launch  # No jax import: the launcher itself never touches devices.
   from llm_jax.errors import UserError
+
   try:
-    code = launch.launch(argv[1:], num_processes=FLAGS.num_processes,
-                         devices_per_process=FLAGS.devices_per_process, port=FLAGS.port, log_dir=FLAGS.logs,
-                         grace_seconds=FLAGS.grace_seconds, timeout_seconds=FLAGS.timeout_seconds)
+    code = launch.launch(
+      argv[1:],
+      num_processes=FLAGS.num_processes,
+      devices_per_process=FLAGS.devices_per_process,
+      port=FLAGS.port,
+      log_dir=FLAGS.logs,
+      grace_seconds=FLAGS.grace_seconds,
+      timeout_seconds=FLAGS.timeout_seconds,
+    )
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     code = 2

@@ -14,8 +14,9 @@ from llm_jax import cli, flag_parsing
 _CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 flag_parsing.define_config_file("config", os.path.join(_CONFIGS, "pretrain.py"), "Config file.")
 flags.DEFINE_string("workdir", "workdirs/pretrain", "Checkpoints, tokenizer, metrics; rerun to resume.")
-flags.DEFINE_multi_string("sample_prompt", ["The capital of China is", "People in France speak"],
-                          "Prompts to complete after training.")
+flags.DEFINE_multi_string(
+  "sample_prompt", ["The capital of China is", "People in France speak"], "Prompts to complete after training."
+)
 flags.DEFINE_integer("sample_tokens", 48, "Tokens to sample per prompt after training (0: no samples).")
 FLAGS = flags.FLAGS
 
@@ -23,6 +24,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   import jax
+
   from llm_jax.errors import UserError
   from llm_jax.inference.sampler import Sampler, SamplingConfig
   from llm_jax.tokenizer import load_tokenizer
@@ -35,11 +37,13 @@ def main(argv):
     if FLAGS.sample_tokens:
       sampler = Sampler(result.state.graphdef, result.params, result.mesh)
       sampling = SamplingConfig(max_new_tokens=FLAGS.sample_tokens, temperature=0.8)
-      completions = sampler.complete(load_tokenizer(FLAGS.workdir), FLAGS.sample_prompt, sampling,
-                                     jax.random.key(FLAGS.config.seed))
+      completions = sampler.complete(
+        load_tokenizer(FLAGS.workdir), FLAGS.sample_prompt, sampling, jax.random.key(FLAGS.config.seed)
+      )
       for prompt, completion in zip(FLAGS.sample_prompt, completions):
         if jax.process_index() == 0:
           print(f"sample: {prompt}|{completion}", flush=True)
+
   cli.run(run)
 
 

@@ -15,6 +15,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from llm_jax.train import reward_model
+
   cli.run(lambda: reward_model.run(FLAGS.config, FLAGS.workdir))
 
 

@@ -15,6 +15,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from llm_jax.train import rlhf
+
   cli.run(lambda: rlhf.run(FLAGS.config, FLAGS.workdir))
 
 

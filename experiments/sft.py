@@ -21,6 +21,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from llm_jax.train import sft
+
   cli.run(lambda: sft.run(FLAGS.config, FLAGS.workdir))
 
 

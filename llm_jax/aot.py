@@ -32,14 +32,22 @@ from absl import logging
 from llm_jax import config as config_lib
 from llm_jax.errors import UserError
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 # HBM per chip (data sheets). Keys: the topology name's prefix (before ':') and `device_kind` strings.
 HBM_GIB = {
-    "v4": 32, "TPU v4": 32,
-    "v5p": 95, "TPU v5": 95, "TPU v5p": 95,
-    "v5e": 16, "v5litepod": 16, "TPU v5 lite": 16, "TPU v5e": 16,
-    "v6e": 32, "TPU v6 lite": 32, "TPU v6e": 32,
+  "v4": 32,
+  "TPU v4": 32,
+  "v5p": 95,
+  "TPU v5": 95,
+  "TPU v5p": 95,
+  "v5e": 16,
+  "v5litepod": 16,
+  "TPU v5 lite": 16,
+  "TPU v5e": 16,
+  "v6e": 32,
+  "TPU v6 lite": 32,
+  "TPU v6e": 32,
 }
 
 
@@ -81,32 +89,41 @@ class Report:
     return [s for s in self.steps if s.error]
 
   def table(self) -> str:
-    unit, scale = ("GiB", GiB) if max(s.peak_bytes for s in self.steps) >= GiB else ("MiB", 1024 ** 2)
-    lines = [f"topology {self.topology}: {self.num_devices} devices ({self.device_kind}) on {self.num_processes} "
-             f"hosts, {self.hbm_bytes / GiB:.1f} GiB HBM per device",
-             f"model {self.model}: {_count(self.num_params)} parameters; mesh {self.mesh}; {self.description}",
-             f"per device ({unit}):",
-             f"{'step':<8} {'compile s':>9} {'arguments':>10} {'outputs':>9} {'aliased':>9} {'temp':>9} "
-             f"{'peak':>9} {'of HBM':>7}  fits"]
+    unit, scale = ("GiB", GiB) if max(s.peak_bytes for s in self.steps) >= GiB else ("MiB", 1024**2)
+    lines = [
+      f"topology {self.topology}: {self.num_devices} devices ({self.device_kind}) on {self.num_processes} "
+      f"hosts, {self.hbm_bytes / GiB:.1f} GiB HBM per device",
+      f"model {self.model}: {_count(self.num_params)} parameters; mesh {self.mesh}; {self.description}",
+      f"per device ({unit}):",
+      f"{'step':<8} {'compile s':>9} {'arguments':>10} {'outputs':>9} {'aliased':>9} {'temp':>9} "
+      f"{'peak':>9} {'of HBM':>7}  fits",
+    ]
     for s in self.steps:
       if s.error:
         lines.append(f"{s.name:<8} did not compile: {s.error}")
         continue
-      lines.append(f"{s.name:<8} {s.compile_seconds:>9.1f} {s.argument_bytes / scale:>10.2f} "
-                   f"{s.output_bytes / scale:>9.2f} {s.alias_bytes / scale:>9.2f} {s.temp_bytes / scale:>9.2f} "
-                   f"{s.peak_bytes / scale:>9.2f}"
-                   f" {100 * s.peak_bytes / self.hbm_bytes:>6.0f}%  {'yes' if self.fits(s) else 'NO'}"
-                   + (f"  ({s.note})" if s.note else ""))
+      lines.append(
+        f"{s.name:<8} {s.compile_seconds:>9.1f} {s.argument_bytes / scale:>10.2f} "
+        f"{s.output_bytes / scale:>9.2f} {s.alias_bytes / scale:>9.2f} {s.temp_bytes / scale:>9.2f} "
+        f"{s.peak_bytes / scale:>9.2f}"
+        f" {100 * s.peak_bytes / self.hbm_bytes:>6.0f}%  {'yes' if self.fits(s) else 'NO'}"
+        + (f"  ({s.note})" if s.note else "")
+      )
     worst = max(self.steps, key=lambda s: s.peak_bytes)
     if self.errors:
       lines.append(f"ERROR: {', '.join(s.name for s in self.errors)} did not compile (see above)")
     elif all(self.fits(s) for s in self.steps):
-      lines.append(f"FITS: every step fits in {self.hbm_bytes / GiB:.0f} GiB per device (largest: {worst.name}, "
-                   f"{worst.peak_bytes / GiB:.2f} GiB)")
+      lines.append(
+        f"FITS: every step fits in {self.hbm_bytes / GiB:.0f} GiB per device (largest: {worst.name}, "
+        f"{worst.peak_bytes / GiB:.2f} GiB)"
+      )
     else:
       over = [s.name for s in self.steps if not self.fits(s)]
-      lines.append(f"DOES NOT FIT: {', '.join(over)} {'needs' if len(over) == 1 else 'need'} more than {self.hbm_bytes / GiB:.0f} GiB per device "
-                   f"(largest: {worst.name}, {worst.peak_bytes / GiB:.2f} GiB)")
+      lines.append(
+        f"DOES NOT FIT: {', '.join(over)} {'needs' if len(over) == 1 else 'need'} more than "
+        f"{self.hbm_bytes / GiB:.0f} GiB per device "
+        f"(largest: {worst.name}, {worst.peak_bytes / GiB:.2f} GiB)"
+      )
     return "\n".join(lines)
 
 
@@ -133,6 +150,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
   except ImportError:
     raise UserError("ahead-of-time compilation for TPU needs the libtpu package: pip install -e '.[tpu]'") from None
   from jax.experimental import topologies
+
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=num_slices)
   except Exception as e:  # libtpu reports unknown names and shapes as runtime errors.
@@ -164,13 +182,20 @@ def _compile(name: str, lowered_fn) -> tuple[Any, StepReport]:
     if not found:
       raise
     temp = float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024
-    return None, StepReport(name, time.perf_counter() - start, 0, 0, 0, int(temp), 0,
-                            note="compiler: out of HBM (temporaries alone)")
+    return None, StepReport(
+      name, time.perf_counter() - start, 0, 0, 0, int(temp), 0, note="compiler: out of HBM (temporaries alone)"
+    )
   seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
-  return compiled, StepReport(name, seconds, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                              int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
-                              int(m.generated_code_size_in_bytes))
+  return compiled, StepReport(
+    name,
+    seconds,
+    int(m.argument_size_in_bytes),
+    int(m.output_size_in_bytes),
+    int(m.alias_size_in_bytes),
+    int(m.temp_size_in_bytes),
+    int(m.generated_code_size_in_bytes),
+  )
 
 
 def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, devices=None, **kwargs) -> Report:
@@ -180,12 +205,14 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, de
   Keyword arguments: num_slices, hbm_gib, train, decode, decode_batch, prompt_len, cache_len.
   """
   import jax
+
   if devices is not None:
     return _compile_all(config, topology, devices, **kwargs)
   # Executables compiled for a topology (no client) cannot be read back from the persistent compilation cache
   # ("PjRtCompiler must be constructed with a Client"): don't fill the cache with them.
   # (jax decides once per process whether to use the cache: reset that decision on the way in and out.)
   from jax.experimental.compilation_cache import compilation_cache
+
   previous = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()
@@ -196,9 +223,18 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, de
     compilation_cache.reset_cache()
 
 
-def _compile_all(config: ml_collections.ConfigDict, topology: str, devices, num_slices: int = 1,
-                 hbm_gib: float = 0, train: bool = True, decode: bool = True, decode_batch: int = 0,
-                 prompt_len: int = 0, cache_len: int = 0) -> Report:
+def _compile_all(
+  config: ml_collections.ConfigDict,
+  topology: str,
+  devices,
+  num_slices: int = 1,
+  hbm_gib: float = 0,
+  train: bool = True,
+  decode: bool = True,
+  decode_batch: int = 0,
+  prompt_len: int = 0,
+  cache_len: int = 0,
+) -> Report:
   """The work of `compile_for_topology`. Decoding defaults: `decode_batch` = config.batch_size, `cache_len` =
   config.seq_len, `prompt_len` = half of it."""
   import jax
@@ -223,41 +259,61 @@ def _compile_all(config: ml_collections.ConfigDict, topology: str, devices, num_
   prompt_len = prompt_len or max(cache_len // 2, 1)
   if decode:
     if not 0 < prompt_len < cache_len <= model_cfg.max_seq_len:
-      raise UserError(f"need 0 < prompt_len={prompt_len} < cache_len={cache_len} <= model.max_seq_len="
-                      f"{model_cfg.max_seq_len}")
+      raise UserError(
+        f"need 0 < prompt_len={prompt_len} < cache_len={cache_len} <= model.max_seq_len={model_cfg.max_seq_len}"
+      )
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   if decode and decode_batch % sharding.num_batch_shards(mesh):
-    raise UserError(f"decode_batch={decode_batch} must be divisible by mesh.data*mesh.fsdp = "
-                    f"{sharding.num_batch_shards(mesh)}")
+    raise UserError(
+      f"decode_batch={decode_batch} must be divisible by mesh.data*mesh.fsdp = {sharding.num_batch_shards(mesh)}"
+    )
 
   state = model_spec(lm_factory(model_cfg), mesh)
   example = text.pack([[8, 9, 10]], 4)  # The row fields and dtypes pretraining feeds the step.
   batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
-  abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), v.dtype,
-                                            sharding=batch_shardings[k]) for k, v in example.items()}
+  abstract_batch = {
+    k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), v.dtype, sharding=batch_shardings[k])
+    for k, v in example.items()
+  }
   optimization = loop.make_optimization(config, state, next_token_loss, mesh, batch_shardings)
   step_number = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
   steps = []
   if train:
-    _, report = _compile("train", lambda: optimization.train_step.lower(
-        state.abstract_params, optimization.abstract_opt_state, abstract_batch, step_number))
+    _, report = _compile(
+      "train",
+      lambda: optimization.train_step.lower(
+        state.abstract_params, optimization.abstract_opt_state, abstract_batch, step_number
+      ),
+    )
     steps.append(report)
   if decode:
     steps += _compile_decoding(state, model_cfg, mesh, decode_batch, prompt_len, cache_len, step_number)
 
   tokens_per_device = config.batch_size * config.seq_len // len(devices)
-  description = (f"train batch {config.batch_size} × {config.seq_len} tokens ({tokens_per_device:,} per device), "
-                 f"grad_accum {config.grad_accum}, remat {model_cfg.remat}, scan_layers {model_cfg.scan_layers}, "
-                 f"{model_cfg.dtype} compute / {model_cfg.param_dtype} params")
+  description = (
+    f"train batch {config.batch_size} × {config.seq_len} tokens ({tokens_per_device:,} per device), "
+    f"grad_accum {config.grad_accum}, remat {model_cfg.remat}, scan_layers {model_cfg.scan_layers}, "
+    f"{model_cfg.dtype} compute / {model_cfg.param_dtype} params"
+  )
   if decode:
     description += f"; decode {decode_batch} × ({prompt_len} prompt + {cache_len - prompt_len} new)"
-  return Report(topology=topology, device_kind=device_kind, num_devices=len(devices), num_processes=num_processes,
-                hbm_bytes=hbm, mesh=dict(mesh.shape), model=config.model, num_params=model_cfg.num_params(),
-                description=description, steps=steps)
+  return Report(
+    topology=topology,
+    device_kind=device_kind,
+    num_devices=len(devices),
+    num_processes=num_processes,
+    hbm_bytes=hbm,
+    mesh=dict(mesh.shape),
+    model=config.model,
+    num_params=model_cfg.num_params(),
+    description=description,
+    steps=steps,
+  )
 
 
-def _compile_decoding(state, model_cfg, mesh, decode_batch: int, prompt_len: int, cache_len: int, step_number
-                      ) -> list[StepReport]:
+def _compile_decoding(
+  state, model_cfg, mesh, decode_batch: int, prompt_len: int, cache_len: int, step_number
+) -> list[StepReport]:
   """Compiles `Sampler.prefill` and `Sampler.decode` (the decode loop takes the prefill's output shardings)."""
   import jax
   import jax.numpy as jnp
@@ -270,26 +326,37 @@ def _compile_decoding(state, model_cfg, mesh, decode_batch: int, prompt_len: int
   prefill = jax.jit(sampler.prefill, static_argnames=("cache_length",))
   prompts = jax.ShapeDtypeStruct((decode_batch, prompt_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
   try:
-    compiled_prefill, report = _compile("prefill", lambda: prefill.lower(state.abstract_params, prompts, prompts,
-                                                                       cache_length=cache_len))
+    compiled_prefill, report = _compile(
+      "prefill", lambda: prefill.lower(state.abstract_params, prompts, prompts, cache_length=cache_len)
+    )
   except Exception as e:
     logging.exception("prefill did not compile")
-    compiled_prefill, report = None, StepReport("prefill", 0.0, 0, 0, 0, 0, 0,
-                                                error=f"{type(e).__name__}: {_first_line(e)}")
+    compiled_prefill, report = (
+      None,
+      StepReport("prefill", 0.0, 0, 0, 0, 0, 0, error=f"{type(e).__name__}: {_first_line(e)}"),
+    )
   steps.append(report)
   if compiled_prefill is not None:
     # The decode loop's input is the prefill's output, with the shardings the partitioner chose for it.
-    shapes = jax.eval_shape(lambda p, t, s: sampler.prefill(p, t, s, cache_len), state.abstract_params, prompts,
-                            prompts)
-    decode_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                                compiled_prefill.output_shardings)
-    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                               sharding=sharding.replicated(mesh))
+    shapes = jax.eval_shape(
+      lambda p, t, s: sampler.prefill(p, t, s, cache_len), state.abstract_params, prompts, prompts
+    )
+    decode_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, compiled_prefill.output_shardings
+    )
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh))
     decode_fn = jax.jit(sampler.decode, static_argnames=("sampling",), donate_argnames=("state",))
     try:
-      _, report = _compile("decode", lambda: decode_fn.lower(
-          state.abstract_params, decode_state, key, step_number,
-          sampling=SamplingConfig(max_new_tokens=cache_len - prompt_len, temperature=1.0, top_k=0, top_p=0.9)))
+      _, report = _compile(
+        "decode",
+        lambda: decode_fn.lower(
+          state.abstract_params,
+          decode_state,
+          key,
+          step_number,
+          sampling=SamplingConfig(max_new_tokens=cache_len - prompt_len, temperature=1.0, top_k=0, top_p=0.9),
+        ),
+      )
     except Exception as e:  # A bug in the decode path: report it beside the train step's numbers.
       logging.exception("decode did not compile")
       report = StepReport("decode", 0.0, 0, 0, 0, 0, 0, error=f"{type(e).__name__}: {_first_line(e)}")

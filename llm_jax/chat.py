@@ -19,7 +19,7 @@ has nothing to train on: SFT counts and drops it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
@@ -43,8 +43,9 @@ class Message:
 Chat = tuple[Message, ...]
 
 
-def render(tokenizer: Tokenizer, messages: Sequence[Message], generation_prompt: bool = False
-           ) -> tuple[list[int], list[int]]:
+def render(
+  tokenizer: Tokenizer, messages: Sequence[Message], generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
   """Token ids of a conversation and its training mask (1 on assistant text and its <|end|>).
 
   `generation_prompt=True` appends <|assistant|> so that the model's continuation is the answer.
@@ -63,8 +64,11 @@ def render(tokenizer: Tokenizer, messages: Sequence[Message], generation_prompt:
 
 def chat_sampling(sampling):
   """A SamplingConfig for assistant answers: stops at <|end|>/<eos>, never samples another special token."""
-  return dataclasses.replace(sampling, stop_ids=tuple(sorted({*sampling.stop_ids, *ANSWER_STOP_IDS})),
-                             banned_ids=tuple(sorted({*sampling.banned_ids, *BANNED_IN_ANSWERS})))
+  return dataclasses.replace(
+    sampling,
+    stop_ids=tuple(sorted({*sampling.stop_ids, *ANSWER_STOP_IDS})),
+    banned_ids=tuple(sorted({*sampling.banned_ids, *BANNED_IN_ANSWERS})),
+  )
 
 
 def prompt_and_answer(chat: Chat) -> tuple[Chat, str]:

@@ -63,14 +63,17 @@ class UnreadableCheckpoint(UserError):
 
 
 class Checkpointer:
-
   def __init__(self, workdir: str, keep: int = 3, create: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if not create and not os.path.isdir(self.directory):
       raise UserError(f"{self.directory}: no checkpoints here")
     # Several processes: process 0 lists the steps and broadcasts them, so all resume from the same step.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True,
-                                           single_host_load_and_broadcast=jax.process_count() > 1)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      create=create,
+      enable_async_checkpointing=True,
+      single_host_load_and_broadcast=jax.process_count() > 1,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -79,19 +82,20 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, params: Any, opt_state: Any, data_iter, meta: dict[str, Any], extra: Any = None
-           ) -> None:
+  def save(self, step: int, params: Any, opt_state: Any, data_iter, meta: dict[str, Any], extra: Any = None) -> None:
     """`extra`: more arrays a stage keeps beside its model parameters (e.g. RLHF's value function)."""
-    items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                 meta=ocp.args.JsonSave(meta))
+    items = dict(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)
+    )
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     if extra:
       items["extra"] = ocp.args.StandardSave(extra)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None, data_iter=None,
-              abstract_extra: Any = None) -> dict[str, Any]:
+  def restore(
+    self, step: int, abstract_params: Any, abstract_opt_state: Any = None, data_iter=None, abstract_extra: Any = None
+  ) -> dict[str, Any]:
     """Restores the items asked for (abstract trees carry the target shardings); `data_iter` in place.
 
     This one checkpoint only: an `UnreadableCheckpoint` (a UserError) if it does not restore.
@@ -102,9 +106,14 @@ class Checkpointer:
       raise error
     return restored
 
-  def restore_latest(self, abstract_params: Any, abstract_opt_state: Any = None, data_iter=None,
-                     abstract_extra: Any = None, move_aside: bool = False
-                     ) -> tuple[int | None, dict[str, Any] | None]:
+  def restore_latest(
+    self,
+    abstract_params: Any,
+    abstract_opt_state: Any = None,
+    data_iter=None,
+    abstract_extra: Any = None,
+    move_aside: bool = False,
+  ) -> tuple[int | None, dict[str, Any] | None]:
     """(step, restored items) of the newest checkpoint that restores; (None, None) if there is none.
 
     Unreadable newer checkpoints are reported on stderr; with `move_aside` (a run that will save those steps
@@ -120,11 +129,15 @@ class Checkpointer:
         break
       bad.append(error)
     else:
-      raise UserError(f"no checkpoint in {self.directory} restores (nothing was deleted): " + "; ".join(
-          f"{e.step}: {e.file}: {e.reason}" for e in bad))
+      raise UserError(
+        f"no checkpoint in {self.directory} restores (nothing was deleted): "
+        + "; ".join(f"{e.step}: {e.file}: {e.reason}" for e in bad)
+      )
     for error in bad:
-      message = (f"warning: checkpoint {error.path} does not restore ({error.file}: {error.reason}); "
-                 f"using checkpoint {os.path.join(self.directory, str(step))} instead")
+      message = (
+        f"warning: checkpoint {error.path} does not restore ({error.file}: {error.reason}); "
+        f"using checkpoint {os.path.join(self.directory, str(step))} instead"
+      )
       if move_aside:
         message += f"; moved the bad one to {self._move_aside(error.step)}"
       if jax.process_index() == 0:
@@ -132,6 +145,7 @@ class Checkpointer:
     if bad and move_aside:
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices("llm_jax checkpoints moved aside")
       self.manager.reload()  # Forget the moved steps.
     return step, restored
@@ -155,11 +169,14 @@ class Checkpointer:
 
   def _check_exists(self, step: int) -> None:
     if step not in self.manager.all_steps():
-      raise UserError(f"{os.path.join(self.directory, str(step))}: no such checkpoint; "
-                      f"the checkpoints in {self.directory} are {self.all_steps()}")
+      raise UserError(
+        f"{os.path.join(self.directory, str(step))}: no such checkpoint; "
+        f"the checkpoints in {self.directory} are {self.all_steps()}"
+      )
 
-  def _try_restore(self, step: int, abstract_params, abstract_opt_state, data_iter, abstract_extra
-                   ) -> tuple[dict[str, Any] | None, UnreadableCheckpoint | None]:
+  def _try_restore(
+    self, step: int, abstract_params, abstract_opt_state, data_iter, abstract_extra
+  ) -> tuple[dict[str, Any] | None, UnreadableCheckpoint | None]:
     items: dict[str, Any] = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
     if abstract_opt_state is not None:
       items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
@@ -177,6 +194,7 @@ class Checkpointer:
       error = _unreadable(path, step, e, tuple(items))
     if jax.process_count() > 1:  # Each process read its own shards: all must have succeeded.
       from jax.experimental import multihost_utils
+
       everyone = multihost_utils.process_allgather(np.int32(error is None))
       if error is None and not np.all(everyone):
         restored, error = None, UnreadableCheckpoint(path, step, path, "another process could not read it")
@@ -284,8 +302,11 @@ def _damaged_file(path: str, items: tuple[str, ...]) -> str | None:
         file = os.path.join(root, name)
         if os.path.getsize(file) == 0:
           return file
-        if name in ("_METADATA", "_sharding", "metadata") or name.endswith(".json") or \
-            os.path.basename(root) == "array_metadatas":
+        if (
+          name in ("_METADATA", "_sharding", "metadata")
+          or name.endswith(".json")
+          or os.path.basename(root) == "array_metadatas"
+        ):
           try:
             with open(file, "rb") as f:
               json.load(f)
@@ -299,13 +320,21 @@ def _unreadable(path: str, step: int, e: BaseException, items: tuple[str, ...]) 
   # The file: the most specific one an error names (TensorStore quotes the data file), else the first one
   # our own look at the checkpoint finds damaged (JSON errors name no file), else the checkpoint itself.
   reason = _reason(e)
-  named = sorted({p.rstrip("/") for x in _chain(e) for p in _QUOTED_PATH.findall(str(x))
-                  if p.startswith(path + os.sep)}, key=len)
+  named = sorted(
+    {p.rstrip("/") for x in _chain(e) for p in _QUOTED_PATH.findall(str(x)) if p.startswith(path + os.sep)}, key=len
+  )
   file = named[-1] if named and os.path.isfile(named[-1]) else _damaged_file(path, items)
   size = re.search(r"not valid for value of size (\d+)", reason)
   if file is None and named and size:  # OCDBT names its database, not the data file: find it by its size.
-    file = next((os.path.join(root, f) for root, _, files in sorted(os.walk(named[-1])) for f in sorted(files)
-                 if os.path.getsize(os.path.join(root, f)) == int(size[1])), None)
+    file = next(
+      (
+        os.path.join(root, f)
+        for root, _, files in sorted(os.walk(named[-1]))
+        for f in sorted(files)
+        if os.path.getsize(os.path.join(root, f)) == int(size[1])
+      ),
+      None,
+    )
   return UnreadableCheckpoint(path, step, file or (named[-1] if named else path), reason)
 
 
@@ -323,20 +352,25 @@ def _silence_leftover_read_errors() -> None:
 
   def leftover(e) -> bool:
     text = str(e)
-    return ((isinstance(e, RuntimeError) and "Event loop is closed" in text) or  # TensorStore callbacks.
-            text.startswith("Encountered error while reading array index") or  # Orbax's read tasks.
-            (isinstance(e, ValueError) and re.match(r"[A-Z_]{4,}: ", text) is not None))  # TensorStore statuses.
+    return (
+      (isinstance(e, RuntimeError) and "Event loop is closed" in text)  # TensorStore callbacks.
+      or text.startswith("Encountered error while reading array index")  # Orbax's read tasks.
+      or (isinstance(e, ValueError) and re.match(r"[A-Z_]{4,}: ", text) is not None)
+    )  # TensorStore statuses.
 
   previous_hook = sys.unraisablehook
 
   def hook(unraisable):
     if not leftover(unraisable.exc_value):
       previous_hook(unraisable)
+
   sys.unraisablehook = hook
 
   class _Filter(std_logging.Filter):
     def filter(self, record):
       return not (record.exc_info and leftover(record.exc_info[1]))
+
   std_logging.getLogger("asyncio").addFilter(_Filter())
-  warnings.filterwarnings("ignore", message="coroutine '_read_array_index_and_device_put' was never awaited",
-                          category=RuntimeWarning)
+  warnings.filterwarnings(
+    "ignore", message="coroutine '_read_array_index_and_device_put' was never awaited", category=RuntimeWarning
+  )

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import flags, logging
 
 from llm_jax.errors import UserError
 from llm_jax.flag_parsing import parse_flags  # noqa: F401  (re-exported: `app.run(main, flags_parser=cli.parse_flags)`)
 
-flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs "
-                    "(or JAX_COORDINATOR_ADDRESS; TPU pods and SLURM are detected by JAX).")
+flags.DEFINE_string(
+  "coordinator_address",
+  "",
+  "host:port of process 0 for multi-process runs (or JAX_COORDINATOR_ADDRESS; TPU pods and SLURM are detected by JAX).",
+)
 flags.DEFINE_integer("num_processes", 0, "Number of processes (or JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID).")
 
@@ -19,10 +22,12 @@ flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID)
 def run(main: Callable[[], object]) -> None:
   """Runs `main()`; a UserError becomes one line on stderr and exit status 2."""
   from llm_jax import sharding  # Imports jax: after absl has parsed flags.
+
   logging.set_verbosity(logging.WARNING)  # Orbax logs dozens of INFO lines per save.
   try:
-    sharding.maybe_initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                          flags.FLAGS.process_id)
+    sharding.maybe_initialize_distributed(
+      flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
+    )
     main()
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

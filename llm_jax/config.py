@@ -24,8 +24,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def model_overrides() -> ml_collections.ConfigDict:
   """One unset placeholder per ModelConfig field, so `--config.model_overrides.num_layers=4` type-checks."""
-  return ml_collections.ConfigDict({
-      name: config_dict.placeholder(str if name in _CHOICES else t) for name, t in _FIELD_TYPES.items()})
+  return ml_collections.ConfigDict(
+    {name: config_dict.placeholder(str if name in _CHOICES else t) for name, t in _FIELD_TYPES.items()}
+  )
 
 
 def resolve_model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
@@ -45,8 +46,9 @@ def resolve_model_config(config: ml_collections.ConfigDict, vocab_size: int | No
     raise UserError(f"model_overrides: {e}") from None
   validate_model_config(cfg)
   if vocab_size is not None and cfg.vocab_size < vocab_size:
-    raise UserError(f"model_overrides.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
-                    f"vocabulary ({vocab_size})")
+    raise UserError(
+      f"model_overrides.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})"
+    )
   return cfg
 
 
@@ -73,16 +75,25 @@ def validate_model_config(cfg: ModelConfig) -> None:
     bad("head_dim", "must be even for RoPE")
 
 
-def validate_training_config(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1,
-                             model_cfg: ModelConfig | None = None) -> tuple[ModelConfig, tuple[int, int, int]]:
+def validate_training_config(
+  config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, model_cfg: ModelConfig | None = None
+) -> tuple[ModelConfig, tuple[int, int, int]]:
   """Checks every training field that does not need the data; returns the model config and mesh shape.
 
   The model is `config.model` with its overrides, or `model_cfg` for stages that continue an earlier model.
   """
   if model_cfg is None:
     model_cfg = resolve_model_config(config)
-  positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every",
-              "keep_checkpoints")
+  positive = (
+    "steps",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+  )
   for field in positive:
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be positive")
@@ -111,13 +122,17 @@ def validate_training_config(config: ml_collections.ConfigDict, num_devices: int
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
   shards = shape[0] * shape[1]
   if config.batch_size % (shards * config.grad_accum):
-    raise UserError(f"batch_size={config.batch_size} must be divisible by mesh.data*mesh.fsdp*grad_accum = "
-                    f"{shards}*{config.grad_accum}")
+    raise UserError(
+      f"batch_size={config.batch_size} must be divisible by mesh.data*mesh.fsdp*grad_accum = "
+      f"{shards}*{config.grad_accum}"
+    )
   if config.batch_size % process_count:
     raise UserError(f"batch_size={config.batch_size} must be divisible by the process count {process_count}")
   if shards % process_count:  # Each process feeds its own rows: its devices must hold whole batch shards.
-    raise UserError(f"mesh.data*mesh.fsdp = {shards} must be a multiple of the process count {process_count} "
-                    "(each process feeds its own rows of the batch)")
+    raise UserError(
+      f"mesh.data*mesh.fsdp = {shards} must be a multiple of the process count {process_count} "
+      "(each process feeds its own rows of the batch)"
+    )
   return model_cfg, shape
 
 
@@ -125,8 +140,16 @@ def validate_training_config(config: ml_collections.ConfigDict, num_devices: int
 # The blocks every stage's config file shares (configs/*.py call these; they are read by llm_jax.train.loop).
 
 
-def add_optimizer(config: ml_collections.ConfigDict, *, steps: int, learning_rate: float, warmup_steps: int,
-                  min_lr_ratio: float = 0.1, weight_decay: float = 0.0, b2: float = 0.95) -> None:
+def add_optimizer(
+  config: ml_collections.ConfigDict,
+  *,
+  steps: int,
+  learning_rate: float,
+  warmup_steps: int,
+  min_lr_ratio: float = 0.1,
+  weight_decay: float = 0.0,
+  b2: float = 0.95,
+) -> None:
   """AdamW with linear warmup and cosine decay to learning_rate * min_lr_ratio at `steps` (update k uses the
   schedule's value at k); global-norm clipping (0 = off); `grad_accum` microbatches per update."""
   config.steps = steps
@@ -151,8 +174,15 @@ def add_data_loading(data: ml_collections.ConfigDict) -> None:
   data.prefetch = 4
 
 
-def add_cadence(config: ml_collections.ConfigDict, *, log_every: int, checkpoint_every: int, keep_checkpoints: int = 3,
-                eval_every: int | None = None, eval_batches: int | None = None) -> None:
+def add_cadence(
+  config: ml_collections.ConfigDict,
+  *,
+  log_every: int,
+  checkpoint_every: int,
+  keep_checkpoints: int = 3,
+  eval_every: int | None = None,
+  eval_batches: int | None = None,
+) -> None:
   """How often a run logs, evaluates (`eval_batches` = 0: the whole held-out split) and checkpoints."""
   config.log_every = log_every
   if eval_every is not None:

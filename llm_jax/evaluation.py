@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -22,10 +22,15 @@ from llm_jax.data import text
 from llm_jax.errors import UserError
 from llm_jax.inference.loading import load_sampler, resolve
 from llm_jax.inference.sampler import Sampler, SamplingConfig
-from llm_jax.tokenizer import Tokenizer, load_tokenizer
 from llm_jax.modeling import ModelSpec, check_language_model, lm_factory, model_spec, read_model_config
-from llm_jax.sequences import (next_token_loss, positions_from_segments, prompt_response_rows,
-                                 response_log_probs, right_pad)
+from llm_jax.sequences import (
+  next_token_loss,
+  positions_from_segments,
+  prompt_response_rows,
+  response_log_probs,
+  right_pad,
+)
+from llm_jax.tokenizer import Tokenizer, load_tokenizer
 from llm_jax.train import loop, stage
 from llm_jax.train.reward_model import load_reward_model, read_pairs, sequence_scores
 
@@ -36,8 +41,9 @@ def chat_prompts(tokenizer: Tokenizer, questions: list[str]) -> list[list[int]]:
   return [chat_lib.render(tokenizer, [chat_lib.Message("user", q)], generation_prompt=True)[0] for q in questions]
 
 
-def answers(sampler: Sampler, tokenizer: Tokenizer, questions: list[str], sampling: SamplingConfig = ANSWER,
-            seed: int = 0) -> list[str]:
+def answers(
+  sampler: Sampler, tokenizer: Tokenizer, questions: list[str], sampling: SamplingConfig = ANSWER, seed: int = 0
+) -> list[str]:
   """The model's answers to questions asked as user turns (greedy by default)."""
   out = sampler.generate(chat_prompts(tokenizer, questions), sampling, jax.random.key(seed), allow_context_cut=True)
   return [tokenizer.decode(t).strip() for t in out.tokens]
@@ -48,19 +54,19 @@ def win_rate(grades_a: list[int], grades_b: list[int]) -> float:
   return float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(grades_a, grades_b)]))
 
 
-def reward_scores(rm_state: ModelSpec, rm_params, tokenizer: Tokenizer, contexts: list, replies: list[str],
-                  mesh) -> list[float]:
+def reward_scores(
+  rm_state: ModelSpec, rm_params, tokenizer: Tokenizer, contexts: list, replies: list[str], mesh
+) -> list[float]:
   """The reward model's score of each answer; a context is a question (str) or a conversation (Chat)."""
   contexts = [(chat_lib.Message("user", c),) if isinstance(c, str) else tuple(c) for c in contexts]
-  rows = [chat_lib.render(tokenizer, (*c, chat_lib.Message("assistant", r)))[0]
-          for c, r in zip(contexts, replies)]
+  rows = [chat_lib.render(tokenizer, (*c, chat_lib.Message("assistant", r)))[0] for c, r in zip(contexts, replies)]
   length = max(len(r) for r in rows)
   shards = sharding.num_batch_shards(mesh)
   padded = rows + [rows[0]] * (-len(rows) % shards)
   tokens, segments = right_pad(padded, length)
   score = jax.jit(lambda p, t, s: sequence_scores(rm_state.merge(p), t, s))
   batch = sharding.global_batch({"t": tokens, "s": segments}, mesh)
-  return jax.device_get(score(rm_params, batch["t"], batch["s"]))[:len(rows)].tolist()
+  return jax.device_get(score(rm_params, batch["t"], batch["s"]))[: len(rows)].tolist()
 
 
 def pair_accuracy(rm_state: ModelSpec, rm_params, tokenizer: Tokenizer, pairs, mesh) -> dict[str, float]:
@@ -68,13 +74,23 @@ def pair_accuracy(rm_state: ModelSpec, rm_params, tokenizer: Tokenizer, pairs, m
   contexts = [c for c, _, _ in pairs]
   replies = [a for _, a, _ in pairs] + [b for _, _, b in pairs]  # One pass (and one compile) for both sides.
   scores = np.array(reward_scores(rm_state, rm_params, tokenizer, contexts + contexts, replies, mesh))
-  margins = scores[:len(pairs)] - scores[len(pairs):]
-  return {"pair_accuracy": float(np.mean((margins > 0) + 0.5 * (margins == 0))),
-          "pair_margin": float(margins.mean()), "pairs": len(pairs)}
+  margins = scores[: len(pairs)] - scores[len(pairs) :]
+  return {
+    "pair_accuracy": float(np.mean((margins > 0) + 0.5 * (margins == 0))),
+    "pair_margin": float(margins.mean()),
+    "pairs": len(pairs),
+  }
 
 
-def kl_to_reference(sampler: Sampler, ref_state: ModelSpec, ref_params, tokenizer: Tokenizer,
-                    questions: list[str], max_new_tokens: int = 32, seed: int = 0) -> float:
+def kl_to_reference(
+  sampler: Sampler,
+  ref_state: ModelSpec,
+  ref_params,
+  tokenizer: Tokenizer,
+  questions: list[str],
+  max_new_tokens: int = 32,
+  seed: int = 0,
+) -> float:
   """Mean per-answer KL(π ‖ π_ref), estimated (k1) on answers sampled from π at temperature 1."""
   prompts = chat_prompts(tokenizer, questions)
   sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0))
@@ -87,15 +103,17 @@ def kl_to_reference(sampler: Sampler, ref_state: ModelSpec, ref_params, tokenize
     logits = ref_state.merge(params)(tokens, positions_from_segments(segments), segments)
     # The distribution the answers were sampled from: role and control tokens banned, temperature 1.
     return response_log_probs(logits, tokens, prompt_len, banned_ids=chat_lib.BANNED_IN_ANSWERS)[0]
+
   ref = np.asarray(ref_log_probs(ref_params, batch["tokens"], batch["segment_ids"]))
   policy = np.zeros_like(ref)
   for i, lp in enumerate(out.log_probs):
-    policy[i, :len(lp)] = lp
+    policy[i, : len(lp)] = lp
   return float(((policy - ref) * batch["response_mask"]).sum(1).mean())
 
 
-def perplexity(state: ModelSpec, params, tokenizer: Tokenizer, documents: list[str], seq_len: int,
-               mesh, batch_size: int = 8) -> dict[str, float]:
+def perplexity(
+  state: ModelSpec, params, tokenizer: Tokenizer, documents: list[str], seq_len: int, mesh, batch_size: int = 8
+) -> dict[str, float]:
   """Token-level loss and perplexity on documents (packed like pretraining data)."""
   rows = text.pack(tokenizer.encode_batch(documents), seq_len)
   batch_size = max(batch_size, sharding.num_batch_shards(mesh))
@@ -119,6 +137,7 @@ class QuestionSet:
     grade: A gold judge: the answers to `questions` → one grade each (higher is better). Gives `win_rate_gold`.
     summarize: The grades → figures for the results (e.g. accuracy).
   """
+
   questions: list[str]
   references: list[str]
   grade: Callable[[list[str]], list[int]] | None = None
@@ -135,6 +154,7 @@ class Defaults:
     pairs: Preference pairs for a reward model (no `pairs`), by the suffix of their result keys ("" for the main
       set): each set gives pair_accuracy{suffix}, pair_margin{suffix} and pairs{suffix}.
   """
+
   documents: Callable[[], list[str]]
   questions: Callable[[], QuestionSet]
   pairs: Callable[[], dict[str, list]]
@@ -143,6 +163,7 @@ class Defaults:
 @dataclasses.dataclass(frozen=True)
 class Request:
   """experiments/evaluate.py's flags (errors name them so: --output, --text, ...)."""
+
   workdir: str = ""
   checkpoint: str = ""
   reference: str = ""
@@ -157,6 +178,7 @@ class Request:
 @dataclasses.dataclass(frozen=True)
 class _Inputs:
   """A checked request: the model to load and what to evaluate it on."""
+
   workdir: str
   step: int | None
   meta: dict
@@ -169,8 +191,9 @@ def _check_output_and_workdir(request: Request) -> tuple[str, int | None, dict]:
   workdir, step = resolve(request.workdir, request.checkpoint)
   output = request.output
   if os.path.isdir(output) or not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-    raise UserError(f"--output={output}: " + ("is a directory" if os.path.isdir(output)
-                                              else "its directory does not exist"))
+    raise UserError(
+      f"--output={output}: " + ("is a directory" if os.path.isdir(output) else "its directory does not exist")
+    )
   if request.seq_len < 2:
     raise UserError(f"--seq_len={request.seq_len} must be >= 2")
   read_model_config(workdir)  # Not a workdir at all: says so.
@@ -186,8 +209,10 @@ def _read_questions(path: str) -> QuestionSet:
   for i, chat in enumerate(chats):
     if not any(m.role == "assistant" for m in chat[1:]):
       raise UserError(f"--qa={path}: conversation {i + 1} has no assistant answer after a prompt")
-  return QuestionSet([chat_lib.prompt_and_answer(c)[0][-1].content for c in chats],
-                     [chat_lib.prompt_and_answer(c)[1].strip() for c in chats])
+  return QuestionSet(
+    [chat_lib.prompt_and_answer(c)[0][-1].content for c in chats],
+    [chat_lib.prompt_and_answer(c)[1].strip() for c in chats],
+  )
 
 
 def _check_request(request: Request, defaults: Defaults) -> _Inputs:
@@ -197,11 +222,13 @@ def _check_request(request: Request, defaults: Defaults) -> _Inputs:
   """
   workdir, step, meta = _check_output_and_workdir(request)
   if meta.get("stage") == "reward_model":
-    language_model_flags = [f"--{name}" for name in ("reference", "reward_model", "text", "qa")
-                            if getattr(request, name)]
+    language_model_flags = [
+      f"--{name}" for name in ("reference", "reward_model", "text", "qa") if getattr(request, name)
+    ]
     if language_model_flags:
-      raise UserError(f"{', '.join(language_model_flags)}: for language models; {workdir} is a reward model "
-                      "(give it --pairs)")
+      raise UserError(
+        f"{', '.join(language_model_flags)}: for language models; {workdir} is a reward model (give it --pairs)"
+      )
     return _Inputs(workdir, step, meta, pairs={"": read_pairs(request.pairs)} if request.pairs else defaults.pairs())
   if request.pairs:
     raise UserError(f"--pairs: for reward models; {workdir} is a {meta.get('stage')} workdir")
@@ -281,8 +308,11 @@ def evaluate_workdir(request: Request, defaults: Defaults) -> dict:
   """
   inputs = _check_request(request, defaults)
   mesh = sharding.make_mesh()
-  results = {"workdir": os.path.abspath(inputs.workdir), "stage": inputs.meta.get("stage"),
-             "step": inputs.meta.get("step")}
+  results = {
+    "workdir": os.path.abspath(inputs.workdir),
+    "stage": inputs.meta.get("stage"),
+    "step": inputs.meta.get("step"),
+  }
   if inputs.meta.get("stage") == "reward_model":
     _evaluate_reward_model(inputs, mesh, results)
   else:

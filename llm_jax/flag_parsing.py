@@ -33,8 +33,14 @@ def _unknown_field(e: Exception, argv: list[str]) -> None:
   message = str(e.args[0] if e.args else e)
   suggestion = re.search(r'Did you mean "([\w.]+)" instead of "([\w.]+)"', message)
   field = suggestion[2] if suggestion else (re.findall(r"\w+", message) or ["?"])[0]
-  given = next((a.split("=")[0] for a in argv[1:] if a.startswith("--") and
-                re.search(rf"[.]{re.escape(field)}(=|$|[.])", a.split("=")[0])), field)
+  given = next(
+    (
+      a.split("=")[0]
+      for a in argv[1:]
+      if a.startswith("--") and re.search(rf"[.]{re.escape(field)}(=|$|[.])", a.split("=")[0])
+    ),
+    field,
+  )
   fail(f"{given}: the config has no field {field!r}" + (f" (did you mean {suggestion[1]!r}?)" if suggestion else ""))
 
 

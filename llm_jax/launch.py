@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from llm_jax.errors import UserError
 
@@ -28,10 +28,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(base: dict[str, str], coordinator: str, num_processes: int, process_id: int,
-                devices_per_process: int) -> dict[str, str]:
-  env = dict(base, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(num_processes),
-             JAX_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
+def process_env(
+  base: dict[str, str], coordinator: str, num_processes: int, process_id: int, devices_per_process: int
+) -> dict[str, str]:
+  env = dict(
+    base,
+    JAX_COORDINATOR_ADDRESS=coordinator,
+    JAX_NUM_PROCESSES=str(num_processes),
+    JAX_PROCESS_ID=str(process_id),
+    PYTHONUNBUFFERED="1",
+  )
   if devices_per_process:
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
@@ -100,8 +106,14 @@ def _checked_command(command: Sequence[str], num_processes: int, devices_per_pro
   return command
 
 
-def _wait(procs: list[subprocess.Popen], threads: list[threading.Thread], logs: list[str], grace_seconds: float,
-          timeout_seconds: float, poll_seconds: float) -> int:
+def _wait(
+  procs: list[subprocess.Popen],
+  threads: list[threading.Thread],
+  logs: list[str],
+  grace_seconds: float,
+  timeout_seconds: float,
+  poll_seconds: float,
+) -> int:
   """Until every process succeeded (0), one failed (its status; the others are stopped) or the timeout (124)."""
   start = time.monotonic()
   while True:
@@ -112,8 +124,12 @@ def _wait(procs: list[subprocess.Popen], threads: list[threading.Thread], logs: 
       _stop(procs, grace_seconds)
       for t in threads:
         t.join(timeout=5)
-      print(f"launch_local: process {i} failed ({_describe(codes[i])}); stopped the other processes. "
-            f"End of {logs[i]}:\n{_tail(logs[i])}", file=sys.stderr, flush=True)
+      print(
+        f"launch_local: process {i} failed ({_describe(codes[i])}); stopped the other processes. "
+        f"End of {logs[i]}:\n{_tail(logs[i])}",
+        file=sys.stderr,
+        flush=True,
+      )
       return _exit_code(codes[i]) or 1
     if all(c == 0 for c in codes):
       for t in threads:
@@ -121,8 +137,9 @@ def _wait(procs: list[subprocess.Popen], threads: list[threading.Thread], logs: 
       return 0
     if timeout_seconds and time.monotonic() - start > timeout_seconds:
       _stop(procs, grace_seconds)
-      print(f"launch_local: timed out after {timeout_seconds:.0f} s; stopped all processes", file=sys.stderr,
-            flush=True)
+      print(
+        f"launch_local: timed out after {timeout_seconds:.0f} s; stopped all processes", file=sys.stderr, flush=True
+      )
       return 124
     time.sleep(poll_seconds)
 
@@ -131,17 +148,24 @@ def _raise_sigterm(*_):
   raise SystemExit(128 + signal.SIGTERM)
 
 
-def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: int = 0, port: int = 0,
-           log_dir: str = "", grace_seconds: float = 10.0, timeout_seconds: float = 0.0, poll_seconds: float = 0.1,
-           out=None) -> int:
+def launch(
+  command: Sequence[str],
+  num_processes: int = 2,
+  devices_per_process: int = 0,
+  port: int = 0,
+  log_dir: str = "",
+  grace_seconds: float = 10.0,
+  timeout_seconds: float = 0.0,
+  poll_seconds: float = 0.1,
+  out=None,
+) -> int:
   """Runs `command` as `num_processes` cooperating processes; returns the exit status (0: all succeeded)."""
   out = out or sys.stdout
   command = _checked_command(command, num_processes, devices_per_process, port)
   log_dir = log_dir or tempfile.mkdtemp(prefix="launch_local_")
   os.makedirs(log_dir, exist_ok=True)
   coordinator = f"127.0.0.1:{port or free_port()}"
-  print(f"launch_local: {num_processes} processes, coordinator {coordinator}, logs in {log_dir}", file=out,
-        flush=True)
+  print(f"launch_local: {num_processes} processes, coordinator {coordinator}, logs in {log_dir}", file=out, flush=True)
 
   previous_handler = None
   if threading.current_thread() is threading.main_thread():  # SIGTERM here: stop the processes, then exit.
@@ -154,8 +178,15 @@ def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: 
       env = process_env(dict(os.environ), coordinator, num_processes, i, devices_per_process)
       log = open(logs[i], "w")
       if i == 0:  # Stream process 0 and keep a copy in its log.
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, text=True, errors="replace")
+        proc = subprocess.Popen(
+          command,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          start_new_session=True,
+          text=True,
+          errors="replace",
+        )
 
         def pump(stream=proc.stdout, log=log):
           for line in stream:
@@ -163,6 +194,7 @@ def launch(command: Sequence[str], num_processes: int = 2, devices_per_process: 
             out.flush()
             log.write(line)
           log.close()
+
         thread = threading.Thread(target=pump, daemon=True)
         thread.start()
         threads.append(thread)

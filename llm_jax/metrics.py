@@ -18,7 +18,6 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter:
-
   def __init__(self, workdir: str, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = os.path.join(workdir, METRICS_FILE)

@@ -86,28 +86,81 @@ class ModelConfig:
 
 # The model sizes used by the project. Pretraining replaces `vocab_size` with the tokenizer's (rounded up).
 PRESETS: dict[str, ModelConfig] = {
-    # Tests: a Llama-style model with every feature switched on (RoPE, RMSNorm, SwiGLU, GQA), tiny.
-    "tiny": ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=192, max_seq_len=128,
-                        position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False),
-    # The default pretraining run (README): learns the built-in corpus's facts in a few CPU minutes.
-    "small": ModelConfig(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=384, max_seq_len=256,
-                         position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False),
-    # nanoGPT's "baby" shakespeare_char model for CPUs: 4 layers, 128 wide, 4 heads, block 64.
-    "baby_char": ModelConfig(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, d_ff=512, max_seq_len=64),
-    # nanoGPT's shakespeare_char model: 6 layers, 384 wide, 6 heads, block 256 (no bias, tied, GELU).
-    "gpt2_char": ModelConfig(num_layers=6, d_model=384, num_heads=6, num_kv_heads=6, d_ff=1536,
-                             max_seq_len=256),
-    # GPT-2 small (vocab rounded up to a multiple of 64, as nanoGPT does).
-    "gpt2_124m": ModelConfig(vocab_size=50_304, num_layers=12, d_model=768, num_heads=12, num_kv_heads=12,
-                             d_ff=3072, max_seq_len=1024, use_bias=True),
-    # Llama 3.2 1B shape.
-    "llama_1b": ModelConfig(vocab_size=128_256, num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8,
-                            head_dim=64, d_ff=8192, max_seq_len=8192, position="rope", rope_theta=500_000.0,
-                            norm="rmsnorm", mlp="swiglu", tie_embeddings=True, dtype="bfloat16"),
-    # Llama 2 7B shape.
-    "llama_7b": ModelConfig(vocab_size=32_000, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=32,
-                            d_ff=11_008, max_seq_len=4096, position="rope", norm="rmsnorm", mlp="swiglu",
-                            tie_embeddings=False, dtype="bfloat16", remat="full", scan_layers=True),
+  # Tests: a Llama-style model with every feature switched on (RoPE, RMSNorm, SwiGLU, GQA), tiny.
+  "tiny": ModelConfig(
+    num_layers=2,
+    d_model=64,
+    num_heads=4,
+    num_kv_heads=2,
+    d_ff=192,
+    max_seq_len=128,
+    position="rope",
+    norm="rmsnorm",
+    mlp="swiglu",
+    tie_embeddings=False,
+  ),
+  # The default pretraining run (README): learns the built-in corpus's facts in a few CPU minutes.
+  "small": ModelConfig(
+    num_layers=4,
+    d_model=128,
+    num_heads=4,
+    num_kv_heads=2,
+    d_ff=384,
+    max_seq_len=256,
+    position="rope",
+    norm="rmsnorm",
+    mlp="swiglu",
+    tie_embeddings=False,
+  ),
+  # nanoGPT's "baby" shakespeare_char model for CPUs: 4 layers, 128 wide, 4 heads, block 64.
+  "baby_char": ModelConfig(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, d_ff=512, max_seq_len=64),
+  # nanoGPT's shakespeare_char model: 6 layers, 384 wide, 6 heads, block 256 (no bias, tied, GELU).
+  "gpt2_char": ModelConfig(num_layers=6, d_model=384, num_heads=6, num_kv_heads=6, d_ff=1536, max_seq_len=256),
+  # GPT-2 small (vocab rounded up to a multiple of 64, as nanoGPT does).
+  "gpt2_124m": ModelConfig(
+    vocab_size=50_304,
+    num_layers=12,
+    d_model=768,
+    num_heads=12,
+    num_kv_heads=12,
+    d_ff=3072,
+    max_seq_len=1024,
+    use_bias=True,
+  ),
+  # Llama 3.2 1B shape.
+  "llama_1b": ModelConfig(
+    vocab_size=128_256,
+    num_layers=16,
+    d_model=2048,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    d_ff=8192,
+    max_seq_len=8192,
+    position="rope",
+    rope_theta=500_000.0,
+    norm="rmsnorm",
+    mlp="swiglu",
+    tie_embeddings=True,
+    dtype="bfloat16",
+  ),
+  # Llama 2 7B shape.
+  "llama_7b": ModelConfig(
+    vocab_size=32_000,
+    num_layers=32,
+    d_model=4096,
+    num_heads=32,
+    num_kv_heads=32,
+    d_ff=11_008,
+    max_seq_len=4096,
+    position="rope",
+    norm="rmsnorm",
+    mlp="swiglu",
+    tie_embeddings=False,
+    dtype="bfloat16",
+    remat="full",
+    scan_layers=True,
+  ),
 }
 
 
@@ -130,20 +183,24 @@ def batch_sharded(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1))))
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float,
-           dtype) -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float, dtype) -> nnx.Param:
   """A normal(0, std) parameter annotated with its logical axis names."""
-  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), out_sharding=names,
-                   eager_sharding=False)
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-  kwargs = dict(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-                scale_init=_logical(nnx.initializers.ones_init(), ("embed",)))
+  kwargs = dict(
+    epsilon=cfg.norm_eps,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    rngs=rngs,
+    scale_init=_logical(nnx.initializers.ones_init(), ("embed",)),
+  )
   if cfg.norm == "rmsnorm":
     return nnx.RMSNorm(cfg.d_model, **kwargs)
-  return nnx.LayerNorm(cfg.d_model, use_bias=cfg.use_bias,
-                       bias_init=_logical(nnx.initializers.zeros_init(), ("embed",)), **kwargs)
+  return nnx.LayerNorm(
+    cfg.d_model, use_bias=cfg.use_bias, bias_init=_logical(nnx.initializers.zeros_init(), ("embed",)), **kwargs
+  )
 
 
 def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
@@ -156,8 +213,9 @@ def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNH.dtype)
 
 
-def attention_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array, q_positions_BL: jax.Array,
-                   kv_positions_BS: jax.Array) -> jax.Array:
+def attention_mask(
+  q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array, q_positions_BL: jax.Array, kv_positions_BS: jax.Array
+) -> jax.Array:
   """Who may attend to whom, [B, 1, L, S]: same document (segment) and not in the future.
 
   Segment 0 is padding: it is never attended by a real token (its segment differs). Causality is judged on
@@ -178,6 +236,7 @@ class KVCache:
   [layers, B, K, S, H]: each (row, kv head) is then a contiguous [S, H] matrix, the layout both attention
   matmuls want, so a decode step reads the cache in place instead of transposing a copy of it.
   """
+
   k_LBKSH: jax.Array
   v_LBKSH: jax.Array
   positions_BS: jax.Array  # Position of the token in each slot.
@@ -185,35 +244,50 @@ class KVCache:
   index: jax.Array  # int32 scalar: the next slot to write.
 
   @classmethod
-  def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+  def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
     zeros = jnp.zeros(shape, dtype or cfg.dtype)
-    return cls(zeros, zeros, jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch, length), jnp.int32),
-               jnp.zeros((), jnp.int32))
+    return cls(
+      zeros,
+      zeros,
+      jnp.zeros((batch, length), jnp.int32),
+      jnp.zeros((batch, length), jnp.int32),
+      jnp.zeros((), jnp.int32),
+    )
 
-  def pad_to(self, length: int) -> "KVCache":
+  def pad_to(self, length: int) -> KVCache:
     """The same cache with empty slots (segment 0, never attended) appended up to `length` slots."""
     extra = length - self.segment_ids_BS.shape[1]
     pad = lambda x, axis: jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
-    return dataclasses.replace(self, k_LBKSH=pad(self.k_LBKSH, 3), v_LBKSH=pad(self.v_LBKSH, 3),
-                               positions_BS=pad(self.positions_BS, 1), segment_ids_BS=pad(self.segment_ids_BS, 1))
+    return dataclasses.replace(
+      self,
+      k_LBKSH=pad(self.k_LBKSH, 3),
+      v_LBKSH=pad(self.v_LBKSH, 3),
+      positions_BS=pad(self.positions_BS, 1),
+      segment_ids_BS=pad(self.segment_ids_BS, 1),
+    )
 
-  def add_tokens(self, positions_BL: jax.Array, segment_ids_BL: jax.Array) -> "KVCache":
+  def add_tokens(self, positions_BL: jax.Array, segment_ids_BL: jax.Array) -> KVCache:
     """Records the positions and segments of L new tokens at `index` (before the layers write K/V)."""
     write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), self.index, axis=1)
-    return dataclasses.replace(self, positions_BS=write(self.positions_BS, positions_BL),
-                               segment_ids_BS=write(self.segment_ids_BS, segment_ids_BL))
+    return dataclasses.replace(
+      self,
+      positions_BS=write(self.positions_BS, positions_BL),
+      segment_ids_BS=write(self.segment_ids_BS, segment_ids_BL),
+    )
 
-  def write_layer(self, layer, k_BLKH: jax.Array, v_BLKH: jax.Array) -> "KVCache":
+  def write_layer(self, layer, k_BLKH: jax.Array, v_BLKH: jax.Array) -> KVCache:
     """Writes one layer's new keys/values in place (a dynamic-update-slice of the stacked buffers)."""
     start = (layer, 0, 0, self.index, 0)
     write = lambda buf, new_BLKH: jax.lax.dynamic_update_slice(
-        buf, new_BLKH.transpose(0, 2, 1, 3)[None].astype(buf.dtype), start)
+      buf, new_BLKH.transpose(0, 2, 1, 3)[None].astype(buf.dtype), start
+    )
     return dataclasses.replace(self, k_LBKSH=write(self.k_LBKSH, k_BLKH), v_LBKSH=write(self.v_LBKSH, v_BLKH))
 
 
-def attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1LS: jax.Array, *,
-              kv_heads_first: bool = False) -> jax.Array:
+def attention(
+  q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1LS: jax.Array, *, kv_heads_first: bool = False
+) -> jax.Array:
   """Masked softmax attention; K < N heads is grouped-query attention (each K/V head serves N/K queries).
 
   The same math as `jax.nn.dot_product_attention(implementation="xla")` (float32 softmax), written out because
@@ -249,7 +323,6 @@ def attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1LS
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -259,15 +332,17 @@ class Attention(nnx.Module):
     self.wv_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
     self.wo_NHD = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
     if cfg.use_bias:
-      zeros = lambda shape, names: nnx.Param(jnp.zeros(shape, cfg.param_dtype), out_sharding=names,
-                                          eager_sharding=False)
+      zeros = lambda shape, names: nnx.Param(
+        jnp.zeros(shape, cfg.param_dtype), out_sharding=names, eager_sharding=False
+      )
       self.bias_q_NH = zeros((n, h), ("heads", "head_dim"))
       self.bias_k_KH = zeros((k, h), ("kv_heads", "head_dim"))
       self.bias_v_KH = zeros((k, h), ("kv_heads", "head_dim"))
       self.bias_o_D = zeros((d,), ("embed",))
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
-               cache: KVCache | None = None, layer=0) -> tuple[jax.Array, KVCache | None]:
+  def __call__(
+    self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array, cache: KVCache | None = None, layer=0
+  ) -> tuple[jax.Array, KVCache | None]:
     """Self-attention over the L new tokens, plus the cached ones when decoding with a `cache`."""
     cfg, dt = self.cfg, self.cfg.dtype
     b, l, d = x_BLD.shape
@@ -279,8 +354,11 @@ class Attention(nnx.Module):
     k_BLKH = (x_TD @ self.wk_DKH[...].astype(dt).reshape(d, k * h)).reshape(b, l, k, h)
     v_BLKH = (x_TD @ self.wv_DKH[...].astype(dt).reshape(d, k * h)).reshape(b, l, k, h)
     if cfg.use_bias:
-      q_BLNH, k_BLKH, v_BLKH = (q_BLNH + self.bias_q_NH[...].astype(dt), k_BLKH + self.bias_k_KH[...].astype(dt),
-                                v_BLKH + self.bias_v_KH[...].astype(dt))
+      q_BLNH, k_BLKH, v_BLKH = (
+        q_BLNH + self.bias_q_NH[...].astype(dt),
+        k_BLKH + self.bias_k_KH[...].astype(dt),
+        v_BLKH + self.bias_v_KH[...].astype(dt),
+      )
     if cfg.position == "rope":
       q_BLNH = apply_rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = apply_rope(k_BLKH, positions_BL, cfg.rope_theta)
@@ -301,7 +379,8 @@ class Attention(nnx.Module):
       if kv_heads_first:
         k_BSKH, v_BSKH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
       out_BLNH = jax.nn.dot_product_attention(
-          q_BLNH, k_BSKH, v_BSKH, mask=mask, implementation=None if cfg.attention_impl == "auto" else "cudnn")
+        q_BLNH, k_BSKH, v_BSKH, mask=mask, implementation=None if cfg.attention_impl == "auto" else "cudnn"
+      )
     out_BLD = (out_BLNH.reshape(b * l, n * h) @ self.wo_NHD[...].astype(dt).reshape(n * h, d)).reshape(b, l, d)
     if cfg.use_bias:
       out_BLD = out_BLD + self.bias_o_D[...].astype(dt)
@@ -309,7 +388,6 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, f = cfg.d_model, cfg.d_ff
@@ -353,46 +431,53 @@ class Block(nnx.Module):
     self.mlp_norm = _norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
-               cache: KVCache | None = None, layer=0) -> tuple[jax.Array, KVCache | None]:
+  def __call__(
+    self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array, cache: KVCache | None = None, layer=0
+  ) -> tuple[jax.Array, KVCache | None]:
     attn_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL, cache, layer)
     x_BLD = x_BLD + attn_BLD
     return x_BLD + self.mlp(self.mlp_norm(x_BLD)), cache
 
 
 _REMAT_POLICIES = {
-    "full": None,  # Save nothing: recompute the whole block.
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep matmul outputs.
+  "full": None,  # Save nothing: recompute the whole block.
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep matmul outputs.
 }
 
 
 class Transformer(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     embed_init = _logical(nnx.initializers.normal(cfg.init_std), ("vocab", "embed"))
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                           embedding_init=embed_init, rngs=rngs)
+    self.embed = nnx.Embed(
+      cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=embed_init, rngs=rngs
+    )
     if cfg.position == "learned":
       self.pos_embed = nnx.Embed(
-          cfg.max_seq_len, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-          embedding_init=_logical(nnx.initializers.normal(cfg.init_std), (None, "embed")))
+        cfg.max_seq_len,
+        cfg.d_model,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        rngs=rngs,
+        embedding_init=_logical(nnx.initializers.normal(cfg.init_std), (None, "embed")),
+      )
     if cfg.scan_layers:
       # One Block whose parameters have a leading "layers" axis, created by vmapping the constructor.
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def make_stacked_blocks(rngs: nnx.Rngs) -> Block:
         return Block(cfg, rngs=rngs)
+
       self.blocks = make_stacked_blocks(rngs)
     else:
       self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _norm(cfg, rngs)
     if not cfg.tie_embeddings:
-      self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
-                               cfg.param_dtype)
+      self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, cfg.param_dtype)
 
-  def backbone(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
-               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+  def backbone(
+    self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None
+  ) -> jax.Array:
     """Final-norm hidden states [B, L, D]. Without segment ids the row is one document (no padding)."""
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
@@ -400,8 +485,9 @@ class Transformer(nnx.Module):
       segment_ids_BL = jnp.ones_like(tokens_BL)
     return self._layers(tokens_BL, positions_BL, segment_ids_BL, None)[0]
 
-  def backbone_with_cache(self, tokens_BL: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
-                          cache: KVCache) -> tuple[jax.Array, KVCache]:
+  def backbone_with_cache(
+    self, tokens_BL: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array, cache: KVCache
+  ) -> tuple[jax.Array, KVCache]:
     """Like `backbone`, for L new tokens that also attend to the cache's; writes their keys/values into it.
 
     Prefill is a call with the (left-padded) prompts, decoding one call per token with L = 1.
@@ -419,16 +505,18 @@ class Transformer(nnx.Module):
 
     def run_block(block: Block, x_BLD: jax.Array, cache, layer):
       return block(x_BLD, positions_BL, segment_ids_BL, cache, layer)
+
     if cfg.remat != "none" and cache is None:
       run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat])
 
     if cfg.scan_layers:
-      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
-                transform_metadata={nnx.PARTITION_NAME: "layers"})
+
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def run_stack(block: Block, carry):
         x_BLD, cache, layer = carry
         x_BLD, cache = run_block(block, x_BLD, cache, layer)
         return x_BLD, cache, layer + 1
+
       x_BLD, cache, _ = run_stack(self.blocks, (x_BLD, cache, jnp.int32(0)))
     else:
       for layer, block in enumerate(self.blocks):
@@ -443,6 +531,7 @@ class Transformer(nnx.Module):
       logits_BLV = h_BLD @ self.lm_head_DV[...].astype(self.cfg.dtype)
     return batch_sharded(logits_BLV.astype(jnp.float32))
 
-  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
-               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None
+  ) -> jax.Array:
     return self.logits(self.backbone(tokens_BL, positions_BL, segment_ids_BL))

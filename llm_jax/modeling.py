@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -43,6 +44,7 @@ def lm_factory(model_cfg: ModelConfig) -> ModelFactory:
 @dataclasses.dataclass
 class ModelSpec:
   """What a model is on a mesh, without its arrays: the static graph, the parameters' shapes and shardings."""
+
   graphdef: Any
   abstract_params: Any  # ShapeDtypeStructs carrying the target shardings.
   param_shardings: Any
@@ -64,9 +66,11 @@ def model_spec(model_factory: ModelFactory, mesh: Mesh) -> ModelSpec:
 
 def init_params(model_factory: ModelFactory, spec: ModelSpec, seed: int):
   """Initializes directly into the target shardings: no device ever holds the whole model."""
+
   def init():
     with nnx.use_eager_sharding(False):
       return nnx.to_pure_dict(nnx.state(model_factory(nnx.Rngs(seed))))
+
   return jax.jit(init, out_shardings=spec.param_shardings)()
 
 
@@ -99,8 +103,10 @@ def check_model_matches(workdir: str, meta: dict) -> None:
   recorded, current = meta.get("model") or {}, dataclasses.asdict(read_model_config(workdir))
   changed = sorted(k for k in recorded if k in current and recorded[k] != current[k])  # Older records lack fields.
   if changed:
-    raise UserError(f"{workdir}/config.json describes another model than its checkpoint {meta.get('step')} "
-                    f"(fields {changed} differ): was config.json replaced?")
+    raise UserError(
+      f"{workdir}/config.json describes another model than its checkpoint {meta.get('step')} "
+      f"(fields {changed} differ): was config.json replaced?"
+    )
 
 
 def check_language_model(workdir: str, step: int | None = None) -> dict:
@@ -110,14 +116,17 @@ def check_language_model(workdir: str, step: int | None = None) -> dict:
   if meta is None:
     raise UserError(f"{workdir}: no readable checkpoint in {os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)}")
   if meta.get("stage") == "reward_model":
-    raise UserError(f"{workdir} is a reward-model workdir: it scores answers but does not generate; give a "
-                    "pretraining, SFT or RLHF workdir")
+    raise UserError(
+      f"{workdir} is a reward-model workdir: it scores answers but does not generate; give a "
+      "pretraining, SFT or RLHF workdir"
+    )
   check_model_matches(workdir, meta)
   return meta
 
 
-def load_model(workdir: str, mesh: Mesh, step: int | None = None, model_factory: ModelFactory | None = None
-               ) -> tuple[ModelSpec, Any, dict[str, Any]]:
+def load_model(
+  workdir: str, mesh: Mesh, step: int | None = None, model_factory: ModelFactory | None = None
+) -> tuple[ModelSpec, Any, dict[str, Any]]:
   """(spec, parameters sharded on `mesh`, checkpoint meta) of the latest (or `step`'s) checkpoint of `workdir`.
 
   The model is the workdir's language model unless `model_factory` builds another (e.g. a reward model).

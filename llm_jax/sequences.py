@@ -6,7 +6,7 @@ Rows are [B, T] arrays of token ids with segment ids (0 = padding, never attende
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,8 @@ def left_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np
   segments = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
     if len(row):
-      tokens[i, length - len(row):] = row
-      segments[i, length - len(row):] = 1
+      tokens[i, length - len(row) :] = row
+      segments[i, length - len(row) :] = 1
   return tokens, segments
 
 
@@ -35,18 +35,21 @@ def right_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, n
   tokens = np.full((len(rows), length), PAD_ID, np.int32)
   segments = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
-    tokens[i, :len(row)], segments[i, :len(row)] = row, 1
+    tokens[i, : len(row)], segments[i, : len(row)] = row, 1
   return tokens, segments
 
 
-def prompt_response_rows(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], prompt_len: int,
-                         max_new: int) -> dict[str, np.ndarray]:
+def prompt_response_rows(
+  prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], prompt_len: int, max_new: int
+) -> dict[str, np.ndarray]:
   """[B, P + N] arrays: left-padded prompt, then the response, then padding; and the response mask [B, N]."""
   tokens, segments = left_pad(prompts, prompt_len)
   response, response_mask = right_pad(responses, max_new)
-  return {"tokens": np.concatenate([tokens, response], 1),
-          "segment_ids": np.concatenate([segments, response_mask], 1),
-          "response_mask": response_mask.astype(np.float32)}
+  return {
+    "tokens": np.concatenate([tokens, response], 1),
+    "segment_ids": np.concatenate([segments, response_mask], 1),
+    "response_mask": response_mask.astype(np.float32),
+  }
 
 
 def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
@@ -64,11 +67,12 @@ def restrict_logits(logits_BV: jax.Array, temperature: float = 1.0, banned_ids: 
   return logits_BV / temperature if temperature else logits_BV
 
 
-def response_log_probs(logits_BTV, tokens_BT, prompt_len: int, temperature: float = 1.0,
-                       banned_ids: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
+def response_log_probs(
+  logits_BTV, tokens_BT, prompt_len: int, temperature: float = 1.0, banned_ids: Sequence[int] = ()
+) -> tuple[jax.Array, jax.Array]:
   """log p and entropy of each response token [B, N] under the distribution rollouts sample from (banned ids
   removed, logits / temperature; `restrict_logits`, as the sampler does); the response starts at `prompt_len`."""
-  logits_BNV = restrict_logits(logits_BTV[:, prompt_len - 1:-1], temperature, banned_ids)
+  logits_BNV = restrict_logits(logits_BTV[:, prompt_len - 1 : -1], temperature, banned_ids)
   log_probs_BNV = jax.nn.log_softmax(logits_BNV)
   chosen_BN = jnp.take_along_axis(log_probs_BNV, tokens_BT[:, prompt_len:, None], axis=-1)[..., 0]
   entropy_BN = -jnp.sum(jnp.exp(log_probs_BNV) * log_probs_BNV, axis=-1)

@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm_jax.errors import UserError
 
@@ -26,15 +27,15 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_RULES: dict[str | None, str | tuple[str, ...] | None] = {
-    "batch": BATCH_AXES,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "layers": None,
-    None: None,
+  "batch": BATCH_AXES,
+  "vocab": "tensor",
+  "embed": "fsdp",
+  "mlp": "tensor",
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "head_dim": None,
+  "layers": None,
+  None: None,
 }
 
 
@@ -50,12 +51,13 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
   known = math.prod(size for size in sizes.values() if size != -1)
   if fill:
     if num_devices % known:
-      raise UserError(f"mesh: {sizes} cannot fill {num_devices} devices ({num_devices} is not a multiple of "
-                      f"{known})")
+      raise UserError(f"mesh: {sizes} cannot fill {num_devices} devices ({num_devices} is not a multiple of {known})")
     sizes[fill[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
-    raise UserError(f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} but there are {num_devices} devices "
-                    f"({sizes}); use -1 for one axis to fill")
+    raise UserError(
+      f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} but there are {num_devices} devices "
+      f"({sizes}); use -1 for one axis to fill"
+    )
   return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
@@ -88,8 +90,11 @@ def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh:
 def tree_shardings(abstract_tree: Any, logical_names: Any, mesh: Mesh) -> Any:
   """NamedShardings for a tree of arrays, given the same tree of logical-name PartitionSpecs."""
   return jax.tree.map(
-      lambda x, names: NamedSharding(mesh, logical_to_spec(tuple(names), x.shape, mesh)),
-      abstract_tree, logical_names, is_leaf=lambda x: isinstance(x, P))
+    lambda x, names: NamedSharding(mesh, logical_to_spec(tuple(names), x.shape, mesh)),
+    abstract_tree,
+    logical_names,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -107,12 +112,10 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's rows into global arrays sharded on the batch axes (process order = row order)."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-          for k, v in local_batch.items()}
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local_batch.items()}
 
 
-def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
-                                 process_id: int = -1) -> None:
+def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
   """Calls `jax.distributed.initialize` when launched as several processes.
 
   Explicit arguments win; otherwise JAX's own auto-detection (TPU pods, SLURM, or the JAX_COORDINATOR_ADDRESS /
@@ -126,6 +129,7 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
   if num_processes and not 0 <= process_id < num_processes:
     raise UserError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Only used when the platform is CPU.
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -33,6 +33,7 @@ SPM_MODEL_FILE = "tokenizer.model"
 
 class Tokenizer:
   """The interface shared by both kinds."""
+
   kind: str
   vocab_size: int
   pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
@@ -60,6 +61,7 @@ class Tokenizer:
 
 class ByteTokenizer(Tokenizer):
   """UTF-8 bytes shifted past the special ids: any text, no training, 264 ids (nanoGPT-style char runs)."""
+
   kind = "char"
   vocab_size = len(SPECIAL_TOKENS) + 256
   _offset = len(SPECIAL_TOKENS)
@@ -84,8 +86,10 @@ class SentencePieceTokenizer(Tokenizer):
     self.vocab_size = self.sp.get_piece_size()
     for i, token in enumerate(SPECIAL_TOKENS):
       if self.sp.id_to_piece(i) != token:
-        raise UserError(f"SentencePiece model: id {i} is {self.sp.id_to_piece(i)!r}, expected {token!r} "
-                        "(train it with llm_jax.tokenizer.train_sentencepiece)")
+        raise UserError(
+          f"SentencePiece model: id {i} is {self.sp.id_to_piece(i)!r}, expected {token!r} "
+          "(train it with llm_jax.tokenizer.train_sentencepiece)"
+        )
 
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
@@ -104,21 +108,39 @@ class SentencePieceTokenizer(Tokenizer):
     return f"spm:{hashlib.sha256(self.model_proto).hexdigest()[:16]}"
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, max_sentence_length: int = 1 << 16,
-                        num_threads: int = 2) -> SentencePieceTokenizer:
+def train_sentencepiece(
+  texts: Iterable[str], vocab_size: int, *, max_sentence_length: int = 1 << 16, num_threads: int = 2
+) -> SentencePieceTokenizer:
   """Trains a BPE model with byte fallback; ids 0-7 are the special tokens above."""
   if vocab_size < len(SPECIAL_TOKENS) + 256 + 16:
     raise UserError(f"data.vocab_size={vocab_size}: byte fallback needs at least {len(SPECIAL_TOKENS) + 272}")
   buffer = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buffer, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<bos>", eos_piece="<eos>",
-        control_symbols=list(ROLE_TOKENS), add_dummy_prefix=False, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", split_digits=True, character_coverage=1.0,
-        max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2,
-        hard_vocab_limit=False)
+      sentence_iterator=iter(texts),
+      model_writer=buffer,
+      model_type="bpe",
+      vocab_size=vocab_size,
+      byte_fallback=True,
+      pad_id=PAD_ID,
+      unk_id=UNK_ID,
+      bos_id=BOS_ID,
+      eos_id=EOS_ID,
+      pad_piece="<pad>",
+      unk_piece="<unk>",
+      bos_piece="<bos>",
+      eos_piece="<eos>",
+      control_symbols=list(ROLE_TOKENS),
+      add_dummy_prefix=False,
+      remove_extra_whitespaces=False,
+      normalization_rule_name="identity",
+      split_digits=True,
+      character_coverage=1.0,
+      max_sentence_length=max_sentence_length,
+      num_threads=num_threads,
+      minloglevel=2,
+      hard_vocab_limit=False,
+    )
   except RuntimeError as e:
     raise UserError(f"SentencePiece training failed (vocab_size={vocab_size}): {e}") from None
   return SentencePieceTokenizer(buffer.getvalue())

@@ -23,8 +23,10 @@ def main(cases):
   import jax  # noqa: F401
   import optax  # noqa: F401
   import orbax.checkpoint  # noqa: F401
-  import llm_jax.tasks.world_facts.end_to_end  # noqa: F401
+
   import llm_jax.evaluation  # noqa: F401
+  import llm_jax.tasks.world_facts.end_to_end  # noqa: F401
+
   results = []
   for tool, args in cases:
     with tempfile.TemporaryFile() as err:
@@ -47,8 +49,14 @@ def main(cases):
           os._exit(code)
       _, status = os.waitpid(pid, 0)
       err.seek(0)
-      results.append({"tool": tool, "args": list(args), "code": os.waitstatus_to_exitcode(status),
-                      "stderr": err.read().decode(errors="replace")})
+      results.append(
+        {
+          "tool": tool,
+          "args": list(args),
+          "code": os.waitstatus_to_exitcode(status),
+          "stderr": err.read().decode(errors="replace"),
+        }
+      )
   return results
 
 

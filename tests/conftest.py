@@ -4,8 +4,9 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import json  # noqa: E402
@@ -19,8 +20,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 flags.FLAGS.mark_as_parsed()
 
 
-SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing in the morning.",
-             "the sun is warm today.", "we walk to the old bridge."]
+SENTENCES = [
+  "the cat sat on the mat.",
+  "a dog ran in the park.",
+  "birds sing in the morning.",
+  "the sun is warm today.",
+  "we walk to the old bridge.",
+]
 
 
 @pytest.fixture

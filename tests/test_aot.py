@@ -18,8 +18,11 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import pretrain as pretrain_config  # noqa: E402  (configs/pretrain.py)
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]'): "
-                                  "TPU topologies are unavailable, so only the CPU-device AOT test runs")
+needs_libtpu = pytest.mark.skipif(
+  not HAVE_LIBTPU,
+  reason="libtpu is not installed (pip install -e '.[tpu]'): "
+  "TPU topologies are unavailable, so only the CPU-device AOT test runs",
+)
 
 
 def config(model="tiny", batch=8, seq=64, mesh=(2, 2, 2), **overrides):
@@ -79,8 +82,13 @@ def test_cli_bad_input_is_one_line_exit_2():
   if HAVE_LIBTPU:
     cases.append((["--topology=v5p:2x2x2", "--config.mesh.data=3"], "mesh: "))
   for args, message in cases:
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "aot_compile.py"),
-                           "--config.model=tiny", *args], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "aot_compile.py"), "--config.model=tiny", *args],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr

@@ -2,6 +2,7 @@
 delete nothing; a checkpoint named by its step is one clear error; no checkpoint restoring is one clear error."""
 
 import glob
+import json
 import os
 import shutil
 import sys
@@ -29,9 +30,10 @@ def trained(tmp_path_factory):
   """An uninterrupted 6-step run with checkpoints 2, 4, 6 (its workdir must not be modified: copy it)."""
   tmp = tmp_path_factory.mktemp("faults")
   from conftest import SENTENCES  # The same corpus as the `corpus` fixture, built once for the module.
+
   rng = np.random.default_rng(0)
   corpus = tmp / "corpus.jsonl"
-  corpus.write_text("".join('{"text": "%s"}\n' % " ".join(rng.choice(SENTENCES, 3)) for _ in range(200)))
+  corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(SENTENCES, 3))}) + "\n" for _ in range(200)))
   result = pretrain.run(config(str(corpus)), str(tmp / "run"), devices=jax.devices()[:1])
   return str(corpus), str(tmp / "run"), result
 
@@ -52,8 +54,11 @@ def truncate_data(step_dir):
 
 def listing(directory):
   """{file: size} of every file under `directory`."""
-  return {os.path.relpath(os.path.join(root, f), directory): os.path.getsize(os.path.join(root, f))
-          for root, _, files in os.walk(directory) for f in files}
+  return {
+    os.path.relpath(os.path.join(root, f), directory): os.path.getsize(os.path.join(root, f))
+    for root, _, files in os.walk(directory)
+    for f in files
+  }
 
 
 def test_resume_falls_back_to_the_newest_good_checkpoint_and_continues_exactly(trained, tmp_path, capfd):
@@ -114,30 +119,39 @@ def test_every_checkpoint_unreadable_is_one_error_and_nothing_is_deleted(trained
       shutil.rmtree(os.path.join(step_dir, "params"))
       os.mkdir(os.path.join(step_dir, "params"))
   before = listing(workdir)
-  with pytest.raises(UserError, match=r"no checkpoint in .*/checkpoints restores \(nothing was deleted\): 6: .*"
-                                      r"; 4: .*; 2: ") as error:
+  with pytest.raises(
+    UserError,
+    match=r"no checkpoint in .*/checkpoints restores \(nothing was deleted\): 6: .*"
+    r"; 4: .*; 2: ",
+  ) as error:
     ckpt_lib.restore_params(workdir, result.state.abstract_params)
   assert "\n" not in str(error.value)
   with pytest.raises(UserError, match="no checkpoint in .* restores"):  # Resume: never silently from scratch.
     pretrain.run(config(corpus), workdir, devices=jax.devices()[:1])
   after = listing(workdir)
-  assert {f: n for f, n in after.items() if not f.startswith("tensorboard")} == \
-      {f: n for f, n in before.items() if not f.startswith("tensorboard")}  # Nothing deleted, moved or written.
+  assert {f: n for f, n in after.items() if not f.startswith("tensorboard")} == {
+    f: n for f, n in before.items() if not f.startswith("tensorboard")
+  }  # Nothing deleted, moved or written.
 
 
 def test_command_line_names_the_bad_checkpoint(trained, tmp_path):
   """generate.py: a named bad checkpoint is one line and exit 2; --workdir falls back with one warning line."""
   from test_cli_errors import run_cases
+
   _, straight, _ = trained
   workdir = copy(straight, tmp_path)
   bad_file = truncate_data(os.path.join(workdir, "checkpoints", "6"))
-  named, latest = run_cases([
+  named, latest = run_cases(
+    [
       ("generate", [f"--checkpoint={workdir}/checkpoints/6", "--prompt=the", "--max_new_tokens=1"]),
-      ("generate", [f"--workdir={workdir}", "--prompt=the", "--max_new_tokens=1"])])
+      ("generate", [f"--workdir={workdir}", "--prompt=the", "--max_new_tokens=1"]),
+    ]
+  )
   lines = named["stderr"].splitlines()
   assert named["code"] == 2 and len(lines) == 1, named["stderr"]
-  assert lines[0].startswith(f"error: checkpoint {workdir}/checkpoints/6 does not restore: {bad_file}: "
-                             "ValueError: OUT_OF_RANGE: "), lines[0]
+  assert lines[0].startswith(
+    f"error: checkpoint {workdir}/checkpoints/6 does not restore: {bad_file}: ValueError: OUT_OF_RANGE: "
+  ), lines[0]
   lines = [line for line in latest["stderr"].splitlines() if line.strip()]
   assert latest["code"] == 0 and len(lines) == 1, latest["stderr"]  # No leftover tracebacks from the failed read.
   assert lines[0].startswith(f"warning: checkpoint {workdir}/checkpoints/6 does not restore ({bad_file}: ")

@@ -21,8 +21,13 @@ TINY = dataclasses.replace(PRESETS["tiny"], vocab_size=320)
 def run_cases(cases):
   """[(tool, args)] → [{code, stderr}], all in one subprocess (tests/cli_cases.py)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_cases.py"), json.dumps(cases)],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "tests", "cli_cases.py"), json.dumps(cases)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   return json.loads(proc.stdout)
 
@@ -45,15 +50,23 @@ def fake_workdir(path, stage, model=TINY, checkpoint_model=None):
     json.dump({"config": {}, "model": dataclasses.asdict(model)}, f)
   ByteTokenizer().save(str(path))
   checkpointer = ckpt_lib.Checkpointer(str(path))
-  checkpointer.save(1, {"w": np.zeros(2, np.float32)}, {"m": np.zeros(2, np.float32)}, None,
-                    {"stage": stage, "step": 1, "model": dataclasses.asdict(checkpoint_model)})
+  checkpointer.save(
+    1,
+    {"w": np.zeros(2, np.float32)},
+    {"m": np.zeros(2, np.float32)},
+    None,
+    {"stage": stage, "step": 1, "model": dataclasses.asdict(checkpoint_model)},
+  )
   checkpointer.close()
   return str(path)
 
 
 def snapshot(directory):
-  return {os.path.join(root, f): os.stat(os.path.join(root, f)).st_mtime_ns
-          for root, _, files in os.walk(directory) for f in files}
+  return {
+    os.path.join(root, f): os.stat(os.path.join(root, f)).st_mtime_ns
+    for root, _, files in os.walk(directory)
+    for f in files
+  }
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +74,15 @@ def workdirs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("cli")
   dirs = {stage: fake_workdir(tmp / stage, stage) for stage in ("pretrain", "sft", "reward_model")}
   dirs["other_model"] = fake_workdir(tmp / "other_model", "pretrain", TINY, dataclasses.replace(TINY, num_layers=3))
-  dirs["other_vocab_rm"] = fake_workdir(tmp / "other_vocab_rm", "reward_model",
-                                        dataclasses.replace(TINY, vocab_size=384))
+  dirs["other_vocab_rm"] = fake_workdir(
+    tmp / "other_vocab_rm", "reward_model", dataclasses.replace(TINY, vocab_size=384)
+  )
   (tmp / "a_file").write_text("not a directory")
   (tmp / "empty.txt").write_text("")
   (tmp / "not_a_workdir").mkdir()
-  dirs.update(file=str(tmp / "a_file"), empty=str(tmp / "empty.txt"), not_a_workdir=str(tmp / "not_a_workdir"),
-              tmp=str(tmp))
+  dirs.update(
+    file=str(tmp / "a_file"), empty=str(tmp / "empty.txt"), not_a_workdir=str(tmp / "not_a_workdir"), tmp=str(tmp)
+  )
   return dirs
 
 
@@ -75,49 +90,84 @@ def test_every_tool_reports_bad_input_in_one_line(workdirs):
   w = workdirs
   tiny = ["--config.model=tiny", "--config.data.tokenizer=char"]
   new = f"--workdir={w['tmp']}/new"  # Must not be created.
-  quick = [*tiny, "--config.steps=1", "--config.warmup_steps=0", "--config.batch_size=8", "--config.seq_len=32",
-           "--config.data.builtin_documents=50"]  # If a check were missing, training would end soon.
+  quick = [
+    *tiny,
+    "--config.steps=1",
+    "--config.warmup_steps=0",
+    "--config.batch_size=8",
+    "--config.seq_len=32",
+    "--config.data.builtin_documents=50",
+  ]  # If a check were missing, training would end soon.
   cases = [
-      ("pretrain", [f"--workdir={w['file']}"], "exists and is not a directory"),
-      ("pretrain", [f"--workdir={w['file']}/run"], "cannot create it (Not a directory)"),
-      ("pretrain", [new, "--config.steps=abc"], "flag --config.steps=abc: invalid literal"),
-      ("pretrain", [new, "--config.stepz=3"], "--config.stepz: the config has no field 'stepz' (did you mean 'steps'"),
-      ("pretrain", [new, f"--config={w['tmp']}/missing.py"], "cannot load the config file (No such file or directory)"),
-      ("pretrain", [f"--workdir={w['sft']}", *tiny], "holds sft checkpoints (step 1), and this is a pretrain run"),
-      ("pretrain", [new, "--config.model_overrides.num_heads=5"], "must divide model.d_model"),
-      ("pretrain", [new, f"--config.data.path={w['tmp']}/nothing*.txt"], "no file matches"),
-      ("pretrain", [new, f"--config.data.path={w['empty']}"], "the corpus is empty"),
-      ("pretrain", [new, *quick, "--config.learning_rate=nan"], "learning_rate=nan must be positive and finite"),
-      ("pretrain", [new, *quick, "--sample_tokens=-1"], "--sample_tokens=-1 must be >= 0"),
-      ("sft", [f"--workdir={w['tmp']}/s", f"--config.init_from={w['reward_model']}"],
-       "holds reward_model checkpoints, where pretraining (or SFT) checkpoints are expected"),
-      ("sft", [f"--workdir={w['tmp']}/s", f"--config.init_from={w['tmp']}/missing"], "is not an llm_jax workdir"),
-      ("sft", [f"--workdir={w['pretrain']}", f"--config.init_from={w['sft']}"],
-       "holds pretrain checkpoints (step 1), and this is a sft run"),
-      ("reward_model", [f"--workdir={w['tmp']}/r", f"--config.init_from={w['reward_model']}"],
-       "holds reward_model checkpoints, where SFT checkpoints"),
-      ("rlhf", [f"--workdir={w['tmp']}/l", f"--config.init_from={w['sft']}", f"--config.reward_model={w['sft']}"],
-       "holds sft checkpoints, where reward-model checkpoints are expected"),
-      ("rlhf", [f"--workdir={w['tmp']}/l", f"--config.init_from={w['sft']}",
-                f"--config.reward_model={w['other_vocab_rm']}"],
-       "are models of different vocabularies (model.vocab_size 384 vs 320)"),
-      ("generate", [f"--workdir={w['not_a_workdir']}", "--prompt=hi"], "is not an llm_jax workdir"),
-      ("generate", [f"--workdir={w['reward_model']}", "--prompt=hi"], "is a reward-model workdir"),
-      ("generate", [f"--checkpoint={w['pretrain']}/checkpoints/9", "--prompt=hi"],
-       "checkpoints/9: no such checkpoint; the checkpoints in"),
-      ("generate", [f"--workdir={w['other_model']}", "--prompt=hi"],
-       "config.json describes another model than its checkpoint 1 (fields ['num_layers'] differ)"),
-      ("generate", [f"--workdir={w['pretrain']}", "--max_new_tokens=abc"], "flag --max_new_tokens=abc"),
-      ("evaluate", [f"--workdir={w['pretrain']}", f"--reference={w['tmp']}/missing", f"--output={w['tmp']}/o.json"],
-       "is not an llm_jax workdir"),
-      ("evaluate", [f"--workdir={w['pretrain']}", f"--reward_model={w['sft']}", f"--output={w['tmp']}/o.json"],
-       "where reward-model checkpoints are expected"),
-      ("evaluate", [f"--workdir={w['pretrain']}", f"--output={w['tmp']}"], "is a directory"),
-      ("evaluate", [f"--workdir={w['pretrain']}", f"--pairs={w['file']}", f"--output={w['tmp']}/o.json"],
-       "--pairs: for reward models"),
-      ("end_to_end", [f"--workdir={w['file']}"], "exists and is not a directory"),
-      ("bench_train", ["--model=gpt5"], "--model=gpt5: unknown preset"),
-      ("bench_decode", ["--batch_sizes=1,x"], "--batch_sizes=1,x: expected integers"),
+    ("pretrain", [f"--workdir={w['file']}"], "exists and is not a directory"),
+    ("pretrain", [f"--workdir={w['file']}/run"], "cannot create it (Not a directory)"),
+    ("pretrain", [new, "--config.steps=abc"], "flag --config.steps=abc: invalid literal"),
+    ("pretrain", [new, "--config.stepz=3"], "--config.stepz: the config has no field 'stepz' (did you mean 'steps'"),
+    ("pretrain", [new, f"--config={w['tmp']}/missing.py"], "cannot load the config file (No such file or directory)"),
+    ("pretrain", [f"--workdir={w['sft']}", *tiny], "holds sft checkpoints (step 1), and this is a pretrain run"),
+    ("pretrain", [new, "--config.model_overrides.num_heads=5"], "must divide model.d_model"),
+    ("pretrain", [new, f"--config.data.path={w['tmp']}/nothing*.txt"], "no file matches"),
+    ("pretrain", [new, f"--config.data.path={w['empty']}"], "the corpus is empty"),
+    ("pretrain", [new, *quick, "--config.learning_rate=nan"], "learning_rate=nan must be positive and finite"),
+    ("pretrain", [new, *quick, "--sample_tokens=-1"], "--sample_tokens=-1 must be >= 0"),
+    (
+      "sft",
+      [f"--workdir={w['tmp']}/s", f"--config.init_from={w['reward_model']}"],
+      "holds reward_model checkpoints, where pretraining (or SFT) checkpoints are expected",
+    ),
+    ("sft", [f"--workdir={w['tmp']}/s", f"--config.init_from={w['tmp']}/missing"], "is not an llm_jax workdir"),
+    (
+      "sft",
+      [f"--workdir={w['pretrain']}", f"--config.init_from={w['sft']}"],
+      "holds pretrain checkpoints (step 1), and this is a sft run",
+    ),
+    (
+      "reward_model",
+      [f"--workdir={w['tmp']}/r", f"--config.init_from={w['reward_model']}"],
+      "holds reward_model checkpoints, where SFT checkpoints",
+    ),
+    (
+      "rlhf",
+      [f"--workdir={w['tmp']}/l", f"--config.init_from={w['sft']}", f"--config.reward_model={w['sft']}"],
+      "holds sft checkpoints, where reward-model checkpoints are expected",
+    ),
+    (
+      "rlhf",
+      [f"--workdir={w['tmp']}/l", f"--config.init_from={w['sft']}", f"--config.reward_model={w['other_vocab_rm']}"],
+      "are models of different vocabularies (model.vocab_size 384 vs 320)",
+    ),
+    ("generate", [f"--workdir={w['not_a_workdir']}", "--prompt=hi"], "is not an llm_jax workdir"),
+    ("generate", [f"--workdir={w['reward_model']}", "--prompt=hi"], "is a reward-model workdir"),
+    (
+      "generate",
+      [f"--checkpoint={w['pretrain']}/checkpoints/9", "--prompt=hi"],
+      "checkpoints/9: no such checkpoint; the checkpoints in",
+    ),
+    (
+      "generate",
+      [f"--workdir={w['other_model']}", "--prompt=hi"],
+      "config.json describes another model than its checkpoint 1 (fields ['num_layers'] differ)",
+    ),
+    ("generate", [f"--workdir={w['pretrain']}", "--max_new_tokens=abc"], "flag --max_new_tokens=abc"),
+    (
+      "evaluate",
+      [f"--workdir={w['pretrain']}", f"--reference={w['tmp']}/missing", f"--output={w['tmp']}/o.json"],
+      "is not an llm_jax workdir",
+    ),
+    (
+      "evaluate",
+      [f"--workdir={w['pretrain']}", f"--reward_model={w['sft']}", f"--output={w['tmp']}/o.json"],
+      "where reward-model checkpoints are expected",
+    ),
+    ("evaluate", [f"--workdir={w['pretrain']}", f"--output={w['tmp']}"], "is a directory"),
+    (
+      "evaluate",
+      [f"--workdir={w['pretrain']}", f"--pairs={w['file']}", f"--output={w['tmp']}/o.json"],
+      "--pairs: for reward models",
+    ),
+    ("end_to_end", [f"--workdir={w['file']}"], "exists and is not a directory"),
+    ("bench_train", ["--model=gpt5"], "--model=gpt5: unknown preset"),
+    ("bench_decode", ["--batch_sizes=1,x"], "--batch_sizes=1,x: expected integers"),
   ]
   before = snapshot(w["tmp"])
   assert_one_line_errors(cases, run_cases([(tool, args) for tool, args, _ in cases]))

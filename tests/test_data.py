@@ -7,8 +7,7 @@ import pytest
 
 from llm_jax.data import text
 from llm_jax.errors import UserError
-from llm_jax.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, ByteTokenizer, load_tokenizer,
-                               train_sentencepiece)
+from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, ByteTokenizer, load_tokenizer, train_sentencepiece
 
 SAMPLE = "Hello wörld — 日本語 😀\n\ttabs and  spaces. <|assistant|> is just text."
 
@@ -79,6 +78,7 @@ def test_read_documents_formats(tmp_path):
   (tmp_path / "a.txt").write_text("plain text file")
   (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 3}\n')
   from array_record.python.array_record_module import ArrayRecordWriter
+
   writer = ArrayRecordWriter(str(tmp_path / "c.array_record"), "group_size:1")
   writer.write(b"record one")
   writer.write(json.dumps({"text": "record two"}).encode())

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from llm_jax.tasks.world_facts import end_to_end
 from llm_jax.metrics import read_metrics
+from llm_jax.tasks.world_facts import end_to_end
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -50,12 +50,19 @@ def test_every_stage_shows_its_learning_signal(pipeline):
   rm_train = [r["loss"] for r in stage("reward_model") if "loss" in r]
   assert rm_eval[0] == pytest.approx(math.log(2), rel=1e-3)  # The zero head starts at chance...
   # ...and the training pairs start to be learned (held-out countries need facts the micro model lacks).
-  assert np.mean(rm_train[len(rm_train) // 2:]) < math.log(2) - 0.02, rm_train
+  assert np.mean(rm_train[len(rm_train) // 2 :]) < math.log(2) - 0.02, rm_train
   rl_rows = stage("rlhf")
   assert len(rl_rows) == 3 and all(math.isfinite(r["kl_k1"]) and math.isfinite(r["score"]) for r in rl_rows)
-  for key in ("pretrain/qa_accuracy", "sft/qa_accuracy", "rlhf/qa_accuracy", "rlhf/kl_to_sft",
-              "rlhf_vs_sft/held_out_prompts/gold_win_rate", "rlhf_vs_sft/held_out_countries/gold_win_rate_greedy",
-              "reward_model/held_out_accuracy", "reward_model/held_out_countries_accuracy"):
+  for key in (
+    "pretrain/qa_accuracy",
+    "sft/qa_accuracy",
+    "rlhf/qa_accuracy",
+    "rlhf/kl_to_sft",
+    "rlhf_vs_sft/held_out_prompts/gold_win_rate",
+    "rlhf_vs_sft/held_out_countries/gold_win_rate_greedy",
+    "reward_model/held_out_accuracy",
+    "reward_model/held_out_countries_accuracy",
+  ):
     assert math.isfinite(results[key]), key
   report = open(os.path.join(workdir, "REPORT.md")).read()
   assert "Where is the capital of China?" in report and len(os.listdir(os.path.join(workdir, "plots"))) == 6
@@ -66,22 +73,52 @@ def test_evaluate_writes_the_documented_fields(pipeline, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
   script = os.path.join(ROOT, "experiments", "evaluate.py")
   out = tmp_path / "rl.json"
-  proc = subprocess.run([sys.executable, script, f"--workdir={workdir}/rlhf", f"--reference={workdir}/sft",
-                         f"--reward_model={workdir}/reward_model", f"--output={out}"],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      script,
+      f"--workdir={workdir}/rlhf",
+      f"--reference={workdir}/sft",
+      f"--reward_model={workdir}/reward_model",
+      f"--output={out}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   results = json.loads(out.read_text())
-  for key in ("loss", "perplexity", "qa_exact_match", "qa_accuracy", "qa_complete", "win_rate_gold",
-              "kl_to_reference", "reward_score", "win_rate_reward"):
+  for key in (
+    "loss",
+    "perplexity",
+    "qa_exact_match",
+    "qa_accuracy",
+    "qa_complete",
+    "win_rate_gold",
+    "kl_to_reference",
+    "reward_score",
+    "win_rate_reward",
+  ):
     assert isinstance(results[key], float), key
   assert results["stage"] == "rlhf" and results["perplexity"] > 1
   out = tmp_path / "rm.json"
-  proc = subprocess.run([sys.executable, script, f"--workdir={workdir}/reward_model", f"--output={out}"],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, script, f"--workdir={workdir}/reward_model", f"--output={out}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   results = json.loads(out.read_text())
   assert 0 <= results["pair_accuracy"] <= 1 and 0 <= results["pair_accuracy_held_out_countries"] <= 1
   assert results["stage"] == "reward_model" and results["pairs"] > 100
-  proc = subprocess.run([sys.executable, script, f"--workdir={tmp_path}/nothing", "--output=x.json"],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, script, f"--workdir={tmp_path}/nothing", "--output=x.json"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert proc.returncode == 2 and "is not an llm_jax workdir" in proc.stderr

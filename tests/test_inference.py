@@ -7,18 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import modeling
-from llm_jax import sharding
+from llm_jax import modeling, sharding
 from llm_jax.errors import UserError
 from llm_jax.inference.sampler import Sampler, SamplingConfig, left_pad, sample_logits
 from llm_jax.model import PRESETS, Transformer
 
 TINY = PRESETS["tiny"]  # RoPE, RMSNorm, SwiGLU, 4 heads / 2 kv heads.
 VARIANTS = {
-    "llama_gqa": TINY,
-    "gpt2": dataclasses.replace(TINY, position="learned", norm="layernorm", mlp="gelu", num_kv_heads=4,
-                                tie_embeddings=True, use_bias=True),
-    "llama_scan": dataclasses.replace(TINY, scan_layers=True, num_kv_heads=1),
+  "llama_gqa": TINY,
+  "gpt2": dataclasses.replace(
+    TINY, position="learned", norm="layernorm", mlp="gelu", num_kv_heads=4, tie_embeddings=True, use_bias=True
+  ),
+  "llama_scan": dataclasses.replace(TINY, scan_layers=True, num_kv_heads=1),
 }
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_ids=())
 
@@ -64,7 +64,7 @@ def test_greedy_equals_iterated_argmax_of_the_full_forward():
   sequence = list(prompt)
   for _ in range(GREEDY.max_new_tokens):
     sequence.append(int(jnp.argmax(model(jnp.asarray([sequence]))[0, -1])))
-  assert out.tokens[0] == sequence[len(prompt):]
+  assert out.tokens[0] == sequence[len(prompt) :]
   assert len(set(out.tokens[0])) > 1  # Not a degenerate constant output.
 
 
@@ -113,8 +113,9 @@ def test_top_p_keeps_no_more_tokens_once_their_mass_reaches_top_p():
   probs = jax.nn.softmax(logits)
   mass_before = np.asarray(jnp.cumsum(probs) - probs)
   keys = jax.random.split(jax.random.key(0), 2000)
-  draw = lambda top_p: np.bincount(np.asarray(sample_logits(jnp.broadcast_to(logits, (2000, 5)), keys, 1.0, 0,
-                                                            top_p)[0]), minlength=5)
+  draw = lambda top_p: np.bincount(
+    np.asarray(sample_logits(jnp.broadcast_to(logits, (2000, 5)), keys, 1.0, 0, top_p)[0]), minlength=5
+  )
   exact = draw(float(mass_before[2]))
   assert exact[2:].sum() == 0 and exact[:2].min() > 0
   above = draw(float(np.nextafter(mass_before[2], np.float32(1))))
@@ -191,9 +192,12 @@ def test_generate_cli_and_its_bad_inputs(tmp_path):
   import os
   import subprocess
   import sys
+
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
   import pretrain as pretrain_config
+
   from llm_jax.train import pretrain
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("the cat sat on the mat. " * 200)
@@ -208,18 +212,24 @@ def test_generate_cli_and_its_bad_inputs(tmp_path):
 
   def run(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root, XLA_FLAGS="")
-    return subprocess.run([sys.executable, os.path.join(root, "experiments", "generate.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+      [sys.executable, os.path.join(root, "experiments", "generate.py"), *args],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+    )
 
   ok = run(f"--workdir={workdir}", "--prompt=the cat", "--prompt=a", "--max_new_tokens=5", "--temperature=0")
   assert ok.returncode == 0, ok.stderr
   lines = ok.stdout.splitlines()
   assert len(lines) == 2 and lines[0].startswith("the cat") and lines[1].startswith("a")
-  for args, message in (([f"--workdir={workdir}", "--prompt= "], "prompt 0 is empty"),
-                        ([f"--workdir={workdir}", "--prompt=" + "x" * 200], "prompt 0 has 201 tokens"),
-                        ([f"--workdir={tmp_path}/no_checkpoint", "--prompt=hi"], "no readable checkpoint in"),
-                        ([f"--checkpoint={workdir}/checkpoints/7", "--prompt=hi"],
-                         "checkpoints/7: no such checkpoint; the checkpoints in")):
+  for args, message in (
+    ([f"--workdir={workdir}", "--prompt= "], "prompt 0 is empty"),
+    ([f"--workdir={workdir}", "--prompt=" + "x" * 200], "prompt 0 has 201 tokens"),
+    ([f"--workdir={tmp_path}/no_checkpoint", "--prompt=hi"], "no readable checkpoint in"),
+    ([f"--checkpoint={workdir}/checkpoints/7", "--prompt=hi"], "checkpoints/7: no such checkpoint; the checkpoints in"),
+  ):
     proc = run(*args)
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (args, proc.stderr)
@@ -241,8 +251,7 @@ def test_scanned_layers_decode_like_unrolled_layers():
   scanned_cfg = dataclasses.replace(TINY, scan_layers=True)
   mesh = plain.mesh
   state = modeling.model_spec(lambda rngs: Transformer(scanned_cfg, rngs=rngs), mesh)
-  stacked = dict(plain.params, blocks=jax.tree.map(lambda *layers: jnp.stack(layers),
-                                                   *plain.params["blocks"].values()))
+  stacked = dict(plain.params, blocks=jax.tree.map(lambda *layers: jnp.stack(layers), *plain.params["blocks"].values()))
   scanned = Sampler(state.graphdef, stacked, mesh)
   rows = prompts([4, 9])
   a, b = plain.generate(rows, GREEDY, jax.random.key(0)), scanned.generate(rows, GREEDY, jax.random.key(0))
@@ -271,8 +280,9 @@ def test_banned_ids_are_never_sampled_and_log_probs_exclude_them():
   tokens, log_probs = sample_logits(logits, keys, 1.0, 0, 1.0, banned_ids=(1, 2))
   assert set(np.unique(tokens).tolist()) == {0, 3, 4}
   allowed = np.array([0.0, 1.0, 0.5])
-  np.testing.assert_allclose(log_probs[:3], (allowed - np.log(np.exp(allowed).sum()))[
-      np.searchsorted([0, 3, 4], tokens[:3])], rtol=1e-5)
+  np.testing.assert_allclose(
+    log_probs[:3], (allowed - np.log(np.exp(allowed).sum()))[np.searchsorted([0, 3, 4], tokens[:3])], rtol=1e-5
+  )
   greedy, _ = sample_logits(logits[:1], keys[:1], 0.0, 0, 1.0, banned_ids=(1, 2))
   assert int(greedy[0]) == 3
   # Through the decode loop: only the allowed ids ever come out.
@@ -287,6 +297,7 @@ def test_banned_ids_are_never_sampled_and_log_probs_exclude_them():
 def test_chat_sampling_bans_role_and_control_tokens_and_stops_at_end():
   from llm_jax import chat
   from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
   sampling = chat.chat_sampling(SamplingConfig(temperature=1.0))
   assert set(sampling.stop_ids) == {chat.END_ID, EOS_ID}
   assert set(sampling.banned_ids) == {PAD_ID, BOS_ID, 1, *chat.ROLE_IDS.values()}

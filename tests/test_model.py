@@ -13,8 +13,9 @@ from llm_jax import model as model_lib
 from llm_jax.model import PRESETS, ModelConfig, Transformer
 
 TINY = PRESETS["tiny"]  # Llama-style: RoPE, RMSNorm, SwiGLU, GQA.
-TINY_GPT2 = dataclasses.replace(TINY, position="learned", norm="layernorm", mlp="gelu", num_kv_heads=4,
-                                tie_embeddings=True, use_bias=True)
+TINY_GPT2 = dataclasses.replace(
+  TINY, position="learned", norm="layernorm", mlp="gelu", num_kv_heads=4, tie_embeddings=True, use_bias=True
+)
 VARIANTS = {"llama": TINY, "gpt2": TINY_GPT2}
 
 
@@ -28,8 +29,8 @@ def test_causality(name):
   tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 264)
   logits = model(tokens)
   for t in (0, 7, 23):
-    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 17) % 264)
-    np.testing.assert_allclose(model(changed)[:, :t + 1], logits[:, :t + 1], atol=1e-6)
+    changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 17) % 264)
+    np.testing.assert_allclose(model(changed)[:, : t + 1], logits[:, : t + 1], atol=1e-6)
   changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % 264)
   assert not np.allclose(model(changed)[:, 5:], logits[:, 5:])  # The test can see a change.
 
@@ -45,7 +46,7 @@ def test_packed_document_equals_document_alone(name):
   logits = model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
   for doc, start in ((doc_a, 0), (doc_b, 9), (doc_c, 23)):
     alone = model(jnp.asarray(doc[None]))
-    np.testing.assert_allclose(logits[:, start:start + len(doc)], alone, atol=1e-5)
+    np.testing.assert_allclose(logits[:, start : start + len(doc)], alone, atol=1e-5)
 
 
 def reference_attention(x, wq, wk, wv, wo, mask):
@@ -93,7 +94,7 @@ def numpy_rope(x, positions, theta):
   inv_freq = 1.0 / theta ** (np.arange(0, h, 2) / h)
   angle = np.asarray(positions, np.float64)[..., None] * inv_freq
   cos, sin = (f(np.concatenate([angle, angle], -1))[:, :, None, :] for f in (np.cos, np.sin))
-  rotate_half = np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1)
+  rotate_half = np.concatenate([-x[..., h // 2 :], x[..., : h // 2]], -1)
   return x * cos + rotate_half * sin
 
 
@@ -110,7 +111,7 @@ def numpy_forward(model: Transformer, tokens: np.ndarray) -> np.ndarray:
   attention with 1/√H scores, SwiGLU) with residuals → RMSNorm → untied head."""
   cfg = model.cfg
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model)))
-  rms = lambda x, scale: x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + cfg.norm_eps) * scale
+  rms = lambda x, scale: x / np.sqrt(np.mean(x**2, -1, keepdims=True) + cfg.norm_eps) * scale
   b, l = tokens.shape
   positions = np.broadcast_to(np.arange(l), (b, l))
   x = p["embed"]["embedding"][tokens]
@@ -137,8 +138,9 @@ def test_forward_matches_a_numpy_reference():
   graphdef, state = nnx.split(model)
   rng = np.random.default_rng(0)
   # Larger weights than the init (peaked attention) and norm scales ≠ 1, so every piece shows in the logits.
-  params = jax.tree.map(lambda a: a * 4.0 if a.ndim > 1 else a + 0.3 * rng.standard_normal(a.shape).astype(a.dtype),
-                        nnx.to_pure_dict(state))
+  params = jax.tree.map(
+    lambda a: a * 4.0 if a.ndim > 1 else a + 0.3 * rng.standard_normal(a.shape).astype(a.dtype), nnx.to_pure_dict(state)
+  )
   model = nnx.merge(graphdef, params)
   tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 20), 0, 264))
   expected = numpy_forward(model, tokens)
@@ -162,8 +164,9 @@ def test_scanned_layers_and_remat_equal_plain_layers(name):
   loss = lambda m: jnp.mean(m(tokens) ** 2)
   g_plain = nnx.to_pure_dict(nnx.grad(loss)(plain))
   g_scan = nnx.to_pure_dict(nnx.grad(loss)(scanned))
-  np.testing.assert_allclose(g_scan["blocks"]["mlp"]["w_in_DF"][1], g_plain["blocks"][1]["mlp"]["w_in_DF"],
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    g_scan["blocks"]["mlp"]["w_in_DF"][1], g_plain["blocks"][1]["mlp"]["w_in_DF"], rtol=1e-4, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("preset", ["tiny", "baby_char", "gpt2_char"])
@@ -173,7 +176,8 @@ def test_num_params_matches_the_model(preset):
   count = sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract)))
   assert count == cfg.num_params()
   assert count == dataclasses.replace(cfg, use_bias=True).num_params() - (
-      dataclasses.replace(cfg, use_bias=True).num_params() - cfg.num_params())
+    dataclasses.replace(cfg, use_bias=True).num_params() - cfg.num_params()
+  )
 
 
 def test_large_presets_have_their_published_sizes():
@@ -185,8 +189,10 @@ def test_large_presets_have_their_published_sizes():
 
 def test_parameters_carry_logical_axis_names():
   abstract = nnx.eval_shape(lambda: make(TINY))
-  specs = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract))),
-                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  specs = jax.tree.leaves(
+    nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract))),
+    is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+  )
   allowed = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", None}
   for spec in specs:
     assert len(spec) > 0 and set(spec) <= allowed, spec

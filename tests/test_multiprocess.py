@@ -25,11 +25,23 @@ import pretrain as pretrain_config  # noqa: E402  (configs/pretrain.py)
 
 # The schedule must not depend on `steps` (min_lr_ratio=1: constant after warmup), so a 3-step run resumed to
 # 6 steps is the same computation as one 6-step run.
-OVERRIDES = {"model": "tiny", "data.tokenizer": "char", "batch_size": 8, "seq_len": 32, "learning_rate": 3e-3,
-             "warmup_steps": 2, "min_lr_ratio": 1.0, "log_every": 1, "eval_every": 1000, "checkpoint_every": 1000,
-             "eval_batches": 2, "model_overrides.num_kv_heads": 2, "mesh.data": 2, "mesh.fsdp": 2,
-             "mesh.tensor": 2}
-
+OVERRIDES = {
+  "model": "tiny",
+  "data.tokenizer": "char",
+  "batch_size": 8,
+  "seq_len": 32,
+  "learning_rate": 3e-3,
+  "warmup_steps": 2,
+  "min_lr_ratio": 1.0,
+  "log_every": 1,
+  "eval_every": 1000,
+  "checkpoint_every": 1000,
+  "eval_batches": 2,
+  "model_overrides.num_kv_heads": 2,
+  "mesh.data": 2,
+  "mesh.fsdp": 2,
+  "mesh.tensor": 2,
+}
 
 
 def env():
@@ -42,10 +54,21 @@ def env():
 
 
 def launcher_args(workdir, corpus, steps, *extra, launcher_flags=()):
-  return [sys.executable, os.path.join(ROOT, "experiments", "launch_local.py"), "--num_processes=2",
-          "--devices_per_process=4", "--grace_seconds=5", *launcher_flags, "--",
-          os.path.join(ROOT, "experiments", "pretrain.py"), f"--workdir={workdir}", f"--config.data.path={corpus}",
-          f"--config.steps={steps}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), *extra]
+  return [
+    sys.executable,
+    os.path.join(ROOT, "experiments", "launch_local.py"),
+    "--num_processes=2",
+    "--devices_per_process=4",
+    "--grace_seconds=5",
+    *launcher_flags,
+    "--",
+    os.path.join(ROOT, "experiments", "pretrain.py"),
+    f"--workdir={workdir}",
+    f"--config.data.path={corpus}",
+    f"--config.steps={steps}",
+    *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
+    *extra,
+  ]
 
 
 def losses(workdir, key="loss"):
@@ -64,14 +87,16 @@ def test_two_processes_equal_one_and_resume_exactly(corpus, tmp_path):
   pretrain.run(one, str(tmp_path / "one"), devices=jax.devices())  # 1 process × 8 devices.
 
   workdir = tmp_path / "two"
-  first = subprocess.run(launcher_args(workdir, corpus, 3, "--sample_tokens=0"), env=env(), capture_output=True,
-                         text=True, timeout=300)
+  first = subprocess.run(
+    launcher_args(workdir, corpus, 3, "--sample_tokens=0"), env=env(), capture_output=True, text=True, timeout=300
+  )
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in first.stdout
   assert sorted(losses(str(workdir))) == [1, 2, 3]
   # Resumed: both processes restore step 3 (and their own data iterators), then sample after training.
-  second = subprocess.run(launcher_args(workdir, corpus, 6, "--sample_tokens=4"), env=env(),
-                          capture_output=True, text=True, timeout=300)
+  second = subprocess.run(
+    launcher_args(workdir, corpus, 6, "--sample_tokens=4"), env=env(), capture_output=True, text=True, timeout=300
+  )
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
   assert "resuming from step 3" in second.stdout
   assert second.stdout.count("sample: ") == 2  # Process 0 prints; process 1's output is only in its log.
@@ -84,8 +109,9 @@ def test_two_processes_equal_one_and_resume_exactly(corpus, tmp_path):
 
 
 def test_a_killed_process_stops_the_launcher(corpus, tmp_path):
-  args = launcher_args(tmp_path / "run", corpus, 100000, "--sample_tokens=0",
-                       launcher_flags=[f"--logs={tmp_path}/logs"])
+  args = launcher_args(
+    tmp_path / "run", corpus, 100000, "--sample_tokens=0", launcher_flags=[f"--logs={tmp_path}/logs"]
+  )
   proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   pids = None
   try:
@@ -109,25 +135,46 @@ def test_a_killed_process_stops_the_launcher(corpus, tmp_path):
     os.kill(pids[0], 0)  # The survivor is gone too.
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--num_processes=2", "--process_id=2"], "process_id=2 must be in [0, num_processes=2)"),
     (["--num_processes=2", "--process_id=-1"], "process_id=-1 must be in [0, num_processes=2)"),
-])
+  ],
+)
 def test_bad_process_id_is_one_line_exit_2(tmp_path, args, message):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"),
-                         f"--workdir={tmp_path}/w", "--coordinator_address=127.0.0.1:1", *args], env=env(),
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "pretrain.py"),
+      f"--workdir={tmp_path}/w",
+      "--coordinator_address=127.0.0.1:1",
+      *args,
+    ],
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2, proc.stderr
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert lines == [f"error: {message}"], proc.stderr
 
 
 def test_launcher_bad_input_is_one_line_exit_2(tmp_path):
-  for args, message in ((["--num_processes=0", "--", "experiments/pretrain.py"], "num_processes=0 must be >= 1"),
-                        (["--num_processes=2"], "no command to launch"),
-                        (["--", f"{tmp_path}/missing.py"], "missing.py: no such script")):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "launch_local.py"), *args],
-                          env=env(), capture_output=True, text=True, timeout=60, cwd=ROOT)
+  for args, message in (
+    (["--num_processes=0", "--", "experiments/pretrain.py"], "num_processes=0 must be >= 1"),
+    (["--num_processes=2"], "no command to launch"),
+    (["--", f"{tmp_path}/missing.py"], "missing.py: no such script"),
+  ):
+    proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "launch_local.py"), *args],
+      env=env(),
+      capture_output=True,
+      text=True,
+      timeout=60,
+      cwd=ROOT,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
@@ -136,6 +183,7 @@ def test_launcher_bad_input_is_one_line_exit_2(tmp_path):
 def test_batch_shards_must_split_across_processes():
   from llm_jax import config as config_lib
   from llm_jax.errors import UserError
+
   config = pretrain_config.get_config()
   config.model, config.batch_size = "tiny", 8
   # The batch is not split over devices, so 2 processes could not each feed their own rows.

@@ -44,8 +44,9 @@ def test_gae_matches_numpy_reference():
   mask = (np.arange(9)[None] < lengths[:, None]).astype(np.float64)
   rewards, values = rewards * mask, values * mask
   for gamma, lam in ((1.0, 0.95), (0.9, 0.5), (0.99, 1.0)):
-    adv, ret = rlhf.gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
-                      jnp.asarray(mask, jnp.float32), gamma, lam)
+    adv, ret = rlhf.gae(
+      jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32), jnp.asarray(mask, jnp.float32), gamma, lam
+    )
     expected_adv, expected_ret = numpy_gae(rewards, values, mask, gamma, lam)
     np.testing.assert_allclose(adv, expected_adv, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ret, expected_ret, rtol=1e-5, atol=1e-5)
@@ -66,12 +67,18 @@ def test_policy_loss_at_ratio_one_and_clipping():
 
 def test_bradley_terry_loss_value_and_gradient_sign():
   from flax import nnx
+
   from llm_jax.model import PRESETS
+
   model = reward_model.RewardModel(PRESETS["tiny"], rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
-  batch = {"chosen": rng.integers(8, 200, (4, 12)), "rejected": rng.integers(8, 200, (4, 12)),
-           "chosen_segment_ids": np.ones((4, 12), np.int32), "rejected_segment_ids": np.ones((4, 12), np.int32),
-           "pair_mask": np.array([1, 1, 1, 0], np.float32)}
+  batch = {
+    "chosen": rng.integers(8, 200, (4, 12)),
+    "rejected": rng.integers(8, 200, (4, 12)),
+    "chosen_segment_ids": np.ones((4, 12), np.int32),
+    "rejected_segment_ids": np.ones((4, 12), np.int32),
+    "pair_mask": np.array([1, 1, 1, 0], np.float32),
+  }
   batch["rejected_segment_ids"][:, 9:] = 0  # Right padding: scores are read at the last real token.
   loss, sums = reward_model.bradley_terry_loss(model, batch, None)
   assert float(loss) == pytest.approx(3 * np.log(2), rel=1e-6)  # Zero head: σ(0) for the three real pairs.
@@ -81,7 +88,9 @@ def test_bradley_terry_loss_value_and_gradient_sign():
   assert float(after) < float(loss) and float(sums_after["margin"]) > 0
   # Read independently of the loss: the chosen answers now score higher, and the loss is −log σ(chosen − rejected).
   chosen = np.asarray(reward_model.sequence_scores(model, batch["chosen"], batch["chosen_segment_ids"]), np.float64)
-  rejected = np.asarray(reward_model.sequence_scores(model, batch["rejected"], batch["rejected_segment_ids"]), np.float64)
+  rejected = np.asarray(
+    reward_model.sequence_scores(model, batch["rejected"], batch["rejected_segment_ids"]), np.float64
+  )
   assert np.all(chosen[:3] > rejected[:3])
   np.testing.assert_allclose(float(after), np.sum(np.log1p(np.exp(-(chosen - rejected)[:3]))), rtol=1e-5)
   np.testing.assert_allclose(float(sums_after["margin"]), np.sum((chosen - rejected)[:3]), rtol=1e-5)
@@ -90,8 +99,10 @@ def test_bradley_terry_loss_value_and_gradient_sign():
 def test_min_answer_log_prob_matches_numpy():
   """The likelihood term reads the answer (after the last <|assistant|>) only, for left and right padding."""
   from flax import nnx
+
   from llm_jax.chat import ROLE_IDS
   from llm_jax.model import PRESETS
+
   model = reward_model.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(3)
   assistant = ROLE_IDS["assistant"]
@@ -112,8 +123,13 @@ def test_min_answer_log_prob_matches_numpy():
   # The weight starts at zero (every pair at log 2); its gradient favours the likelier answer.
   chosen, rejected = tokens[:2].copy(), tokens[:2].copy()
   rejected[:, -1] = [int(np.argmin(log_probs[b, -2])) for b in range(2)]  # The least likely last token.
-  batch = {"chosen": chosen, "rejected": rejected, "chosen_segment_ids": np.ones((2, 12), np.int32),
-           "rejected_segment_ids": np.ones((2, 12), np.int32), "pair_mask": np.ones(2, np.float32)}
+  batch = {
+    "chosen": chosen,
+    "rejected": rejected,
+    "chosen_segment_ids": np.ones((2, 12), np.int32),
+    "rejected_segment_ids": np.ones((2, 12), np.int32),
+    "pair_mask": np.ones(2, np.float32),
+  }
   loss, _ = reward_model.bradley_terry_loss(model, batch, None)
   assert float(loss) == pytest.approx(2 * np.log(2), rel=1e-6)
   grads = nnx.grad(lambda m: reward_model.bradley_terry_loss(m, batch, None)[0])(model)
@@ -145,8 +161,13 @@ def test_toy_task_reward_rises_above_0_9(algorithm, base_workdir, tmp_path):
   config.prompts_per_iteration, config.group_size = (32, 1) if algorithm == "ppo" else (16, 4)
   config.minibatch_size, config.kl_coef = (16 if algorithm == "ppo" else 32), 0.01
   config.missing_eos_penalty = 0.0  # 4-token answers are nearly always cut off; the toy reward ignores that.
-  history = rlhf.run(config, str(tmp_path / algorithm), devices=jax.devices()[:1], prompts=PROMPTS,
-                   reward_fn=lambda response: float(len(response) > 0 and response[0] in LETTERS))
+  history = rlhf.run(
+    config,
+    str(tmp_path / algorithm),
+    devices=jax.devices()[:1],
+    prompts=PROMPTS,
+    reward_fn=lambda response: float(len(response) > 0 and response[0] in LETTERS),
+  )
   scores = [h["score"] for h in history]
   assert np.mean(scores[:2]) < 0.3, scores
   moving_average = np.convolve(scores, np.ones(3) / 3, mode="valid")
@@ -158,8 +179,15 @@ def test_toy_task_reward_rises_above_0_9(algorithm, base_workdir, tmp_path):
   assert abs(history[0]["kl_k1"]) < 1e-5 and abs(history[0]["kl_k3"]) < 1e-5
   assert all(np.isfinite(h["kl_k1"]) for h in history) and history[-1]["kl_k1"] > 0
   logged = read_metrics(str(tmp_path / algorithm))
-  assert len(logged) == 35 and {"score", "kl_k1", "kl_k3", "clip_fraction", "approx_kl", "entropy",
-                                "response_length"} <= set(logged[-1])
+  assert len(logged) == 35 and {
+    "score",
+    "kl_k1",
+    "kl_k3",
+    "clip_fraction",
+    "approx_kl",
+    "entropy",
+    "response_length",
+  } <= set(logged[-1])
   if algorithm == "ppo":
     assert {"value_loss", "explained_variance"} <= set(logged[-1])
 
@@ -167,7 +195,9 @@ def test_toy_task_reward_rises_above_0_9(algorithm, base_workdir, tmp_path):
 def test_sequence_scores_read_the_last_real_token_of_padded_rows():
   """A padded row scores as the row alone (the head at its last token), whether padded on the right or left."""
   from flax import nnx
+
   from llm_jax.model import PRESETS
+
   model = reward_model.RewardModel(PRESETS["tiny"], rngs=nnx.Rngs(0))
   model.head.w_D[...] = jax.random.normal(jax.random.key(1), model.head.w_D.shape)
   rng = np.random.default_rng(4)
@@ -194,9 +224,15 @@ def test_reward_model_learns_synthetic_preferences(likelihood_feature, base_work
   lines = []
   for _ in range(240):
     w = rng.choice(words, 2)
-    lines.append(json.dumps({"prompt": f"tell me about the {w[0]}",
-                             "chosen": f"The {w[0]} is near the {w[1]}.",
-                             "rejected": f"{w[1].upper()} {w[0].upper()}!!"}))
+    lines.append(
+      json.dumps(
+        {
+          "prompt": f"tell me about the {w[0]}",
+          "chosen": f"The {w[0]} is near the {w[1]}.",
+          "rejected": f"{w[1].upper()} {w[0].upper()}!!",
+        }
+      )
+    )
   (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
   config = reward_config.get_config()
   config.init_from, config.data.path = base_workdir, str(tmp_path / "pairs.jsonl")
@@ -215,10 +251,11 @@ def test_reward_model_learns_synthetic_preferences(likelihood_feature, base_work
 
 def test_kl_estimators_match_numpy():
   log_ratio = np.random.default_rng(4).normal(size=(3, 7))
-  expected = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2, "k3": np.exp(-log_ratio) - 1 + log_ratio}
+  expected = {"k1": log_ratio, "k2": 0.5 * log_ratio**2, "k3": np.exp(-log_ratio) - 1 + log_ratio}
   for name, value in expected.items():
-    np.testing.assert_allclose(rlhf.KL_ESTIMATORS[name](jnp.asarray(log_ratio, jnp.float32)), value, rtol=1e-5,
-                               atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+      rlhf.KL_ESTIMATORS[name](jnp.asarray(log_ratio, jnp.float32)), value, rtol=1e-5, atol=1e-6, err_msg=name
+    )
   assert (np.asarray(rlhf.KL_ESTIMATORS["k3"](jnp.asarray(log_ratio))) >= 0).all()
 
 
@@ -237,8 +274,9 @@ def test_gae_ignores_whatever_lies_in_the_padding():
   rng = np.random.default_rng(6)
   mask = (np.arange(8)[None] < np.array([8, 3, 5, 1])[:, None]).astype(np.float64)
   rewards, values = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))  # Garbage beyond each row's length.
-  adv, ret = rlhf.gae(jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32),
-                    jnp.asarray(mask, jnp.float32), 1.0, 0.9)
+  adv, ret = rlhf.gae(
+    jnp.asarray(rewards, jnp.float32), jnp.asarray(values, jnp.float32), jnp.asarray(mask, jnp.float32), 1.0, 0.9
+  )
   expected_adv, _ = numpy_gae(rewards * mask, values * mask, mask, 1.0, 0.9)
   np.testing.assert_allclose(np.asarray(adv) * mask, expected_adv, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(adv)[mask == 0], 0.0)
@@ -250,8 +288,9 @@ def test_masked_whiten_uses_the_masked_entries_only():
   mask = (np.arange(6)[None] < np.array([6, 2, 4])[:, None]).astype(np.float64)
   real = x[mask == 1]
   expected = np.where(mask == 1, (x - real.mean()) / np.sqrt(real.var() + 1e-8), 0.0)
-  np.testing.assert_allclose(rlhf.masked_whiten(jnp.asarray(x, jnp.float32), jnp.asarray(mask, jnp.float32)),
-                             expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    rlhf.masked_whiten(jnp.asarray(x, jnp.float32), jnp.asarray(mask, jnp.float32)), expected, rtol=1e-4, atol=1e-5
+  )
 
 
 def test_value_loss_clips_on_both_sides():
@@ -265,7 +304,7 @@ def test_value_loss_clips_on_both_sides():
   got = rlhf.value_loss(*(jnp.asarray(a, jnp.float32) for a in (new, old, ret, mask)), clip)
   assert float(got) == pytest.approx(expected.sum(), rel=1e-6)
   # Rows 0 and 1 moved 0.5 toward their return: clipping keeps the loss of the 0.2 step (larger).
-  assert expected[0] == pytest.approx(0.5 * 0.8 ** 2) and expected[1] == pytest.approx(0.5 * 0.8 ** 2)
+  assert expected[0] == pytest.approx(0.5 * 0.8**2) and expected[1] == pytest.approx(0.5 * 0.8**2)
 
 
 def test_policy_loss_clips_exactly_at_one_plus_and_minus_epsilon():
@@ -279,7 +318,8 @@ def test_policy_loss_clips_exactly_at_one_plus_and_minus_epsilon():
   loss, metrics = rlhf.policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.ones(8), clip)
   assert float(loss) == pytest.approx(loss_each.sum(), rel=1e-5)
   grad = jax.grad(lambda lp: rlhf.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.ones(8), clip)[0])(
-      jnp.asarray(new))
+    jnp.asarray(new)
+  )
   np.testing.assert_allclose(grad, grad_each, rtol=1e-5, atol=1e-6)
   # Clipped (zero gradient): ratio 1.3 with A > 0 and 0.7 with A < 0; the others still move.
   np.testing.assert_array_equal(np.asarray(grad) == 0, [0, 1, 0, 0, 0, 0, 0, 1])
@@ -301,8 +341,9 @@ def test_group_advantages_use_ddof_1_and_give_zero_to_groups_without_spread():
   tied = jnp.asarray([1.1, 1.1, 1.1, 0.0, 1.0, 0.5], jnp.float32)
   for algorithm in ("grpo", "rloo"):
     np.testing.assert_array_equal(np.asarray(rlhf.group_advantages(tied, 3, algorithm))[:3], 0.0)
-  np.testing.assert_allclose(rlhf.group_advantages(jnp.asarray(returns), 4, "rloo").reshape(3, 4), rloo,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    rlhf.group_advantages(jnp.asarray(returns), 4, "rloo").reshape(3, 4), rloo, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_adaptive_kl_coefficient_follows_ziegler():
@@ -324,9 +365,23 @@ class _FakeState:
 
 
 def _rl_config(algorithm, kl_in, estimator="k3", group_size=4, **overrides):
-  fields = dict(algorithm=algorithm, prompt_len=2, group_size=group_size, gamma=1.0, lam=0.95, clip=0.2,
-                value_clip=0.2, value_coef=0.5, whiten_rewards=False, reward_clip=0.0, temperature=1.0,
-                banned_ids=(), kl_in=kl_in, kl_estimator=estimator, missing_eos_penalty=0.0)
+  fields = dict(
+    algorithm=algorithm,
+    prompt_len=2,
+    group_size=group_size,
+    gamma=1.0,
+    lam=0.95,
+    clip=0.2,
+    value_clip=0.2,
+    value_coef=0.5,
+    whiten_rewards=False,
+    reward_clip=0.0,
+    temperature=1.0,
+    banned_ids=(),
+    kl_in=kl_in,
+    kl_estimator=estimator,
+    missing_eos_penalty=0.0,
+  )
   return rlhf.RLConfig(**{**fields, **overrides})
 
 
@@ -335,11 +390,17 @@ def _rollout(scores, ended, seed=0, rows=8, new=3, vocab=6):
   tokens = rng.integers(0, vocab, (rows, 2 + new)).astype(np.int32)
   mask = np.ones((rows, new), np.float32)
   mask[1, 2:] = 0
-  batch = {"tokens": tokens, "segment_ids": np.concatenate([np.ones((rows, 2)), mask], 1).astype(np.int32),
-           "response_mask": mask, "rule_scores": np.asarray(scores, np.float32),
-           "ended": np.asarray(ended, np.float32)}
-  policy = {"logits": rng.normal(size=(rows, 2 + new, vocab)).astype(np.float32),
-            "values": rng.normal(size=(rows, 2 + new)).astype(np.float32)}
+  batch = {
+    "tokens": tokens,
+    "segment_ids": np.concatenate([np.ones((rows, 2)), mask], 1).astype(np.int32),
+    "response_mask": mask,
+    "rule_scores": np.asarray(scores, np.float32),
+    "ended": np.asarray(ended, np.float32),
+  }
+  policy = {
+    "logits": rng.normal(size=(rows, 2 + new, vocab)).astype(np.float32),
+    "values": rng.normal(size=(rows, 2 + new)).astype(np.float32),
+  }
   ref = {"logits": rng.normal(size=(rows, 2 + new, vocab)).astype(np.float32)}
   return batch, policy, ref
 
@@ -349,8 +410,9 @@ def test_grpo_advantages_come_from_the_scores_alone(beta):
   """Tied groups get zero advantage whatever β and however far the policy is from the reference."""
   scores = [1, 1, 1, 1, 0, 1, 0, 0]  # Group 0 is all ties.
   batch, policy, ref = _rollout(scores, ended=np.ones(8))
-  score = rlhf.make_scorer(_rl_config("grpo", "loss"), _FakeState(True), _FakeState(False),
-                         lambda p, b: b["rule_scores"])
+  score = rlhf.make_scorer(
+    _rl_config("grpo", "loss"), _FakeState(True), _FakeState(False), lambda p, b: b["rule_scores"]
+  )
   out, stats = score(policy, ref, None, batch, jnp.float32(beta))
   adv = np.asarray(out["advantages"])
   np.testing.assert_array_equal(adv[:4], 0.0)
@@ -364,7 +426,8 @@ def test_kl_in_the_reward_moves_returns_and_missing_eos_is_penalized():
   batch, policy, ref = _rollout([1, 1, 1, 1, 0, 1, 0, 0], ended=[1, 1, 0, 1, 1, 1, 1, 0])
   config = _rl_config("rloo", "reward", estimator="k1", missing_eos_penalty=2.0)
   out, stats = rlhf.make_scorer(config, _FakeState(True), _FakeState(False), lambda p, b: b["rule_scores"])(
-      policy, ref, None, batch, jnp.float32(0.5))
+    policy, ref, None, batch, jnp.float32(0.5)
+  )
   lp = jax.nn.log_softmax(policy["logits"][:, 1:-1])
   ref_lp = jax.nn.log_softmax(ref["logits"][:, 1:-1])
   take = lambda x: np.take_along_axis(np.asarray(x), batch["tokens"][:, 2:, None], -1)[..., 0]
@@ -372,8 +435,9 @@ def test_kl_in_the_reward_moves_returns_and_missing_eos_is_penalized():
   returns = np.asarray(batch["rule_scores"]) - 2.0 * (1 - batch["ended"]) - 0.5 * kl.sum(1)
   groups = returns.reshape(2, 4)
   expected = (groups - (groups.sum(1, keepdims=True) - groups) / 3).reshape(-1)
-  np.testing.assert_allclose(np.asarray(out["advantages"]), expected[:, None] * batch["response_mask"],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(out["advantages"]), expected[:, None] * batch["response_mask"], rtol=1e-4, atol=1e-5
+  )
   np.testing.assert_allclose(out["old_log_probs"], take(lp), rtol=1e-5, atol=1e-6)
   assert float(stats["truncated_fraction"]) == pytest.approx(0.25)
   assert float(stats["reward"]) == pytest.approx(np.mean(batch["rule_scores"] - 2.0 * (1 - batch["ended"])))
@@ -384,16 +448,22 @@ def test_kl_in_the_reward_moves_returns_and_missing_eos_is_penalized():
 def test_kl_in_the_loss_adds_beta_times_the_estimator(estimator):
   batch, policy, ref = _rollout([1, 0, 0, 1, 0, 1, 1, 0], ended=np.ones(8), seed=3)
   config = _rl_config("grpo", "loss", estimator=estimator)
-  lp = np.take_along_axis(np.asarray(jax.nn.log_softmax(policy["logits"][:, 1:-1])), batch["tokens"][:, 2:, None],
-                          -1)[..., 0]
+  lp = np.take_along_axis(np.asarray(jax.nn.log_softmax(policy["logits"][:, 1:-1])), batch["tokens"][:, 2:, None], -1)[
+    ..., 0
+  ]
   ref_lp = lp + np.random.default_rng(9).normal(size=lp.shape).astype(np.float32) * 0.3
   mask = batch["response_mask"]
-  full = {**batch, "old_log_probs": lp, "ref_log_probs": ref_lp, "advantages": np.zeros_like(lp),
-          "kl_coef": np.full(8, 0.7, np.float32)}
+  full = {
+    **batch,
+    "old_log_probs": lp,
+    "ref_log_probs": ref_lp,
+    "advantages": np.zeros_like(lp),
+    "kl_coef": np.full(8, 0.7, np.float32),
+  }
   model = _FakeState(False).merge(policy)
   loss, metrics = rlhf.make_loss(config)(lambda *a: (model(*a), None), full, None)
   log_ratio = lp - ref_lp
-  k = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2, "k3": np.exp(-log_ratio) - 1 + log_ratio}[estimator]
+  k = {"k1": log_ratio, "k2": 0.5 * log_ratio**2, "k3": np.exp(-log_ratio) - 1 + log_ratio}[estimator]
   assert float(loss) == pytest.approx(0.7 * (k * mask).sum(), rel=1e-4)  # Zero advantages: the KL term alone.
   assert float(metrics["kl_loss"]) == pytest.approx((k * mask).sum(), rel=1e-4)
 
@@ -404,6 +474,7 @@ def test_response_log_probs_align_with_the_sampler_at_any_temperature(base_workd
   from llm_jax import chat as chat_lib
   from llm_jax import sharding
   from llm_jax.inference.loading import load_sampler
+
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   sampler, _, _ = load_sampler(base_workdir, mesh)
   model = nnx_merge(sampler)
@@ -411,21 +482,27 @@ def test_response_log_probs_align_with_the_sampler_at_any_temperature(base_workd
   out = sampler.generate(PROMPTS, sampling, jax.random.key(2))
   prompt_len = max(len(p) for p in PROMPTS)
   batch = prompt_response_rows(PROMPTS, out.tokens, prompt_len, 6)
-  logits = model(jnp.asarray(batch["tokens"]), positions_from_segments(jnp.asarray(batch["segment_ids"])),
-                 jnp.asarray(batch["segment_ids"]))
+  logits = model(
+    jnp.asarray(batch["tokens"]),
+    positions_from_segments(jnp.asarray(batch["segment_ids"])),
+    jnp.asarray(batch["segment_ids"]),
+  )
   config = _rl_config("ppo", "reward", prompt_len=prompt_len, temperature=0.7, banned_ids=sampling.banned_ids)
   log_probs, _ = config.log_probs(logits, jnp.asarray(batch["tokens"]))
   for b, recorded in enumerate(out.log_probs):
-    np.testing.assert_allclose(np.asarray(log_probs)[b, :len(recorded)], recorded, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(log_probs)[b, : len(recorded)], recorded, rtol=1e-4, atol=1e-5)
     assert not set(out.tokens[b]) & set(sampling.banned_ids)
 
 
 def nnx_merge(sampler):
   from flax import nnx
+
   return nnx.merge(sampler.graphdef, sampler.params)
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ({"algorithm": "grpo", "group_size": 1}, "group_size=1 must be >= 2 for grpo"),
     ({"algorithm": "rloo", "group_size": 1}, "group_size=1 must be >= 2 for rloo"),
     ({"temperature": 0.0}, "temperature=0.0 must be > 0"),
@@ -433,9 +510,11 @@ def nnx_merge(sampler):
     ({"kl_estimator": "k4"}, "kl_estimator='k4' must be one of"),
     ({"grad_accum": 3}, "must be divisible by grad_accum"),
     ({"missing_eos_penalty": -1.0}, "missing_eos_penalty=-1.0 must be >= 0"),
-])
+  ],
+)
 def test_rl_config_errors(override, message):
   from llm_jax.errors import UserError
+
   config = rlhf_config.get_config()
   config.minibatch_size = 8
   for key, value in override.items():
@@ -455,9 +534,14 @@ def test_kl_settings_follow_each_algorithm_unless_set():
 
 def test_prompts_ending_with_an_assistant_turn_are_refused(tmp_path):
   from llm_jax.errors import UserError
+
   path = tmp_path / "prompts.jsonl"
-  path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"messages": [
-      {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+  path.write_text(
+    json.dumps({"prompt": "hi"})
+    + "\n"
+    + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    + "\n"
+  )
   with pytest.raises(UserError, match=r"prompts.jsonl:2: 'messages' must end with a user turn"):
     rlhf.read_prompts(str(path))
 
@@ -466,6 +550,7 @@ def test_reward_model_with_another_tokenizer_is_refused(base_workdir, tmp_path):
   from llm_jax.errors import UserError
   from llm_jax.tokenizer import train_sentencepiece
   from llm_jax.train import stage
+
   other = tmp_path / "rm"
   other.mkdir()
   train_sentencepiece(["the cat sat on the mat. " * 20, "a dog ran. " * 30] * 20, 300).save(str(other))
@@ -483,8 +568,13 @@ def test_grad_accum_in_rl_gives_the_same_update(base_workdir, tmp_path):
     config.iterations, config.max_new_tokens, config.ppo_epochs = 1, 4, 1
     config.prompts_per_iteration, config.minibatch_size, config.grad_accum = 8, 8, accum
     config.missing_eos_penalty = 0.5
-    rows[accum] = rlhf.run(config, str(tmp_path / f"accum{accum}"), devices=jax.devices()[:1], prompts=PROMPTS,
-                         reward_fn=lambda response: float(len(response) > 0 and response[0] in LETTERS))[0]
+    rows[accum] = rlhf.run(
+      config,
+      str(tmp_path / f"accum{accum}"),
+      devices=jax.devices()[:1],
+      prompts=PROMPTS,
+      reward_fn=lambda response: float(len(response) > 0 and response[0] in LETTERS),
+    )[0]
   for key in ("loss", "grad_norm", "value_loss", "score"):
     assert rows[2][key] == pytest.approx(rows[1][key], rel=1e-5, abs=1e-6), key
   # The penalty lands on exactly the answers that max_new_tokens cut off.
@@ -495,20 +585,28 @@ def test_grad_accum_in_rl_gives_the_same_update(base_workdir, tmp_path):
 def test_an_empty_or_role_token_only_answer_never_beats_a_real_one():
   """The minimum log-probability over no answer tokens used to be 0: the best possible score."""
   from flax import nnx
+
   from llm_jax.chat import END_ID, ROLE_IDS
   from llm_jax.model import PRESETS
+
   model = reward_model.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
   model.likelihood_weight[...] = jnp.float32(1.0 / reward_model.LIKELIHOOD_WEIGHT_SCALE)  # w = 1: trained-like.
   prompt = [2, ROLE_IDS["user"], *TOK.encode("where?"), END_ID, ROLE_IDS["assistant"]]
-  answers = {"real": TOK.encode("here it is") + [END_ID], "empty": [], "end only": [END_ID],
-             "roles only": [ROLE_IDS["user"], ROLE_IDS["assistant"], END_ID]}
+  answers = {
+    "real": TOK.encode("here it is") + [END_ID],
+    "empty": [],
+    "end only": [END_ID],
+    "roles only": [ROLE_IDS["user"], ROLE_IDS["assistant"], END_ID],
+  }
   length = len(prompt) + max(len(a) for a in answers.values())
   tokens = np.zeros((len(answers), length), np.int32)
   segments = np.zeros_like(tokens)
   for i, answer in enumerate(answers.values()):
     row = prompt + answer
-    tokens[i, :len(row)], segments[i, :len(row)] = row, 1
-  scores = dict(zip(answers, np.asarray(reward_model.sequence_scores(model, jnp.asarray(tokens), jnp.asarray(segments)))))
+    tokens[i, : len(row)], segments[i, : len(row)] = row, 1
+  scores = dict(
+    zip(answers, np.asarray(reward_model.sequence_scores(model, jnp.asarray(tokens), jnp.asarray(segments))))
+  )
   for name in ("empty", "end only", "roles only"):
     assert scores[name] == pytest.approx(reward_model.EMPTY_ANSWER_LOG_PROB, abs=1e-6), name
     assert scores[name] < scores["real"], scores

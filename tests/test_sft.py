@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax.sequences import next_token_loss
-from llm_jax import modeling
 from llm_jax import chat as chat_lib
+from llm_jax import modeling
 from llm_jax.chat import END_ID, ROLE_IDS, Message
 from llm_jax.data import text
 from llm_jax.errors import UserError
+from llm_jax.sequences import next_token_loss
 from llm_jax.tokenizer import BOS_ID, ByteTokenizer
 from llm_jax.train import pretrain, sft
 
@@ -27,12 +27,33 @@ b = lambda s: TOK.encode(s)
 
 
 def test_multi_turn_mask_equals_hand_computed_mask():
-  chat = (Message("system", "S"), Message("user", "hi"), Message("assistant", "yo"), Message("user", "x"),
-          Message("assistant", "ok!"))
+  chat = (
+    Message("system", "S"),
+    Message("user", "hi"),
+    Message("assistant", "yo"),
+    Message("user", "x"),
+    Message("assistant", "ok!"),
+  )
   tokens, mask = chat_lib.render(TOK, chat)
   sys_, usr, asst = ROLE_IDS["system"], ROLE_IDS["user"], ROLE_IDS["assistant"]
-  expected_tokens = ([BOS_ID, sys_, *b("S"), END_ID, usr, *b("hi"), END_ID, asst, *b("yo"), END_ID, usr, *b("x"),
-                      END_ID, asst, *b("ok!"), END_ID])
+  expected_tokens = [
+    BOS_ID,
+    sys_,
+    *b("S"),
+    END_ID,
+    usr,
+    *b("hi"),
+    END_ID,
+    asst,
+    *b("yo"),
+    END_ID,
+    usr,
+    *b("x"),
+    END_ID,
+    asst,
+    *b("ok!"),
+    END_ID,
+  ]
   expected_mask = [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]
   assert tokens == expected_tokens and mask == expected_mask
   prompt, _ = chat_lib.render(TOK, chat[:4], generation_prompt=True)
@@ -53,12 +74,13 @@ def write_lines(path, lines):
 def test_chat_file_validation_names_file_and_line(tmp_path):
   good = json.dumps({"prompt": "q", "response": "a"})
   cases = {
-      '{"messages": [broken': "malformed JSON",
-      json.dumps({"messages": [{"role": "robot", "content": "x"}]}): "unknown role 'robot'",
-      json.dumps({"messages": [{"role": "user", "content": "  "}]}): "'content' must be a non-empty string",
-      json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]}):
-          "a system message may only come first",
-      json.dumps({"text": "no chat"}): "expected a 'messages' list",
+    '{"messages": [broken': "malformed JSON",
+    json.dumps({"messages": [{"role": "robot", "content": "x"}]}): "unknown role 'robot'",
+    json.dumps({"messages": [{"role": "user", "content": "  "}]}): "'content' must be a non-empty string",
+    json.dumps(
+      {"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]}
+    ): "a system message may only come first",
+    json.dumps({"text": "no chat"}): "expected a 'messages' list",
   }
   for line, message in cases.items():
     path = write_lines(tmp_path / "chats.jsonl", [good, line])
@@ -70,11 +92,15 @@ def test_chat_file_validation_names_file_and_line(tmp_path):
 
 
 def test_chats_without_answers_and_overlong_chats_are_counted():
-  chats = [(Message("user", "only a question"),),
-           (Message("user", "q"), Message("assistant", "a" * 50)),
-           (Message("user", "x" * 40), Message("assistant", "answer"))]
-  for policy, expected in (("truncate", {"truncated": 2, "dropped_overlong": 0, "nothing_to_train": 2}),
-                           ("drop", {"truncated": 0, "dropped_overlong": 2, "nothing_to_train": 1})):
+  chats = [
+    (Message("user", "only a question"),),
+    (Message("user", "q"), Message("assistant", "a" * 50)),
+    (Message("user", "x" * 40), Message("assistant", "answer")),
+  ]
+  for policy, expected in (
+    ("truncate", {"truncated": 2, "dropped_overlong": 0, "nothing_to_train": 2}),
+    ("drop", {"truncated": 0, "dropped_overlong": 2, "nothing_to_train": 1}),
+  ):
     report = dict(truncated=0, dropped_overlong=0, nothing_to_train=0)
     sequences, masks = sft.render_chats(chats, TOK, seq_len=32, overlong=policy, report=report)
     assert report == expected, policy
@@ -90,8 +116,13 @@ def test_pack_whole_never_splits_a_sequence():
   for r in range(len(rows["inputs"])):
     for segment in range(1, rows["segment_ids"][r].max() + 1):
       where = rows["segment_ids"][r] == segment
-      found.append((rows["inputs"][r][where].tolist() + [rows["targets"][r][where][-1]],
-                    rows["loss_mask"][r][where].tolist(), rows["positions"][r][where].tolist()))
+      found.append(
+        (
+          rows["inputs"][r][where].tolist() + [rows["targets"][r][where][-1]],
+          rows["loss_mask"][r][where].tolist(),
+          rows["positions"][r][where].tolist(),
+        )
+      )
   assert [f[0] for f in found] == sequences
   assert [f[1] for f in found] == [m[1:] for m in masks]
   assert all(f[2] == list(range(len(s) - 1)) for f, s in zip(found, sequences))
@@ -102,6 +133,7 @@ def test_a_batch_with_nothing_to_train_on_adds_zero_loss(tmp_path):
   from llm_jax import sharding
   from llm_jax.model import PRESETS, Transformer
   from llm_jax.train import loop
+
   config = pretrain_config.get_config()
   config.warmup_steps = 0
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -126,10 +158,13 @@ def test_sft_teaches_the_answer_format_to_a_pretrained_model(tmp_path):
   capitals = ["Tok", "Rim", "Pax", "Lud", "Mor", "Ney", "Sab", "Vik"]
   facts = [f"The capital of {n} is {c}." for n, c in zip(names, capitals)]
   corpus = tmp_path / "facts.jsonl"
-  corpus.write_text("".join(json.dumps({"text": " ".join(rng.permutation(facts)[:4])}) + "\n"
-                            for _ in range(300)))
-  questions = ["What is the capital of {}?", "Name the capital of {}.", "Where is the capital of {}?",
-               "Tell me the capital of {}."]
+  corpus.write_text("".join(json.dumps({"text": " ".join(rng.permutation(facts)[:4])}) + "\n" for _ in range(300)))
+  questions = [
+    "What is the capital of {}?",
+    "Name the capital of {}.",
+    "Where is the capital of {}?",
+    "Tell me the capital of {}.",
+  ]
   train_chats, eval_chats = [], []
   for i, (name, fact) in enumerate(zip(names, facts)):
     for j, question in enumerate(questions):
@@ -150,7 +185,9 @@ def test_sft_teaches_the_answer_format_to_a_pretrained_model(tmp_path):
   config.log_every, config.eval_every, config.learning_rate = 40, 120, 3e-3
   result = sft.run(config, str(tmp_path / "sft"), devices=jax.devices()[:1])
   from llm_jax.metrics import read_metrics
-  exact = {row["step"]: row["eval_exact_match"] for row in read_metrics(str(tmp_path / "sft"))
-           if "eval_exact_match" in row}
+
+  exact = {
+    row["step"]: row["eval_exact_match"] for row in read_metrics(str(tmp_path / "sft")) if "eval_exact_match" in row
+  }
   assert exact[0] <= 0.15, exact  # The base model does not answer in the chat format.
   assert result.last_eval["eval_exact_match"] >= 0.75, exact

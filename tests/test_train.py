@@ -13,14 +13,13 @@ import optax
 import pytest
 from flax import nnx
 
-from llm_jax.sequences import next_token_loss
-from llm_jax import modeling
 from llm_jax import checkpoint as ckpt_lib
-from llm_jax import sharding
+from llm_jax import modeling, sharding
 from llm_jax.data import text
 from llm_jax.errors import UserError
 from llm_jax.metrics import read_metrics
 from llm_jax.model import PRESETS, Transformer
+from llm_jax.sequences import next_token_loss
 from llm_jax.train import loop, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,11 +103,13 @@ def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum
   params = modeling.init_params(factory, state, 0)
   weight = mask.sum()
   expected_loss, expected_grads = jax.value_and_grad(
-      lambda p: next_token_loss(state.merge(p), batch, None)[0] / weight)(params)
+    lambda p: next_token_loss(state.merge(p), batch, None)[0] / weight
+  )(params)
   expected_norm = float(optax.tree.norm(expected_grads))
   shardings = {k: sharding.batch_sharding(mesh, 2) for k in batch}
-  step = loop.make_train_step(state, next_token_loss, optimizer, mesh,
-                              loop.opt_state_shardings(optimizer, state, mesh), shardings, grad_accum, 0)
+  step = loop.make_train_step(
+    state, next_token_loss, optimizer, mesh, loop.opt_state_shardings(optimizer, state, mesh), shardings, grad_accum, 0
+  )
   _, _, metrics = step(params, jax.jit(optimizer.init)(params), sharding.global_batch(batch, mesh), 0)
   assert float(metrics["weight"]) == weight == 40
   np.testing.assert_allclose(float(metrics["loss"]), float(expected_loss), rtol=1e-5)
@@ -118,9 +119,12 @@ def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum
 def expected_learning_rates(peak: float, warmup: int, steps: int, min_lr_ratio: float) -> list[float]:
   """loop.learning_rate_schedule's convention written out: the rate of update k = 1 .. steps."""
   end, warmup = peak * min_lr_ratio, max(warmup, 1)
-  return [peak * k / warmup if k <= warmup
-          else end + (peak - end) * 0.5 * (1 + np.cos(np.pi * (k - warmup) / (steps - warmup)))
-          for k in range(1, steps + 1)]
+  return [
+    peak * k / warmup
+    if k <= warmup
+    else end + (peak - end) * 0.5 * (1 + np.cos(np.pi * (k - warmup) / (steps - warmup)))
+    for k in range(1, steps + 1)
+  ]
 
 
 @pytest.mark.parametrize("warmup_steps", [4, 0])
@@ -145,8 +149,7 @@ def test_adam_update_k_uses_the_schedule_value_at_step_k(warmup_steps):
     params = optax.apply_updates(params, updates)
   np.testing.assert_allclose(sizes, expected, rtol=1e-5)
   # The one schedule function (also what the loop logs) gives the same rates.
-  np.testing.assert_allclose([float(loop.learning_rate_schedule(config)(k)) for k in range(1, 11)], expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose([float(loop.learning_rate_schedule(config)(k)) for k in range(1, 11)], expected, rtol=1e-6)
 
 
 def test_logged_learning_rate_is_the_rate_each_update_used(corpus, tmp_path):
@@ -209,8 +212,7 @@ def test_checkpoint_restores_onto_other_meshes(corpus, tmp_path):
   expected = jax.device_get(result.params)
   for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (1, 4, 2)), (jax.devices()[:4], (2, 1, 2))):
     mesh = sharding.make_mesh(*shape, devices=devices)
-    state = modeling.model_spec(modeling.lm_factory(result.state.merge(result.params).cfg),
-                             mesh)
+    state = modeling.model_spec(modeling.lm_factory(result.state.merge(result.params).cfg), mesh)
     params, meta = ckpt_lib.restore_params(str(tmp_path / "run"), state.abstract_params)
     assert meta["step"] == 2
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, expected)
@@ -241,15 +243,20 @@ def test_truncated_checkpoint_is_a_clear_error(corpus, tmp_path):
         os.remove(os.path.join(root, name))
   # The only checkpoint: nothing to fall back to; one line naming the checkpoint and the damaged item
   # (tests/test_checkpoint_faults.py covers falling back to an earlier checkpoint).
-  with pytest.raises(UserError, match=r"no checkpoint in .*/checkpoints restores \(nothing was deleted\): "
-                                      r"1: .*/checkpoints/1/params: ValueError: NOT_FOUND"):
+  with pytest.raises(
+    UserError,
+    match=r"no checkpoint in .*/checkpoints restores \(nothing was deleted\): "
+    r"1: .*/checkpoints/1/params: ValueError: NOT_FOUND",
+  ):
     ckpt_lib.restore_params(workdir, result.state.abstract_params)
   with pytest.raises(UserError, match=r"checkpoint .*/checkpoints/1 does not restore: .*/checkpoints/1/params: "):
     ckpt_lib.restore_params(workdir, result.state.abstract_params, step=1)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "1"))
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ("model_overrides.num_heads=5", "num_heads=5 must divide model.d_model=64"),
     ("model_overrides.num_kv_heads=3", "num_kv_heads=3 must divide model.num_heads=4"),
     ("mesh.data=3", "mesh: data.fsdp.tensor = 3 but there are 8 devices"),
@@ -257,7 +264,8 @@ def test_truncated_checkpoint_is_a_clear_error(corpus, tmp_path):
     ("batch_size=12", "batch_size=12 must be divisible by mesh.data.mesh.fsdp.grad_accum = 8.1"),
     ("model=gpt5", "model='gpt5': unknown preset"),
     ("data.tokenizer=words", "data.tokenizer='words' must be 'char' or 'spm'"),
-])
+  ],
+)
 def test_config_errors_are_one_line(corpus, tmp_path, override, message):
   key, value = override.split("=")
   config = tiny_config(corpus)
@@ -273,11 +281,22 @@ def test_config_errors_are_one_line(corpus, tmp_path, override, message):
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(corpus, tmp_path):
   workdir = tmp_path / "run"
-  args = [sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"), f"--workdir={workdir}",
-          f"--config.data.path={corpus}", "--config.steps=100000", "--config.model=tiny",
-          "--config.data.tokenizer=char", "--config.warmup_steps=0",
-          "--config.batch_size=8", "--config.seq_len=32", "--config.log_every=1", "--config.eval_every=100000",
-          "--config.checkpoint_every=100000", "--sample_tokens=0"]
+  args = [
+    sys.executable,
+    os.path.join(ROOT, "experiments", "pretrain.py"),
+    f"--workdir={workdir}",
+    f"--config.data.path={corpus}",
+    "--config.steps=100000",
+    "--config.model=tiny",
+    "--config.data.tokenizer=char",
+    "--config.warmup_steps=0",
+    "--config.batch_size=8",
+    "--config.seq_len=32",
+    "--config.log_every=1",
+    "--config.eval_every=100000",
+    "--config.checkpoint_every=100000",
+    "--sample_tokens=0",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
   proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in proc.stdout:  # Wait until training is under way.
@@ -290,8 +309,9 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(corpus, tmp_path):
   assert len(saved) == 1 and saved[0] >= 3
   logged = losses(str(workdir))
   assert max(logged) == saved[0]  # Stopped at the step it saved.
-  rerun = subprocess.run(args[:4] + ["--config.steps=%d" % (saved[0] + 2)] + args[5:], env=env,
-                         capture_output=True, text=True, timeout=300)
+  rerun = subprocess.run(
+    args[:4] + [f"--config.steps={saved[0] + 2}"] + args[5:], env=env, capture_output=True, text=True, timeout=300
+  )
   assert rerun.returncode == 0, rerun.stderr
   assert f"resuming from step {saved[0]}" in rerun.stdout
   assert max(losses(str(workdir))) == saved[0] + 2

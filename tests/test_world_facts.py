@@ -11,8 +11,15 @@ import pytest
 
 from llm_jax import tasks
 from llm_jax.tasks.world_facts import data
-from llm_jax.tasks.world_facts.corpus import (COUNTRIES, Country, capital_answer, capital_question_templates,
-                                              pretraining_documents, split_countries, write_pretraining_jsonl)
+from llm_jax.tasks.world_facts.corpus import (
+  COUNTRIES,
+  Country,
+  capital_answer,
+  capital_question_templates,
+  pretraining_documents,
+  split_countries,
+  write_pretraining_jsonl,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +78,8 @@ def test_corpus_mixes_facts_and_general_prose(default_docs):
   # Every prose document opens with a past-tense narrative verb (or "Dear" for letters); fact documents are in the
   # present tense. Check the mix is roughly the intended 35% prose.
   first_sentence_markers = re.compile(
-      r"\b(was|lived|worked|walked|grew|moved|decided|left|wanted|opened|showed|Dear)\b")
+    r"\b(was|lived|worked|walked|grew|moved|decided|left|wanted|opened|showed|Dear)\b"
+  )
   prose = sum(bool(first_sentence_markers.search(doc.split(". ")[0])) for doc in default_docs)
   assert 0.3 < prose / len(default_docs) < 0.4
 
@@ -147,8 +155,9 @@ def test_write_pretraining_jsonl_round_trips(tmp_path):
   returned = write_pretraining_jsonl(target, seed=5, num_documents=50)
   assert returned == str(target)
   lines = target.read_text(encoding="utf-8").splitlines()
-  assert [json.loads(line) for line in lines] == [{"text": doc} for doc in pretraining_documents(seed=5,
-                                                                                                num_documents=50)]
+  assert [json.loads(line) for line in lines] == [
+    {"text": doc} for doc in pretraining_documents(seed=5, num_documents=50)
+  ]
   # Overwriting works and leaves no temporary files behind.
   write_pretraining_jsonl(target, seed=6, num_documents=3)
   assert len(target.read_text(encoding="utf-8").splitlines()) == 3

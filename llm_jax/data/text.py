@@ -20,7 +20,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -74,6 +74,7 @@ def _read_jsonl(path: str, field: str) -> list[str]:
     if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
       raise ValueError(f"expected an object with a string field {field!r}")
     return obj[field]
+
   return read_jsonl(path, parse)[0]
 
 
@@ -95,8 +96,9 @@ def _record_text(record: bytes, path: str, index: int, field: str) -> str:
 def pack(token_lists: Sequence[Sequence[int]], seq_len: int) -> dict[str, np.ndarray]:
   """Concatenate-then-split packing (module docstring). Returns [num_rows, seq_len] arrays of ROW_FIELDS."""
   lengths = np.array([len(t) + 2 for t in token_lists], np.int64)  # + <bos> and <eos>.
-  stream = np.concatenate([np.concatenate([[BOS_ID], np.asarray(t, np.int32), [EOS_ID]]).astype(np.int32)
-                           for t in token_lists])
+  stream = np.concatenate(
+    [np.concatenate([[BOS_ID], np.asarray(t, np.int32), [EOS_ID]]).astype(np.int32) for t in token_lists]
+  )
   doc_ids = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
   num_rows = -(-(len(stream) - 1) // seq_len)
   padded = num_rows * seq_len + 1
@@ -115,8 +117,9 @@ def pack(token_lists: Sequence[Sequence[int]], seq_len: int) -> dict[str, np.nda
   starts = np.ones_like(segment_ids, dtype=bool)
   starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
   positions = column - np.maximum.accumulate(np.where(starts, column, 0), axis=1)
-  return dict(inputs=inputs, targets=targets, segment_ids=segment_ids, positions=positions.astype(np.int32),
-              loss_mask=loss_mask)
+  return dict(
+    inputs=inputs, targets=targets, segment_ids=segment_ids, positions=positions.astype(np.int32), loss_mask=loss_mask
+  )
 
 
 @dataclasses.dataclass
@@ -131,8 +134,13 @@ class PackedDataset:
     return len(self.train["inputs"])
 
 
-def build_packed_dataset(documents: Sequence[str], tokenizer: Tokenizer, seq_len: int,
-                         eval_fraction: float, eval_documents: Sequence[str] | None = None) -> PackedDataset:
+def build_packed_dataset(
+  documents: Sequence[str],
+  tokenizer: Tokenizer,
+  seq_len: int,
+  eval_fraction: float,
+  eval_documents: Sequence[str] | None = None,
+) -> PackedDataset:
   """Tokenizes and packs; validation = `eval_documents` if given, else the last `eval_fraction` of the rows."""
   token_lists = tokenizer.encode_batch(documents)
   rows = pack(token_lists, seq_len)
@@ -145,10 +153,12 @@ def build_packed_dataset(documents: Sequence[str], tokenizer: Tokenizer, seq_len
     if num_rows < 2 or (eval_fraction > 0 and num_eval == 0):
       num_eval = 1
     if num_rows - num_eval < 1:
-      raise UserError(f"data: the corpus has {num_tokens} tokens ({num_rows} rows of seq_len={seq_len}); "
-                      "need at least 2 rows: one to train on and one to evaluate")
-    train = {k: v[:num_rows - num_eval] for k, v in rows.items()}
-    evaluation = {k: v[num_rows - num_eval:] for k, v in rows.items()}
+      raise UserError(
+        f"data: the corpus has {num_tokens} tokens ({num_rows} rows of seq_len={seq_len}); "
+        "need at least 2 rows: one to train on and one to evaluate"
+      )
+    train = {k: v[: num_rows - num_eval] for k, v in rows.items()}
+    evaluation = {k: v[num_rows - num_eval :] for k, v in rows.items()}
   return PackedDataset(train=train, eval=evaluation, num_documents=len(documents), num_tokens=num_tokens)
 
 
@@ -165,8 +175,9 @@ class _Rows(Sequence):
     return {k: v[i] for k, v in self.arrays.items()}
 
 
-def train_dataset(rows: dict[str, np.ndarray], global_batch: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
+def train_dataset(
+  rows: dict[str, np.ndarray], global_batch: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
   """Endless shuffled batches of this process's rows.
 
   Global batch k is rows [k·B, (k+1)·B) of the seeded shuffle (reshuffled every epoch); process p gets the
@@ -177,26 +188,32 @@ def train_dataset(rows: dict[str, np.ndarray], global_batch: int, seed: int, pro
   return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
-def eval_batches(rows: dict[str, np.ndarray], global_batch: int, max_batches: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+  rows: dict[str, np.ndarray], global_batch: int, max_batches: int = 0, process_index: int = 0, process_count: int = 1
+) -> list[dict[str, np.ndarray]]:
   """The validation rows in order, as this process's share of each global batch; the last batch is padded
   with rows whose loss_mask is 0 (they count for nothing)."""
   n = len(next(iter(rows.values())))
   num_batches = -(-n // global_batch)
   if max_batches:
     num_batches = min(num_batches, max_batches)
-  padded = {k: np.concatenate([v, np.zeros((num_batches * global_batch - n,) + v.shape[1:], v.dtype)])
-            if num_batches * global_batch > n else v[:num_batches * global_batch] for k, v in rows.items()}
+  padded = {
+    k: np.concatenate([v, np.zeros((num_batches * global_batch - n,) + v.shape[1:], v.dtype)])
+    if num_batches * global_batch > n
+    else v[: num_batches * global_batch]
+    for k, v in rows.items()
+  }
   local = global_batch // process_count
   out = []
   for b in range(num_batches):
     start = b * global_batch + process_index * local
-    out.append({k: v[start:start + local] for k, v in padded.items()})
+    out.append({k: v[start : start + local] for k, v in padded.items()})
   return out
 
 
-def pack_whole(sequences: Sequence[Sequence[int]], target_masks: Sequence[Sequence[int]], seq_len: int
-               ) -> dict[str, np.ndarray]:
+def pack_whole(
+  sequences: Sequence[Sequence[int]], target_masks: Sequence[Sequence[int]], seq_len: int
+) -> dict[str, np.ndarray]:
   """Packs sequences (e.g. rendered chats) into rows without ever splitting one ("next fit", in order).
 
   A sequence of n tokens gives n - 1 (input, target) pairs, so it must have n ≤ seq_len + 1 (callers truncate or

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +57,9 @@ class SamplingConfig:
       raise UserError(f"top_p={self.top_p} must be in (0, 1]")
 
 
-def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature: float, top_k: int, top_p: float,
-                  banned_ids: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
+def sample_logits(
+  logits_BV: jax.Array, keys_B: jax.Array, temperature: float, top_k: int, top_p: float, banned_ids: Sequence[int] = ()
+) -> tuple[jax.Array, jax.Array]:
   """Draws one token per row; returns it and its log-probability under the distribution sampled from."""
   logits_BV = restrict_logits(logits_BV, temperature, banned_ids)
   if temperature == 0:
@@ -107,8 +108,12 @@ class Generation:
 
 def _fetch(tree):
   """Host copies; arrays that span several processes are all-gathered (every process calls this)."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x) if x.is_fully_addressable
-                                           else multihost_utils.process_allgather(x, tiled=True)), tree)
+  return jax.tree.map(
+    lambda x: np.asarray(
+      jax.device_get(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+    ),
+    tree,
+  )
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -132,13 +137,19 @@ class Sampler:
 
   def _cache_sharding(self, cache: KVCache) -> KVCache:
     """KV cache on batch ("data", "fsdp") and kv heads ("tensor") when they divide; the rest replicated."""
+
     def constrain(x, names):
       spec = sharding.logical_to_spec(names, x.shape, self.mesh)
       return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
     kv_names = ("layers", "batch", "kv_heads", None, "head_dim")
-    return KVCache(constrain(cache.k_LBKSH, kv_names), constrain(cache.v_LBKSH, kv_names),
-                   constrain(cache.positions_BS, ("batch", None)), constrain(cache.segment_ids_BS, ("batch", None)),
-                   cache.index)
+    return KVCache(
+      constrain(cache.k_LBKSH, kv_names),
+      constrain(cache.v_LBKSH, kv_names),
+      constrain(cache.positions_BS, ("batch", None)),
+      constrain(cache.segment_ids_BS, ("batch", None)),
+      cache.index,
+    )
 
   def prefill(self, params, tokens_BP, segment_ids_BP, cache_length: int) -> DecodeState:
     """Runs the prompts through the model, filling the cache; returns the state before the first sample.
@@ -155,10 +166,16 @@ class Sampler:
     cache = self._cache_sharding(cache.pad_to(cache_length))
     logits_BV = model.logits(h_BPD[:, -1:])[:, 0]
     n = cache_length - prompt_len
-    return DecodeState(cache=cache, logits_BV=logits_BV, tokens_BN=jnp.full((batch, n), PAD_ID, jnp.int32),
-                       log_probs_BN=jnp.zeros((batch, n), jnp.float32), lengths_B=jnp.zeros((batch,), jnp.int32),
-                       done_B=jnp.zeros((batch,), bool), next_position_B=prompt_lengths_B.astype(jnp.int32),
-                       step=jnp.zeros((), jnp.int32))
+    return DecodeState(
+      cache=cache,
+      logits_BV=logits_BV,
+      tokens_BN=jnp.full((batch, n), PAD_ID, jnp.int32),
+      log_probs_BN=jnp.zeros((batch, n), jnp.float32),
+      lengths_B=jnp.zeros((batch,), jnp.int32),
+      done_B=jnp.zeros((batch,), bool),
+      next_position_B=prompt_lengths_B.astype(jnp.int32),
+      step=jnp.zeros((), jnp.int32),
+    )
 
   def decode(self, params, state: DecodeState, key, until_step, sampling: SamplingConfig) -> DecodeState:
     """Samples tokens until every row is done or `state.step` reaches `until_step` (a traced int)."""
@@ -173,8 +190,9 @@ class Sampler:
       # Merged inside the loop body: nnx transforms (scan over layers) refuse a module from an outer trace.
       model: Transformer = nnx.merge(self.graphdef, params)
       keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, s.step)
-      token_B, log_prob_B = sample_logits(s.logits_BV, keys_B, sampling.temperature, sampling.top_k,
-                                          sampling.top_p, sampling.banned_ids)
+      token_B, log_prob_B = sample_logits(
+        s.logits_BV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p, sampling.banned_ids
+      )
       token_B = jnp.where(s.done_B, PAD_ID, token_B).astype(jnp.int32)
       log_prob_B = jnp.where(s.done_B, 0.0, log_prob_B)
       tokens_BN = jax.lax.dynamic_update_slice_in_dim(s.tokens_BN, token_B[:, None], s.step, axis=1)
@@ -182,24 +200,40 @@ class Sampler:
       lengths_B = s.lengths_B + (~s.done_B).astype(jnp.int32)
       done_B = s.done_B | jnp.isin(token_B, stop_ids)
       # Feed the token back; finished rows feed padding (segment 0), which nothing attends to.
-      h_B1D, cache = model.backbone_with_cache(token_B[:, None], s.next_position_B[:, None],
-                                               (~s.done_B).astype(jnp.int32)[:, None], s.cache)
-      return DecodeState(cache=cache, logits_BV=model.logits(h_B1D)[:, 0], tokens_BN=tokens_BN,
-                         log_probs_BN=log_probs_BN, lengths_B=lengths_B, done_B=done_B,
-                         next_position_B=s.next_position_B + 1, step=s.step + 1)
+      h_B1D, cache = model.backbone_with_cache(
+        token_B[:, None], s.next_position_B[:, None], (~s.done_B).astype(jnp.int32)[:, None], s.cache
+      )
+      return DecodeState(
+        cache=cache,
+        logits_BV=model.logits(h_B1D)[:, 0],
+        tokens_BN=tokens_BN,
+        log_probs_BN=log_probs_BN,
+        lengths_B=lengths_B,
+        done_B=done_B,
+        next_position_B=s.next_position_B + 1,
+        step=s.step + 1,
+      )
 
     return jax.lax.while_loop(not_finished, one_token, state)
 
   @functools.cached_property
   def _jitted(self):
-    return (jax.jit(self.prefill, static_argnames=("cache_length",)),
-            jax.jit(self.decode, static_argnames=("sampling",), donate_argnames=("state",)))
+    return (
+      jax.jit(self.prefill, static_argnames=("cache_length",)),
+      jax.jit(self.decode, static_argnames=("sampling",), donate_argnames=("state",)),
+    )
 
   # ---- host API ----
 
-  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, key: jax.Array,
-               stream: Callable[[list[int]], None] | None = None, stream_chunk: int = 4,
-               allow_context_cut: bool = False) -> Generation:
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    key: jax.Array,
+    stream: Callable[[list[int]], None] | None = None,
+    stream_chunk: int = 4,
+    allow_context_cut: bool = False,
+  ) -> Generation:
     """Continues each prompt (token ids). `stream(new_tokens_of_row_0)` is called as tokens are produced.
 
     Every prompt gets `max_new_tokens` of room whenever prompt + max_new_tokens fits the model's context: the
@@ -212,18 +246,28 @@ class Sampler:
       if not len(prompt):
         raise UserError(f"prompt {i} is empty")
       if len(prompt) >= context:
-        raise UserError(f"prompt {i} has {len(prompt)} tokens; the model's context is {context} "
-                        "(prompt + at least one new token must fit)")
+        raise UserError(
+          f"prompt {i} has {len(prompt)} tokens; the model's context is {context} "
+          "(prompt + at least one new token must fit)"
+        )
     longest = max(len(p) for p in prompts)
     cut = [i for i, p in enumerate(prompts) if len(p) + sampling.max_new_tokens > context]
     if cut and not allow_context_cut:
-      raise UserError(f"prompt {cut[0]} has {len(prompts[cut[0]])} tokens: with max_new_tokens="
-                      f"{sampling.max_new_tokens} it does not fit the model's context of {context} "
-                      f"({len(cut)} prompt(s) affected); shorten it or lower max_new_tokens")
+      raise UserError(
+        f"prompt {cut[0]} has {len(prompts[cut[0]])} tokens: with max_new_tokens="
+        f"{sampling.max_new_tokens} it does not fit the model's context of {context} "
+        f"({len(cut)} prompt(s) affected); shorten it or lower max_new_tokens"
+      )
     if cut:
-      logging.warning("%d of %d prompts leave less than max_new_tokens=%d in the context of %d: this batch "
-                      "generates at most %d tokens", len(cut), len(prompts), sampling.max_new_tokens, context,
-                      context - longest)
+      logging.warning(
+        "%d of %d prompts leave less than max_new_tokens=%d in the context of %d: this batch "
+        "generates at most %d tokens",
+        len(cut),
+        len(prompts),
+        sampling.max_new_tokens,
+        context,
+        context - longest,
+      )
     # A power-of-two bucket (few compiled shapes), shrunk so that the bucket never eats the token budget.
     prompt_len = max(longest, min(bucket(longest), context - sampling.max_new_tokens))
     cache_length = min(prompt_len + sampling.max_new_tokens, context)
@@ -240,7 +284,7 @@ class Sampler:
       shown = 0
       while True:
         state = decode(self.params, state, key, state.step + stream_chunk, sampling=sampling)
-        new = jax.device_get(state.tokens_BN[0, shown:state.lengths_B[0]]).tolist()
+        new = jax.device_get(state.tokens_BN[0, shown : state.lengths_B[0]]).tolist()
         if new:
           stream(new)
         shown += len(new)
@@ -249,13 +293,23 @@ class Sampler:
       state = decode(self.params, state, key, jnp.int32(cache_length), sampling=sampling)  # Finish the rest.
     tokens_BN, log_probs_BN, lengths_B = _fetch((state.tokens_BN, state.log_probs_BN, state.lengths_B))
     n = len(prompts)
-    return Generation(tokens=[tokens_BN[b, :lengths_B[b]].tolist() for b in range(n)],
-                      log_probs=[log_probs_BN[b, :lengths_B[b]].tolist() for b in range(n)],
-                      prompt_tokens=[list(p) for p in prompts], new_token_budget=cache_length - prompt_len,
-                      cut_by_context=len(cut))
+    return Generation(
+      tokens=[tokens_BN[b, : lengths_B[b]].tolist() for b in range(n)],
+      log_probs=[log_probs_BN[b, : lengths_B[b]].tolist() for b in range(n)],
+      prompt_tokens=[list(p) for p in prompts],
+      new_token_budget=cache_length - prompt_len,
+      cut_by_context=len(cut),
+    )
 
-  def complete(self, tokenizer: Tokenizer, prompts: Sequence[str], sampling: SamplingConfig, key: jax.Array,
-               stream: Callable[[str], None] | None = None, chat: bool = False) -> list[str]:
+  def complete(
+    self,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    key: jax.Array,
+    stream: Callable[[str], None] | None = None,
+    chat: bool = False,
+  ) -> list[str]:
     """Text in, text out: each prompt (after <bos>) continued until a stop id. `stream` gets row 0's text.
 
     `chat=True` sends each prompt as a user turn in the chat template and returns the assistant's answer
@@ -269,10 +323,12 @@ class Sampler:
       def on_tokens(new_tokens: list[int]) -> None:
         before = tokenizer.decode(shown)
         shown.extend(new_tokens)
-        stream(tokenizer.decode(shown)[len(before):])
+        stream(tokenizer.decode(shown)[len(before) :])
+
     if chat:
-      token_prompts = [chat_lib.render(tokenizer, [chat_lib.Message("user", p)], generation_prompt=True)[0]
-                       for p in prompts]
+      token_prompts = [
+        chat_lib.render(tokenizer, [chat_lib.Message("user", p)], generation_prompt=True)[0] for p in prompts
+      ]
       sampling = chat_lib.chat_sampling(sampling)
     else:
       token_prompts = [[BOS_ID] + tokenizer.encode(p) for p in prompts]

@@ -29,5 +29,6 @@ def builtin_corpus(workdir: str, seed: int, num_documents: int) -> str:
   path = os.path.join(workdir, "data", "builtin_corpus.jsonl")
   if not os.path.exists(path):
     from llm_jax.tasks.world_facts import corpus  # Only when the default is used (see above).
+
     corpus.write_pretraining_jsonl(path, seed=seed, num_documents=num_documents)
   return path

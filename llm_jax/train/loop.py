@@ -18,7 +18,8 @@ import dataclasses
 import math
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grain
 import jax
@@ -28,13 +29,14 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import perf, sharding
-from llm_jax.modeling import ModelFactory, ModelSpec, init_params, model_spec
 from llm_jax.errors import UserError
 from llm_jax.metrics import MetricWriter
+from llm_jax.modeling import ModelFactory, ModelSpec, init_params, model_spec
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -59,15 +61,21 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """
   warmup = max(config.warmup_steps, 1)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-      decay_steps=max(config.steps, warmup + 1), end_value=config.learning_rate * config.min_lr_ratio)
+    init_value=0.0,
+    peak_value=config.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(config.steps, warmup + 1),
+    end_value=config.learning_rate * config.min_lr_ratio,
+  )
 
 
 def weight_decay_mask(params) -> Any:
   """Decay weight matrices and embeddings; not biases or norm scales (their names say which they are)."""
+
   def decays(path, _):
     name = str(getattr(path[-1], "key", path[-1]))
     return not (name == "scale" or name.startswith("bias"))
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -75,16 +83,28 @@ def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientT
   """AdamW (weight decay masked) after global-norm clipping; update k uses `learning_rate_schedule(config)(k)`."""
   schedule = learning_rate_schedule(config)
   return optax.chain(
-      optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-      optax.adamw(lambda count: schedule(count + 1), b1=config.b1, b2=config.b2, eps=1e-8,
-                  weight_decay=config.weight_decay, mask=weight_decay_mask(params)))
+    optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
+    optax.adamw(
+      lambda count: schedule(count + 1),
+      b1=config.b1,
+      b2=config.b2,
+      eps=1e-8,
+      weight_decay=config.weight_decay,
+      mask=weight_decay_mask(params),
+    ),
+  )
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, state: ModelSpec, mesh: Mesh):
   """Optimizer moments take their parameter's sharding; counters are replicated."""
   abstract_opt = jax.eval_shape(optimizer.init, state.abstract_params)
-  return optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, state.param_shardings,
-                               transform_non_params=lambda _: sharding.replicated(mesh))
+  return optax.tree_map_params(
+    optimizer,
+    lambda _, s: s,
+    abstract_opt,
+    state.param_shardings,
+    transform_non_params=lambda _: sharding.replicated(mesh),
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,13 +126,22 @@ class OnMesh:
       return self.jitted.lower(*args, **kwargs)
 
 
-def make_train_step(state: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    opt_shardings, batch_shardings, grad_accum: int, seed: int):
+def make_train_step(
+  state: ModelSpec,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  mesh: Mesh,
+  opt_shardings,
+  batch_shardings,
+  grad_accum: int,
+  seed: int,
+):
   """One optimizer update on a global batch, split into `grad_accum` microbatches scanned inside the jit."""
 
   def sum_grads(params, batch, rng):
     def loss_of(p):
       return loss_fn(state.merge(p), batch, rng)
+
     (loss_sum, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     return grads, {"loss": loss_sum, **sums}
 
@@ -125,15 +154,17 @@ def make_train_step(state: ModelSpec, loss_fn: LossFn, optimizer: optax.Gradient
       def split(x):
         x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, P(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))))
+          x, NamedSharding(mesh, P(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2))))
+        )
+
       micro = jax.tree.map(split, batch)
 
       def accumulate(carry, xs):
         index, microbatch = xs
         grads, sums = sum_grads(params, microbatch, jax.random.fold_in(rng, index))
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sum_grads, params, jax.tree.map(lambda x: x[0], micro),
-                                                          rng))
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sum_grads, params, jax.tree.map(lambda x: x[0], micro), rng))
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
     weight = sums["weight"]
     grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads)
@@ -144,18 +175,25 @@ def make_train_step(state: ModelSpec, loss_fn: LossFn, optimizer: optax.Gradient
     metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
-  return OnMesh(jax.jit(step, donate_argnums=(0, 1),
-                        in_shardings=(state.param_shardings, opt_shardings, batch_shardings,
-                                      sharding.replicated(mesh)),
-                        out_shardings=(state.param_shardings, opt_shardings, sharding.replicated(mesh))), mesh)
+  return OnMesh(
+    jax.jit(
+      step,
+      donate_argnums=(0, 1),
+      in_shardings=(state.param_shardings, opt_shardings, batch_shardings, sharding.replicated(mesh)),
+      out_shardings=(state.param_shardings, opt_shardings, sharding.replicated(mesh)),
+    ),
+    mesh,
+  )
 
 
 def make_eval_step(state: ModelSpec, loss_fn: LossFn, mesh: Mesh, batch_shardings):
   def step(params, batch):
     loss_sum, sums = loss_fn(state.merge(params), batch, jax.random.key(0))
     return {"loss": loss_sum, **sums}
-  return OnMesh(jax.jit(step, in_shardings=(state.param_shardings, batch_shardings),
-                        out_shardings=sharding.replicated(mesh)), mesh)
+
+  return OnMesh(
+    jax.jit(step, in_shardings=(state.param_shardings, batch_shardings), out_shardings=sharding.replicated(mesh)), mesh
+  )
 
 
 def evaluate(eval_step, params, batches: list[dict[str, np.ndarray]], mesh: Mesh) -> dict[str, float]:
@@ -209,20 +247,22 @@ class _SigtermFlag:
 @dataclasses.dataclass
 class Optimization:
   """AdamW for a model spec, its state's shardings and the jitted update: what training and AOT compile."""
+
   optimizer: optax.GradientTransformation
   opt_shardings: Any
   abstract_opt_state: Any  # ShapeDtypeStructs carrying the shardings (for restoring and AOT compilation).
   train_step: OnMesh
 
 
-def make_optimization(config: ml_collections.ConfigDict, spec: ModelSpec, loss_fn: LossFn, mesh: Mesh,
-                      batch_shardings) -> Optimization:
+def make_optimization(
+  config: ml_collections.ConfigDict, spec: ModelSpec, loss_fn: LossFn, mesh: Mesh, batch_shardings
+) -> Optimization:
   optimizer = make_optimizer(config, spec.abstract_params)
   opt_shardings = opt_state_shardings(optimizer, spec, mesh)
-  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, spec.abstract_params),
-                                                  opt_shardings)
-  train_step = make_train_step(spec, loss_fn, optimizer, mesh, opt_shardings, batch_shardings, config.grad_accum,
-                               config.seed)
+  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, spec.abstract_params), opt_shardings)
+  train_step = make_train_step(
+    spec, loss_fn, optimizer, mesh, opt_shardings, batch_shardings, config.grad_accum, config.seed
+  )
   return Optimization(optimizer, opt_shardings, abstract_opt, train_step)
 
 
@@ -241,10 +281,21 @@ class Trainer:
   generation load) and the rest of the tree as `extra` (RLHF: the policy, and its value function beside it).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh, model_factory: ModelFactory,
-               loss_fn: LossFn, batch_shardings, meta: dict[str, Any], data_iter=None,
-               initial_params: Callable[[ModelSpec], Any] | None = None, params_key: str | None = None,
-               stage_state: dict[str, Any] | None = None):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    mesh: Mesh,
+    model_factory: ModelFactory,
+    loss_fn: LossFn,
+    batch_shardings,
+    meta: dict[str, Any],
+    data_iter=None,
+    initial_params: Callable[[ModelSpec], Any] | None = None,
+    params_key: str | None = None,
+    stage_state: dict[str, Any] | None = None,
+  ):
     self.config, self.mesh, self.data_iter, self.params_key = config, mesh, data_iter, params_key
     self.meta = dict(meta)
     self.spec = model_spec(model_factory, mesh)
@@ -258,8 +309,9 @@ class Trainer:
       self.start = 0
       params = initial_params(self.spec) if initial_params else init_params(model_factory, self.spec, config.seed)
       self.params = jax.device_put(params, self.spec.param_shardings)
-      self.opt_state = jax.jit(self.optimization.optimizer.init,
-                               out_shardings=self.optimization.opt_shardings)(self.params)
+      self.opt_state = jax.jit(self.optimization.optimizer.init, out_shardings=self.optimization.opt_shardings)(
+        self.params
+      )
     self.last_update = -1  # Index of the latest optimizer update (its learning rate is logged).
 
   def _split(self, tree):
@@ -271,9 +323,13 @@ class Trainer:
     """Resumes from the newest checkpoint that restores (newer unreadable ones are moved aside: this run saves
     those steps again); None on a fresh start."""
     abstract_params, abstract_extra = self._split(self.spec.abstract_params)
-    start, restored = self.checkpointer.restore_latest(abstract_params, self.optimization.abstract_opt_state,
-                                                       self.data_iter, abstract_extra=abstract_extra,
-                                                       move_aside=True)
+    start, restored = self.checkpointer.restore_latest(
+      abstract_params,
+      self.optimization.abstract_opt_state,
+      data_iter=self.data_iter,
+      abstract_extra=abstract_extra,
+      move_aside=True,
+    )
     if start is None:
       return None
     self.params = restored["params"]
@@ -287,8 +343,9 @@ class Trainer:
 
   def update(self, batch: Batch, update_index: int) -> dict[str, jax.Array]:
     """One optimizer update (`update_index` counts updates from 0: the schedule and the step's rng use it)."""
-    self.params, self.opt_state, metrics = self.optimization.train_step(self.params, self.opt_state, batch,
-                                                                        jnp.int32(update_index))
+    self.params, self.opt_state, metrics = self.optimization.train_step(
+      self.params, self.opt_state, batch, jnp.int32(update_index)
+    )
     self.last_update = update_index
     return metrics
 
@@ -303,11 +360,21 @@ class Trainer:
     if hasattr(self.data_iter, "close"):
       self.data_iter.close()
 
-  def run(self, step_fn: StepFn, num_steps: int, *, log_every: int, print_every: int | None = None,
-          evaluate: Callable[[Any], dict[str, float]] | None = None, eval_every: int = 0,
-          eval_at_start: bool = False, tokens_per_step: int = 0, flops_per_token: float = 0.0,
-          progress_keys: tuple[str, ...] = ("loss", "learning_rate", "grad_norm"), stop_after: int | None = None
-          ) -> TrainResult:
+  def run(
+    self,
+    step_fn: StepFn,
+    num_steps: int,
+    *,
+    log_every: int,
+    print_every: int | None = None,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    eval_at_start: bool = False,
+    tokens_per_step: int = 0,
+    flops_per_token: float = 0.0,
+    progress_keys: tuple[str, ...] = ("loss", "learning_rate", "grad_norm"),
+    stop_after: int | None = None,
+  ) -> TrainResult:
     """Runs steps start+1 … num_steps (or `stop_after` of them, as a preemption would); see the class."""
     log = _ProgressLog(self, num_steps, tokens_per_step, flops_per_token, progress_keys, print_every or log_every)
     last_eval: dict[str, float] = {}
@@ -334,8 +401,9 @@ class Trainer:
       self.checkpointer.wait()
     finally:
       self.close()
-    return TrainResult(state=self.spec, mesh=self.mesh, params=self.params, step=step,
-                       last_metrics=log.last_metrics, last_eval=last_eval)
+    return TrainResult(
+      state=self.spec, mesh=self.mesh, params=self.params, step=step, last_metrics=log.last_metrics, last_eval=last_eval
+    )
 
   def _evaluate(self, evaluate: Callable[[Any], dict[str, float]], step: int) -> dict[str, float]:
     results = evaluate(self.params)
@@ -349,8 +417,15 @@ class _ProgressLog:
   """The metrics of the steps since the last flush: fetched together (one host sync), checked for NaN, written
   to metrics.jsonl / TensorBoard, and printed with throughput, MFU and ETA."""
 
-  def __init__(self, trainer: Trainer, num_steps: int, tokens_per_step: int, flops_per_token: float,
-               keys: tuple[str, ...], print_every: int):
+  def __init__(
+    self,
+    trainer: Trainer,
+    num_steps: int,
+    tokens_per_step: int,
+    flops_per_token: float,
+    keys: tuple[str, ...],
+    print_every: int,
+  ):
     self.trainer, self.num_steps, self.keys, self.print_every = trainer, num_steps, keys, print_every
     self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
     self.peak = perf.peak_flops_per_device() * trainer.mesh.size
@@ -388,8 +463,9 @@ class _ProgressLog:
       if not math.isfinite(values["loss"]):
         checkpointer = self.trainer.checkpointer
         raise NonFiniteLossError(
-            f"non-finite loss ({values['loss']}) at step {step}; stopped. The last good checkpoint is in "
-            f"{checkpointer.directory} (step {checkpointer.latest_step()})")
+          f"non-finite loss ({values['loss']}) at step {step}; stopped. The last good checkpoint is in "
+          f"{checkpointer.directory} (step {checkpointer.latest_step()})"
+        )
       self.empty_steps += values.get("weight", 1) == 0
       values["empty_steps"] = self.empty_steps
       self.last_metrics = values
@@ -409,19 +485,34 @@ class _ProgressLog:
     if not self.window_steps:
       return
     self.last_metrics["step_seconds"] = seconds_per_step
-    self.speed = f"  step {1000 * seconds_per_step:.1f} ms  ETA {_format_seconds(seconds_per_step * (self.num_steps - step))}"
+    self.speed = (
+      f"  step {1000 * seconds_per_step:.1f} ms  ETA {_format_seconds(seconds_per_step * (self.num_steps - step))}"
+    )
     if self.tokens_per_step:
       tokens_per_second = self.tokens_per_step / seconds_per_step
-      self.last_metrics.update(tokens_per_second=tokens_per_second,
-                               mfu=self.flops_per_token * tokens_per_second / self.peak)
-      self.speed = (f"  {tokens_per_second:,.0f} tok/s  MFU {100 * self.last_metrics['mfu']:.1f}%" + self.speed)
+      self.last_metrics.update(
+        tokens_per_second=tokens_per_second, mfu=self.flops_per_token * tokens_per_second / self.peak
+      )
+      self.speed = f"  {tokens_per_second:,.0f} tok/s  MFU {100 * self.last_metrics['mfu']:.1f}%" + self.speed
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh, model_factory: ModelFactory,
-          loss_fn: LossFn, train_data: grain.MapDataset, eval_data: list[dict[str, np.ndarray]],
-          tokens_per_step: int, flops_per_token: float, initial_params: Callable[[ModelSpec], Any] | None = None,
-          meta: dict[str, Any] | None = None, extra_eval: Callable[[Any], dict[str, float]] | None = None,
-          eval_at_start: bool = False, stop_after: int | None = None) -> TrainResult:
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  mesh: Mesh,
+  model_factory: ModelFactory,
+  loss_fn: LossFn,
+  train_data: grain.MapDataset,
+  eval_data: list[dict[str, np.ndarray]],
+  tokens_per_step: int,
+  flops_per_token: float,
+  initial_params: Callable[[ModelSpec], Any] | None = None,
+  meta: dict[str, Any] | None = None,
+  extra_eval: Callable[[Any], dict[str, float]] | None = None,
+  eval_at_start: bool = False,
+  stop_after: int | None = None,
+) -> TrainResult:
   """A supervised stage: `config.steps` updates on batches of `train_data` (resuming from the workdir).
 
   `initial_params(spec)` returns starting parameters (e.g. an earlier stage's) instead of a fresh init.
@@ -430,11 +521,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh, model_
   `stop_after` stops early after that many steps, as a preemption would (used by the resume tests).
   """
   batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in train_data[0].items()}
-  data_iter = iter(train_data.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads,
-                                                                 prefetch_buffer_size=config.data.prefetch)))
-  trainer = Trainer(config, workdir, mesh=mesh, model_factory=model_factory, loss_fn=loss_fn,
-                    batch_shardings=batch_shardings, meta=meta or {}, data_iter=data_iter,
-                    initial_params=initial_params)
+  data_iter = iter(
+    train_data.to_iter_dataset(
+      grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
+    )
+  )
+  trainer = Trainer(
+    config,
+    workdir,
+    mesh=mesh,
+    model_factory=model_factory,
+    loss_fn=loss_fn,
+    batch_shardings=batch_shardings,
+    meta=meta or {},
+    data_iter=data_iter,
+    initial_params=initial_params,
+  )
   eval_step = make_eval_step(trainer.spec, loss_fn, mesh, batch_shardings)
 
   def run_eval(params) -> dict[str, float]:
@@ -446,9 +548,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh, model_
   def step_fn(step: int) -> dict[str, jax.Array]:
     return trainer.update(sharding.global_batch(next(data_iter), mesh), step - 1)
 
-  return trainer.run(step_fn, config.steps, log_every=config.log_every, evaluate=run_eval,
-                     eval_every=config.eval_every, eval_at_start=eval_at_start, tokens_per_step=tokens_per_step,
-                     flops_per_token=flops_per_token, stop_after=stop_after)
+  return trainer.run(
+    step_fn,
+    config.steps,
+    log_every=config.log_every,
+    evaluate=run_eval,
+    eval_every=config.eval_every,
+    eval_at_start=eval_at_start,
+    tokens_per_step=tokens_per_step,
+    flops_per_token=flops_per_token,
+    stop_after=stop_after,
+  )
 
 
 def _format_seconds(seconds: float) -> str:

@@ -44,8 +44,7 @@ class ScalarHead(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     del rngs
-    self.w_D = nnx.Param(jnp.zeros((cfg.d_model,), cfg.param_dtype), out_sharding=("embed",),
-                         eager_sharding=False)
+    self.w_D = nnx.Param(jnp.zeros((cfg.d_model,), cfg.param_dtype), out_sharding=("embed",), eager_sharding=False)
     self.bias = nnx.Param(jnp.zeros((), cfg.param_dtype), out_sharding=(), eager_sharding=False)
 
   def __call__(self, h_BTD: jax.Array) -> jax.Array:
@@ -83,8 +82,7 @@ def last_token_index(segment_ids_BT: jax.Array) -> jax.Array:
 def answer_mask(tokens_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
   """[B, T-1] bool: token t+1 is part of the answer (after the row's last <|assistant|>, not padding)."""
   t = tokens_BT.shape[1]
-  last_role_B = jnp.max(jnp.where(tokens_BT == chat_lib.ROLE_IDS["assistant"], jnp.arange(t)[None, :], -1),
-                        axis=1)
+  last_role_B = jnp.max(jnp.where(tokens_BT == chat_lib.ROLE_IDS["assistant"], jnp.arange(t)[None, :], -1), axis=1)
   return (jnp.arange(1, t)[None, :] > last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)
 
 
@@ -126,8 +124,11 @@ def bradley_terry_loss(model: RewardModel, batch, rng, margin: float = 0.0):
   diff_B = chosen_B - rejected_B
   loss_B = -jax.nn.log_sigmoid(diff_B - margin)
   correct_B = (diff_B > 0) + 0.5 * (diff_B == 0)  # A tie (e.g. the zero-initialized head) is a coin flip.
-  return jnp.sum(loss_B * pair_B), {"weight": jnp.sum(pair_B), "accuracy": jnp.sum(correct_B * pair_B),
-                                    "margin": jnp.sum(diff_B * pair_B)}
+  return jnp.sum(loss_B * pair_B), {
+    "weight": jnp.sum(pair_B),
+    "accuracy": jnp.sum(correct_B * pair_B),
+    "margin": jnp.sum(diff_B * pair_B),
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,8 +151,9 @@ def prompt_context(obj) -> chat_lib.Chat:
   if isinstance(obj, dict) and "messages" in obj:
     chat = chat_lib.parse_chat({"messages": obj["messages"]})
     if chat[-1].role != "user":
-      raise ValueError(f"'messages' must end with a user turn (the answer continues it); the last message is "
-                       f"{chat[-1].role!r}")
+      raise ValueError(
+        f"'messages' must end with a user turn (the answer continues it); the last message is {chat[-1].role!r}"
+      )
     return chat
   if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
     return (chat_lib.Message("user", obj["prompt"]),)
@@ -198,7 +200,8 @@ def load_reward_model(workdir: str, mesh, step: int | None = None) -> tuple[Mode
   model_cfg = read_model_config(workdir)
   likelihood_feature = read_stage_config(workdir).get("likelihood_feature", False)
   state, params, meta = load_model(
-      workdir, mesh, step, model_factory=lambda rngs: RewardModel(model_cfg, likelihood_feature, rngs=rngs))
+    workdir, mesh, step, model_factory=lambda rngs: RewardModel(model_cfg, likelihood_feature, rngs=rngs)
+  )
   if meta.get("stage") != "reward_model":
     raise UserError(f"{workdir}: a {meta.get('stage')!r} checkpoint, not a reward model")
   return state, params, model_cfg
@@ -221,8 +224,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
     train_pairs = [pairs[i] for i in sorted(order[num_eval:])]
   train_rows, dropped = pair_arrays(train_pairs, tokenizer, config.seq_len)
   eval_rows, eval_dropped = pair_arrays(eval_pairs, tokenizer, config.seq_len)
-  print(f"pairs: {len(train_rows['pair_mask'])} train, {len(eval_rows['pair_mask'])} held out; "
-        f"{dropped + eval_dropped} dropped as longer than seq_len={config.seq_len}", flush=True)
+  print(
+    f"pairs: {len(train_rows['pair_mask'])} train, {len(eval_rows['pair_mask'])} held out; "
+    f"{dropped + eval_dropped} dropped as longer than seq_len={config.seq_len}",
+    flush=True,
+  )
 
   factory = lambda rngs: RewardModel(model_cfg, config.likelihood_feature, rngs=rngs)
 
@@ -234,10 +240,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
   pid, count = jax.process_index(), jax.process_count()
   loss_fn = lambda model, batch, rng: bradley_terry_loss(model, batch, rng, config.margin)
   return loop.train(
-      config, workdir, mesh=mesh, model_factory=factory, loss_fn=loss_fn,
-      train_data=text.train_dataset(train_rows, config.batch_size, config.seed, pid, count),
-      eval_data=text.eval_batches(eval_rows, config.batch_size, config.eval_batches, pid, count),
-      tokens_per_step=2 * config.batch_size * config.seq_len,
-      flops_per_token=model_cfg.train_flops_per_token(config.seq_len),
-      initial_params=initial_params, eval_at_start=True,
-      meta={"stage": "reward_model", "model": dataclasses.asdict(model_cfg), "init_from": config.init_from})
+    config,
+    workdir,
+    mesh=mesh,
+    model_factory=factory,
+    loss_fn=loss_fn,
+    train_data=text.train_dataset(train_rows, config.batch_size, config.seed, pid, count),
+    eval_data=text.eval_batches(eval_rows, config.batch_size, config.eval_batches, pid, count),
+    tokens_per_step=2 * config.batch_size * config.seq_len,
+    flops_per_token=model_cfg.train_flops_per_token(config.seq_len),
+    initial_params=initial_params,
+    eval_at_start=True,
+    meta={"stage": "reward_model", "model": dataclasses.asdict(model_cfg), "init_from": config.init_from},
+  )

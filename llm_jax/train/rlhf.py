@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,7 @@ from llm_jax.model import ModelConfig
 from llm_jax.modeling import ModelSpec, build_model, init_params, load_model
 from llm_jax.sequences import positions_from_segments, prompt_response_rows, response_log_probs
 from llm_jax.train import loop, stage
-from llm_jax.train.reward_model import (RewardModel, ScalarHead, load_reward_model, prompt_context,
-                                  sequence_scores)
+from llm_jax.train.reward_model import RewardModel, ScalarHead, load_reward_model, prompt_context, sequence_scores
 
 
 class ActorCritic(nnx.Module):
@@ -76,9 +76,9 @@ class ActorCritic(nnx.Module):
 # "Approximating KL divergence", 2020): k1 is unbiased but often negative, k2 = ½·log_ratio² is biased with low
 # variance, k3 = (π_ref/π − 1) − log(π_ref/π) is unbiased and never negative (DeepSeekMath's GRPO loss term).
 KL_ESTIMATORS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "k1": lambda log_ratio: log_ratio,
-    "k2": lambda log_ratio: 0.5 * jnp.square(log_ratio),
-    "k3": lambda log_ratio: jnp.expm1(-log_ratio) + log_ratio,
+  "k1": lambda log_ratio: log_ratio,
+  "k2": lambda log_ratio: 0.5 * jnp.square(log_ratio),
+  "k3": lambda log_ratio: jnp.expm1(-log_ratio) + log_ratio,
 }
 KL_PLACEMENTS = ("reward", "loss")
 
@@ -99,9 +99,11 @@ def gae(rewards_BN, values_BN, mask_BN, gamma: float, lam: float) -> tuple[jax.A
     delta_B, next_mask_B = xs
     advantage_B = delta_B + gamma * lam * next_mask_B * next_advantage_B
     return advantage_B, advantage_B
+
   next_mask_BN = jnp.concatenate([mask_BN[:, 1:], jnp.zeros_like(mask_BN[:, :1])], 1)
-  _, advantages_NB = jax.lax.scan(backward, jnp.zeros_like(rewards_BN[:, 0]),
-                                  (deltas_BN.T, next_mask_BN.T), reverse=True)
+  _, advantages_NB = jax.lax.scan(
+    backward, jnp.zeros_like(rewards_BN[:, 0]), (deltas_BN.T, next_mask_BN.T), reverse=True
+  )
   advantages_BN = advantages_NB.T * mask_BN
   return advantages_BN, (advantages_BN + values_BN) * mask_BN
 
@@ -139,9 +141,11 @@ def policy_loss(new_log_probs, old_log_probs, advantages, mask, clip: float):
   unclipped, clipped = -advantages * ratio, -advantages * jnp.clip(ratio, 1 - clip, 1 + clip)
   loss = jnp.maximum(unclipped, clipped)
   return jnp.sum(loss * mask), {
-      "clip_fraction": jnp.sum((jnp.abs(ratio - 1) > clip) * mask),
-      "approx_kl": jnp.sum(((ratio - 1) - (new_log_probs - old_log_probs)) * mask),
-      "unclipped_loss": jnp.sum(unclipped * mask), "ratio": jnp.sum(ratio * mask)}
+    "clip_fraction": jnp.sum((jnp.abs(ratio - 1) > clip) * mask),
+    "approx_kl": jnp.sum(((ratio - 1) - (new_log_probs - old_log_probs)) * mask),
+    "unclipped_loss": jnp.sum(unclipped * mask),
+    "ratio": jnp.sum(ratio * mask),
+  }
 
 
 def value_loss(new_values, old_values, returns, mask, clip: float):
@@ -159,6 +163,7 @@ def adaptive_kl_coef(beta: float, kl: float, target_kl: float, batch_size: int, 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
   """The fields of the config that the math needs (static for jit)."""
+
   algorithm: str
   prompt_len: int
   group_size: int
@@ -179,7 +184,7 @@ class RLConfig:
     return response_log_probs(logits_BTV, tokens_BT, self.prompt_len, self.temperature, self.banned_ids)
 
 
-def gae_advantages(rewards_BN, values_BN, mask_BN, rl: "RLConfig") -> tuple[dict[str, jax.Array], jax.Array]:
+def gae_advantages(rewards_BN, values_BN, mask_BN, rl: RLConfig) -> tuple[dict[str, jax.Array], jax.Array]:
   """PPO: GAE against the value model, whitened; also the returns and values its value loss needs."""
   advantages, returns = gae(rewards_BN, values_BN, mask_BN, rl.gamma, rl.lam)
   explained = 1 - masked_mean_var(returns - values_BN, mask_BN)[1] / (masked_mean_var(returns, mask_BN)[1] + 1e-8)
@@ -187,7 +192,7 @@ def gae_advantages(rewards_BN, values_BN, mask_BN, rl: "RLConfig") -> tuple[dict
   return out, explained
 
 
-def critic_free_advantages(rewards_BN, values_BN, mask_BN, rl: "RLConfig") -> tuple[dict[str, jax.Array], jax.Array]:
+def critic_free_advantages(rewards_BN, values_BN, mask_BN, rl: RLConfig) -> tuple[dict[str, jax.Array], jax.Array]:
   """GRPO / RLOO: one advantage per answer, from the returns of the other answers to the same prompt."""
   del values_BN
   advantages_B = group_advantages(rewards_BN.sum(1), rl.group_size, rl.algorithm)
@@ -202,14 +207,15 @@ class Algorithm:
 
 
 ALGORITHMS = {
-    "ppo": Algorithm(gae_advantages, critic=True, default_kl_in="reward"),  # Ziegler et al. 2019.
-    "grpo": Algorithm(critic_free_advantages, critic=False, default_kl_in="loss"),  # DeepSeekMath §4.1.
-    "rloo": Algorithm(critic_free_advantages, critic=False, default_kl_in="reward"),  # Ahmadian et al. 2024.
+  "ppo": Algorithm(gae_advantages, critic=True, default_kl_in="reward"),  # Ziegler et al. 2019.
+  "grpo": Algorithm(critic_free_advantages, critic=False, default_kl_in="loss"),  # DeepSeekMath §4.1.
+  "rloo": Algorithm(critic_free_advantages, critic=False, default_kl_in="reward"),  # Ahmadian et al. 2024.
 }
 
 
-def make_scorer(rl: RLConfig, ac_state: ModelSpec, ref_state: ModelSpec,
-                reward_fn: Callable[[Any, jax.Array], jax.Array]):
+def make_scorer(
+  rl: RLConfig, ac_state: ModelSpec, ref_state: ModelSpec, reward_fn: Callable[[Any, jax.Array], jax.Array]
+):
   """One jitted pass over a rollout batch: log π, log π_ref, values, scores → advantages and returns."""
 
   @jax.jit
@@ -229,17 +235,27 @@ def make_scorer(rl: RLConfig, ac_state: ModelSpec, ref_state: ModelSpec,
     log_ratio = (log_probs - ref_log_probs) * mask
     kl_BN = KL_ESTIMATORS[rl.kl_estimator](log_ratio) * mask
     rewards = token_rewards(scores, kl_BN if rl.kl_in == "reward" else jnp.zeros_like(kl_BN), mask, beta)
-    values = None if values_BT is None else values_BT[:, rl.prompt_len - 1:-1] * mask
+    values = None if values_BT is None else values_BT[:, rl.prompt_len - 1 : -1] * mask
     out, explained = ALGORITHMS[rl.algorithm].advantages(rewards, values, mask, rl)
-    out.update(old_log_probs=log_probs, ref_log_probs=ref_log_probs, response_mask=mask,
-               kl_coef=jnp.full(mask.shape[:1], beta, jnp.float32))
+    out.update(
+      old_log_probs=log_probs,
+      ref_log_probs=ref_log_probs,
+      response_mask=mask,
+      kl_coef=jnp.full(mask.shape[:1], beta, jnp.float32),
+    )
     count = jnp.maximum(mask.sum(), 1.0)
     rows = mask.shape[0]
-    stats = {"score": jnp.mean(raw_scores), "reward": jnp.mean(scores),
-             **{f"kl_{k}": jnp.sum(f(log_ratio) * mask) / rows for k, f in KL_ESTIMATORS.items()},
-             "entropy": jnp.sum(entropy * mask) / count, "response_length": mask.sum(1).mean(),
-             "truncated_fraction": 1 - jnp.mean(batch["ended"]), "explained_variance": explained}
+    stats = {
+      "score": jnp.mean(raw_scores),
+      "reward": jnp.mean(scores),
+      **{f"kl_{k}": jnp.sum(f(log_ratio) * mask) / rows for k, f in KL_ESTIMATORS.items()},
+      "entropy": jnp.sum(entropy * mask) / count,
+      "response_length": mask.sum(1).mean(),
+      "truncated_fraction": 1 - jnp.mean(batch["ended"]),
+      "explained_variance": explained,
+    }
     return out, stats
+
   return score
 
 
@@ -256,12 +272,13 @@ def make_loss(rl: RLConfig):
       metrics["kl_loss"] = jnp.sum(kl_BN)
       loss = loss + jnp.sum(batch["kl_coef"][:, None] * kl_BN)
     if ALGORITHMS[rl.algorithm].critic:
-      values = values_BT[:, rl.prompt_len - 1:-1]
+      values = values_BT[:, rl.prompt_len - 1 : -1]
       v_loss = value_loss(values, batch["old_values"], batch["returns"], mask, rl.value_clip)
       metrics["value_loss"] = v_loss
       loss = loss + rl.value_coef * v_loss
     metrics["weight"] = jnp.sum(mask)
     return loss, metrics
+
   return loss_fn
 
 
@@ -300,13 +317,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise UserError(f"kl_in={config.kl_in!r} must be one of {['auto', *KL_PLACEMENTS]}")
   if config.kl_estimator not in ("auto", *KL_ESTIMATORS):
     raise UserError(f"kl_estimator={config.kl_estimator!r} must be one of {['auto', *KL_ESTIMATORS]}")
-  for field in ("iterations", "prompts_per_iteration", "ppo_epochs", "minibatch_size", "max_new_tokens",
-                "grad_accum"):
+  for field in ("iterations", "prompts_per_iteration", "ppo_epochs", "minibatch_size", "max_new_tokens", "grad_accum"):
     if config[field] <= 0:
       raise UserError(f"{field}={config[field]} must be positive")
   if not config.temperature > 0:
-    raise UserError(f"temperature={config.temperature} must be > 0: rollouts sample from the policy (log-probs, "
-                    "ratios and KL are computed at this temperature)")
+    raise UserError(
+      f"temperature={config.temperature} must be > 0: rollouts sample from the policy (log-probs, "
+      "ratios and KL are computed at this temperature)"
+    )
   if config.missing_eos_penalty < 0:
     raise UserError(f"missing_eos_penalty={config.missing_eos_penalty} must be >= 0")
   rollout = config.prompts_per_iteration * (1 if ALGORITHMS[config.algorithm].critic else config.group_size)
@@ -314,50 +332,88 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise UserError(f"minibatch_size={config.minibatch_size} must divide the rollout batch ({rollout})")
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
   if config.minibatch_size % (config.grad_accum * shape[0] * shape[1]):
-    raise UserError(f"minibatch_size={config.minibatch_size} must be divisible by grad_accum*mesh.data*mesh.fsdp "
-                    f"({config.grad_accum}*{shape[0]}*{shape[1]})")
+    raise UserError(
+      f"minibatch_size={config.minibatch_size} must be divisible by grad_accum*mesh.data*mesh.fsdp "
+      f"({config.grad_accum}*{shape[0]}*{shape[1]})"
+    )
 
 
-def rollout_prompts(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig,
-                    prompts: list[list[int]] | None) -> list[list[int]]:
+def rollout_prompts(
+  config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig, prompts: list[list[int]] | None
+) -> list[list[int]]:
   """Token ids of the prompts, each ending where the assistant's answer begins; all must leave room for
   max_new_tokens in the model's context."""
   if prompts is None:
     prompts = [chat_lib.render(tokenizer, chat, generation_prompt=True)[0] for chat in read_prompts(config.data.path)]
   too_long = [i for i, p in enumerate(prompts) if len(p) + config.max_new_tokens > model_cfg.max_seq_len]
   if too_long:
-    raise UserError(f"{len(too_long)} prompts (first: #{too_long[0]}) leave no room for max_new_tokens="
-                    f"{config.max_new_tokens} in the model's context of {model_cfg.max_seq_len}")
+    raise UserError(
+      f"{len(too_long)} prompts (first: #{too_long[0]}) leave no room for max_new_tokens="
+      f"{config.max_new_tokens} in the model's context of {model_cfg.max_seq_len}"
+    )
   return prompts
 
 
 def rl_config(config: ml_collections.ConfigDict, prompts: list[list[int]], model_cfg: ModelConfig) -> RLConfig:
   prompt_len = min(bucket(max(len(p) for p in prompts)), model_cfg.max_seq_len - config.max_new_tokens)
   kl_in, kl_estimator = kl_settings(config)
-  return RLConfig(config.algorithm, prompt_len, 1 if ALGORITHMS[config.algorithm].critic else config.group_size,
-                  config.gamma, config.lam, config.clip, config.value_clip, config.value_coef,
-                  config.whiten_rewards, config.reward_clip, config.temperature, chat_lib.BANNED_IN_ANSWERS,
-                  kl_in, kl_estimator, config.missing_eos_penalty)
+  return RLConfig(
+    config.algorithm,
+    prompt_len,
+    1 if ALGORITHMS[config.algorithm].critic else config.group_size,
+    config.gamma,
+    config.lam,
+    config.clip,
+    config.value_clip,
+    config.value_coef,
+    config.whiten_rewards,
+    config.reward_clip,
+    config.temperature,
+    chat_lib.BANNED_IN_ANSWERS,
+    kl_in,
+    kl_estimator,
+    config.missing_eos_penalty,
+  )
 
 
 # What each iteration prints (all of its metrics go to metrics.jsonl).
-PROGRESS_KEYS = ("score", "kl_k1", "kl_k3", "beta", "clip_fraction", "response_length", "truncated_fraction",
-                 "rollout_tokens_per_second", "iteration_seconds")
+PROGRESS_KEYS = (
+  "score",
+  "kl_k1",
+  "kl_k3",
+  "beta",
+  "clip_fraction",
+  "response_length",
+  "truncated_fraction",
+  "rollout_tokens_per_second",
+  "iteration_seconds",
+)
 
 
 class RolloutIteration:
   """One RL iteration, the loop's step: rollout → score → `ppo_epochs` passes of minibatch updates."""
 
-  def __init__(self, config: ml_collections.ConfigDict, rl: RLConfig, trainer: loop.Trainer,
-               prompts: list[list[int]], sampler: Sampler, score, ref_params, reward_params,
-               reward_fn: Callable[[list[int]], float] | None, fields: list[str]):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    rl: RLConfig,
+    trainer: loop.Trainer,
+    prompts: list[list[int]],
+    sampler: Sampler,
+    score,
+    ref_params,
+    reward_params,
+    reward_fn: Callable[[list[int]], float] | None,
+    fields: list[str],
+  ):
     self.config, self.rl, self.trainer, self.prompts, self.score = config, rl, trainer, prompts, score
     self.ref_params, self.reward_params, self.reward_fn, self.fields = ref_params, reward_params, reward_fn, fields
     self.sampler = sampler  # The policy's language model (its parameters change every iteration).
     # Answers in the chat template: stop at <|end|>/<eos>, never a role or control token (banned_ids, which the
     # log-probs exclude too).
-    self.sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=config.max_new_tokens,
-                                                          temperature=config.temperature))
+    self.sampling = chat_lib.chat_sampling(
+      SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+    )
     self.rollout_size = config.prompts_per_iteration * rl.group_size
     self.minibatches = self.rollout_size // config.minibatch_size
     self.order = [int(i) for i in np.random.default_rng(config.seed).permutation(len(prompts))]
@@ -365,15 +421,15 @@ class RolloutIteration:
 
   def rollout(self, iteration: int) -> tuple[dict[str, np.ndarray], list[list[int]]]:
     config = self.config
-    picked = [self.order[(iteration * config.prompts_per_iteration + j) % len(self.order)]
-              for j in range(config.prompts_per_iteration)]
+    picked = [
+      self.order[(iteration * config.prompts_per_iteration + j) % len(self.order)]
+      for j in range(config.prompts_per_iteration)
+    ]
     batch_prompts = [self.prompts[i] for i in picked for _ in range(self.rl.group_size)]
     self.sampler.params = self.trainer.params["policy"]
-    generation = self.sampler.generate(batch_prompts, self.sampling,
-                                       jax.random.key(config.seed * 100_003 + iteration))
+    generation = self.sampler.generate(batch_prompts, self.sampling, jax.random.key(config.seed * 100_003 + iteration))
     host = prompt_response_rows(batch_prompts, generation.tokens, self.rl.prompt_len, config.max_new_tokens)
-    host["ended"] = np.array([len(t) > 0 and t[-1] in self.sampling.stop_ids for t in generation.tokens],
-                             np.float32)
+    host["ended"] = np.array([len(t) > 0 and t[-1] in self.sampling.stop_ids for t in generation.tokens], np.float32)
     if self.reward_fn is not None:
       host["rule_scores"] = np.array([self.reward_fn(t) for t in generation.tokens], np.float32)
     return host, generation.tokens
@@ -385,7 +441,7 @@ class RolloutIteration:
     for epoch in range(config.ppo_epochs):
       perm = np.random.default_rng(config.seed + iteration * 1000 + epoch).permutation(self.rollout_size)
       for m in range(self.minibatches):
-        idx = np.sort(perm[m * config.minibatch_size:(m + 1) * config.minibatch_size])
+        idx = np.sort(perm[m * config.minibatch_size : (m + 1) * config.minibatch_size])
         minibatch = sharding.global_batch({k: v[idx] for k, v in rollout.items()}, self.trainer.mesh)
         metrics.append(self.trainer.update(minibatch, update_index))
         update_index += 1
@@ -402,22 +458,32 @@ class RolloutIteration:
     step_metrics = self.update(iteration, jax.device_get({k: prepared[k] for k in self.fields}))
     step_metrics, stats = jax.device_get((step_metrics, stats))
     stats = {k: float(v) for k, v in stats.items()}
-    row = {**stats, **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]},
-           "first_ratio": float(step_metrics[0]["ratio"]), "beta": beta, "rollout_seconds": t_rollout,
-           "rollout_tokens_per_second": sum(len(t) for t in responses) / t_rollout,
-           "iteration_seconds": time.perf_counter() - t0}
+    row = {
+      **stats,
+      **{k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]},
+      "first_ratio": float(step_metrics[0]["ratio"]),
+      "beta": beta,
+      "rollout_seconds": t_rollout,
+      "rollout_tokens_per_second": sum(len(t) for t in responses) / t_rollout,
+      "iteration_seconds": time.perf_counter() - t0,
+    }
     if stats["kl_k1"] < 0:
       print(f"WARNING: negative mean KL {stats['kl_k1']:.4f} at iteration {iteration}", flush=True)
     if self.config.target_kl > 0:
-      self.trainer.stage_state["beta"] = adaptive_kl_coef(beta, stats["kl_k1"], self.config.target_kl,
-                                                          self.rollout_size, self.config.kl_horizon)
+      self.trainer.stage_state["beta"] = adaptive_kl_coef(
+        beta, stats["kl_k1"], self.config.target_kl, self.rollout_size, self.config.kl_horizon
+      )
     self.history.append(row)
     return row
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
-        reward_fn: Callable[[list[int]], float] | None = None, prompts: list[list[int]] | None = None
-        ) -> list[dict[str, float]]:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  devices=None,
+  reward_fn: Callable[[list[int]], float] | None = None,
+  prompts: list[list[int]] | None = None,
+) -> list[dict[str, float]]:
   """Runs `config.iterations` RL iterations on the shared loop; returns the per-iteration metrics.
 
   `reward_fn(response_tokens) -> float`, a rule instead of a reward model, and raw token `prompts` serve tests
@@ -425,8 +491,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   """
   devices = jax.devices() if devices is None else devices
   validate(config, len(devices))
-  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "SFT", validate_training=False,
-                                                  stage_name="rlhf")
+  model_cfg, mesh, tokenizer = stage.continue_from(
+    config, workdir, devices, "SFT", validate_training=False, stage_name="rlhf"
+  )
   prompts = rollout_prompts(config, tokenizer, model_cfg, prompts)
   rl = rl_config(config, prompts, model_cfg)
 
@@ -451,13 +518,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   fields = ["tokens", "segment_ids", "response_mask", "old_log_probs", "ref_log_probs", "advantages", "kl_coef"]
   fields += ["returns", "old_values"] if ALGORITHMS[config.algorithm].critic else []
   trainer = loop.Trainer(
-      config, workdir, mesh=mesh, model_factory=factory, loss_fn=make_loss(rl),
-      batch_shardings={k: sharding.batch_sharding(mesh, 1 if k == "kl_coef" else 2) for k in fields},
-      meta={"stage": "rlhf", "algorithm": config.algorithm, "model": dataclasses.asdict(model_cfg),
-            "init_from": config.init_from},
-      initial_params=initial_params, params_key="policy", stage_state={"beta": config.kl_coef})
-  iteration = RolloutIteration(config, rl, trainer, prompts, Sampler(ref_state.graphdef, None, mesh, model_cfg=model_cfg),
-                               make_scorer(rl, trainer.spec, ref_state, reward), ref_params, rm_params, reward_fn,
-                               fields)
+    config,
+    workdir,
+    mesh=mesh,
+    model_factory=factory,
+    loss_fn=make_loss(rl),
+    batch_shardings={k: sharding.batch_sharding(mesh, 1 if k == "kl_coef" else 2) for k in fields},
+    meta={
+      "stage": "rlhf",
+      "algorithm": config.algorithm,
+      "model": dataclasses.asdict(model_cfg),
+      "init_from": config.init_from,
+    },
+    initial_params=initial_params,
+    params_key="policy",
+    stage_state={"beta": config.kl_coef},
+  )
+  iteration = RolloutIteration(
+    config,
+    rl,
+    trainer,
+    prompts,
+    Sampler(ref_state.graphdef, None, mesh, model_cfg=model_cfg),
+    make_scorer(rl, trainer.spec, ref_state, reward),
+    ref_params,
+    rm_params,
+    reward_fn,
+    fields,
+  )
   trainer.run(iteration, config.iterations, log_every=1, print_every=config.log_every, progress_keys=PROGRESS_KEYS)
   return iteration.history

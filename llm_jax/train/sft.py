@@ -37,8 +37,9 @@ class ChatData:
   report: dict[str, int]
 
 
-def render_chats(chats, tokenizer: Tokenizer, seq_len: int, overlong: str, report: dict[str, int]
-                 ) -> tuple[list[list[int]], list[list[int]]]:
+def render_chats(
+  chats, tokenizer: Tokenizer, seq_len: int, overlong: str, report: dict[str, int]
+) -> tuple[list[list[int]], list[list[int]]]:
   """Renders chats; applies the over-long policy; drops chats with nothing to train on. Counts everything."""
   sequences, masks = [], []
   for chat in chats:
@@ -47,7 +48,7 @@ def render_chats(chats, tokenizer: Tokenizer, seq_len: int, overlong: str, repor
       if overlong == "drop":
         report["dropped_overlong"] += 1
         continue
-      tokens, mask = tokens[:seq_len + 1], mask[:seq_len + 1]
+      tokens, mask = tokens[: seq_len + 1], mask[: seq_len + 1]
       report["truncated"] += 1
     if not any(mask[1:]):
       report["nothing_to_train"] += 1
@@ -63,8 +64,13 @@ def prepare(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ChatData
   if not config.data.path:
     raise UserError("data.path: give a JSONL chat file")
   train_file = chat_lib.read_chats(config.data.path, config.data.on_error)
-  report = {"chats": len(train_file.chats), "skipped_lines": train_file.skipped_lines, "truncated": 0,
-            "dropped_overlong": 0, "nothing_to_train": 0}
+  report = {
+    "chats": len(train_file.chats),
+    "skipped_lines": train_file.skipped_lines,
+    "truncated": 0,
+    "dropped_overlong": 0,
+    "nothing_to_train": 0,
+  }
   if config.data.eval_path:
     eval_file = chat_lib.read_chats(config.data.eval_path, config.data.on_error)
     train_chats, eval_chats = train_file.chats, eval_file.chats
@@ -80,13 +86,15 @@ def prepare(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ChatData
   if not sequences:
     raise UserError(f"{config.data.path}: no chat has assistant tokens to train on ({report})")
   eval_report = dict.fromkeys(report, 0)
-  eval_sequences, eval_masks = render_chats(eval_chats, tokenizer, config.seq_len, config.data.overlong,
-                                            eval_report)
+  eval_sequences, eval_masks = render_chats(eval_chats, tokenizer, config.seq_len, config.data.overlong, eval_report)
   if not eval_sequences:
     raise UserError("no held-out chat has assistant tokens to evaluate on")
-  return ChatData(text.pack_whole(sequences, masks, config.seq_len),
-                  text.pack_whole(eval_sequences, eval_masks, config.seq_len),
-                  [c for c in eval_chats if any(m.role == "assistant" for m in c)], report)
+  return ChatData(
+    text.pack_whole(sequences, masks, config.seq_len),
+    text.pack_whole(eval_sequences, eval_masks, config.seq_len),
+    [c for c in eval_chats if any(m.role == "assistant" for m in c)],
+    report,
+  )
 
 
 def exact_match_eval(sampler: Sampler, tokenizer: Tokenizer, chats, max_answer_tokens: int):
@@ -104,30 +112,42 @@ def exact_match_eval(sampler: Sampler, tokenizer: Tokenizer, chats, max_answer_t
     correct = [tokenizer.decode(out).strip() == answer for out, answer in zip(generation.tokens, answers)]
     # Prompts so long that fewer than max_answer_tokens fit after them: counted, never hidden.
     return {"eval_exact_match": float(np.mean(correct)), "eval_answers_cut_by_context": generation.cut_by_context}
+
   return evaluate
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.TrainResult:
   devices = jax.devices() if devices is None else devices
-  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "pretraining (or SFT)",
-                                                   stage_name="sft")
+  model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "pretraining (or SFT)", stage_name="sft")
   data = prepare(config, tokenizer)
-  print(f"chats: {data.report}; {len(data.train_rows['inputs'])} train rows, {len(data.eval_rows['inputs'])} "
-        f"eval rows of {config.seq_len}; {len(data.eval_chats)} held-out chats for exact match", flush=True)
+  print(
+    f"chats: {data.report}; {len(data.train_rows['inputs'])} train rows, {len(data.eval_rows['inputs'])} "
+    f"eval rows of {config.seq_len}; {len(data.eval_chats)} held-out chats for exact match",
+    flush=True,
+  )
 
   factory = lm_factory(model_cfg)
   state = model_spec(factory, mesh)
   sampler = Sampler(state.graphdef, None, mesh, model_cfg=model_cfg)
-  eval_chats = data.eval_chats[:config.exact_match_examples] if config.exact_match_examples else data.eval_chats
+  eval_chats = data.eval_chats[: config.exact_match_examples] if config.exact_match_examples else data.eval_chats
   pid, count = jax.process_index(), jax.process_count()
   return loop.train(
-      config, workdir, mesh=mesh, model_factory=factory, loss_fn=next_token_loss,
-      train_data=text.train_dataset(data.train_rows, config.batch_size, config.seed, pid, count),
-      eval_data=text.eval_batches(data.eval_rows, config.batch_size, config.eval_batches, pid, count),
-      tokens_per_step=config.batch_size * config.seq_len,
-      flops_per_token=model_cfg.train_flops_per_token(config.seq_len),
-      initial_params=lambda s: ckpt_lib.restore_params(config.init_from, s.abstract_params)[0],
-      extra_eval=exact_match_eval(sampler, tokenizer, eval_chats, config.max_answer_tokens),
-      eval_at_start=True,
-      meta={"stage": "sft", "model": dataclasses.asdict(model_cfg), "init_from": config.init_from,
-            "data_report": data.report})
+    config,
+    workdir,
+    mesh=mesh,
+    model_factory=factory,
+    loss_fn=next_token_loss,
+    train_data=text.train_dataset(data.train_rows, config.batch_size, config.seed, pid, count),
+    eval_data=text.eval_batches(data.eval_rows, config.batch_size, config.eval_batches, pid, count),
+    tokens_per_step=config.batch_size * config.seq_len,
+    flops_per_token=model_cfg.train_flops_per_token(config.seq_len),
+    initial_params=lambda s: ckpt_lib.restore_params(config.init_from, s.abstract_params)[0],
+    extra_eval=exact_match_eval(sampler, tokenizer, eval_chats, config.max_answer_tokens),
+    eval_at_start=True,
+    meta={
+      "stage": "sft",
+      "model": dataclasses.asdict(model_cfg),
+      "init_from": config.init_from,
+      "data_report": data.report,
+    },
+  )

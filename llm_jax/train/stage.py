@@ -14,8 +14,8 @@ from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
 from llm_jax import sharding
 from llm_jax.errors import UserError
-from llm_jax.modeling import check_model_matches, read_model_config
 from llm_jax.model import ModelConfig
+from llm_jax.modeling import check_model_matches, read_model_config
 from llm_jax.tokenizer import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -41,8 +41,10 @@ def check_workdir_stage(workdir: str, stage_name: str) -> None:
   """A run resumes only its own stage's checkpoints: never another stage's (it would train them as its own)."""
   meta = ckpt_lib.workdir_meta(workdir)
   if meta is not None and meta.get("stage") != stage_name:
-    raise UserError(f"--workdir={workdir} holds {meta.get('stage')} checkpoints (step {meta.get('step')}), and "
-                    f"this is a {stage_name} run: use a new workdir")
+    raise UserError(
+      f"--workdir={workdir} holds {meta.get('stage')} checkpoints (step {meta.get('step')}), and "
+      f"this is a {stage_name} run: use a new workdir"
+    )
 
 
 def check_source_workdir(workdir: str, field: str, what: str, stages: tuple[str, ...]) -> dict:
@@ -54,8 +56,7 @@ def check_source_workdir(workdir: str, field: str, what: str, stages: tuple[str,
   if meta is None:
     raise UserError(f"{field}={workdir}: no readable checkpoint in {os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)}")
   if meta.get("stage") not in stages:
-    raise UserError(f"{field}={workdir} holds {meta.get('stage')} checkpoints, where {what} checkpoints are "
-                    "expected")
+    raise UserError(f"{field}={workdir} holds {meta.get('stage')} checkpoints, where {what} checkpoints are expected")
   check_model_matches(workdir, meta)
   return meta
 
@@ -64,12 +65,16 @@ def check_same_tokenizer(workdir: str, field: str, reference: str, reference_fie
   """Two models that see the same token ids must share the tokenizer and the vocabulary size."""
   a, b = load_tokenizer(workdir), load_tokenizer(reference)
   if a.fingerprint() != b.fingerprint():
-    raise UserError(f"{field}={workdir} and {reference_field}={reference} use different tokenizers "
-                    f"({a.kind}, {a.vocab_size} ids vs {b.kind}, {b.vocab_size} ids): their token ids do not match")
+    raise UserError(
+      f"{field}={workdir} and {reference_field}={reference} use different tokenizers "
+      f"({a.kind}, {a.vocab_size} ids vs {b.kind}, {b.vocab_size} ids): their token ids do not match"
+    )
   va, vb = read_model_config(workdir).vocab_size, read_model_config(reference).vocab_size
   if va != vb:
-    raise UserError(f"{field}={workdir} and {reference_field}={reference} are models of different vocabularies "
-                    f"(model.vocab_size {va} vs {vb})")
+    raise UserError(
+      f"{field}={workdir} and {reference_field}={reference} are models of different vocabularies "
+      f"(model.vocab_size {va} vs {vb})"
+    )
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
@@ -81,14 +86,17 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_
       with open(path) as f:
         previous = json.load(f).get("model")
     except (OSError, ValueError, AttributeError) as e:
-      raise UserError(f"{path}: unreadable ({type(e).__name__}: {e}); it records the model this workdir was "
-                      "trained with: restore it or use a new workdir") from None
+      raise UserError(
+        f"{path}: unreadable ({type(e).__name__}: {e}); it records the model this workdir was "
+        "trained with: restore it or use a new workdir"
+      ) from None
     # A field that an older record lacks counts as its default (fields are only ever added with one).
     defaults = dataclasses.asdict(ModelConfig())
     changed = sorted(k for k in record["model"] if previous and previous.get(k, defaults[k]) != record["model"][k])
     if changed:
-      raise UserError(f"{path}: this workdir was trained with a different model (fields {changed} differ); "
-                      "use a new workdir")
+      raise UserError(
+        f"{path}: this workdir was trained with a different model (fields {changed} differ); use a new workdir"
+      )
     return
   if jax.process_index() == 0:
     with open(path + ".tmp", "w") as f:
@@ -96,9 +104,14 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_
     os.replace(path + ".tmp", path)
 
 
-def continue_from(config: ml_collections.ConfigDict, workdir: str, devices, what: str,
-                  validate_training: bool = True, stage_name: str | None = None
-                  ) -> tuple[ModelConfig, Mesh, Tokenizer]:
+def continue_from(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  devices,
+  what: str,
+  validate_training: bool = True,
+  stage_name: str | None = None,
+) -> tuple[ModelConfig, Mesh, Tokenizer]:
   """For stages that start from `config.init_from` (SFT, reward model, RLHF): its model and tokenizer, the
   mesh, and this workdir's config record. `what` names the expected kind of workdir in the error message.
 

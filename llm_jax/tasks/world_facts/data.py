@@ -27,8 +27,13 @@ import os
 import random
 import re
 
-from llm_jax.tasks.world_facts.corpus import (COUNTRIES, Country, capital_answer, capital_question_templates,
-                                              split_countries)
+from llm_jax.tasks.world_facts.corpus import (
+  COUNTRIES,
+  Country,
+  capital_answer,
+  capital_question_templates,
+  split_countries,
+)
 
 _CAPITALS = {c.capital for c in COUNTRIES}
 
@@ -68,8 +73,13 @@ def _off_topic_answer(rng: random.Random, country: Country) -> str:
 
 
 def _rambling_answer(rng: random.Random, country: Country) -> str:
-  extra = rng.choice([f"People there speak {country.language}.", f"It is in {country.continent}.",
-                      f"The money is the {country.currency}."])
+  extra = rng.choice(
+    [
+      f"People there speak {country.language}.",
+      f"It is in {country.continent}.",
+      f"The money is the {country.currency}.",
+    ]
+  )
   return f"{capital_answer(country)} {extra} {capital_answer(country)}"
 
 
@@ -78,9 +88,11 @@ def question(rng: random.Random, country: Country) -> str:
 
 
 def sft_chats(countries, rng: random.Random, per_country: int, curt_fraction: float) -> list[dict]:
-  return [{"prompt": question(rng, c),
-           "response": curt_answer(c) if rng.random() < curt_fraction else capital_answer(c)}
-          for c in countries for _ in range(per_country)]
+  return [
+    {"prompt": question(rng, c), "response": curt_answer(c) if rng.random() < curt_fraction else capital_answer(c)}
+    for c in countries
+    for _ in range(per_country)
+  ]
 
 
 def preference_pairs(countries, rng: random.Random, per_country: int) -> list[dict]:
@@ -88,8 +100,14 @@ def preference_pairs(countries, rng: random.Random, per_country: int) -> list[di
   pairs = []
   for country in countries:
     for _ in range(per_country):
-      answers = [capital_answer(country), curt_answer(country), _wrong_answer(rng, country),
-                 _curt_wrong_answer(rng, country), _off_topic_answer(rng, country), _rambling_answer(rng, country)]
+      answers = [
+        capital_answer(country),
+        curt_answer(country),
+        _wrong_answer(rng, country),
+        _curt_wrong_answer(rng, country),
+        _off_topic_answer(rng, country),
+        _rambling_answer(rng, country),
+      ]
       a, b = rng.sample(answers, 2)
       if judge(country, a) == judge(country, b):
         continue
@@ -131,8 +149,14 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
   return path
 
 
-def write_all(directory: str, seed: int = 0, held_out_fraction: float = 0.2, sft_per_country: int = 4,
-              curt_fraction: float = 0.5, pairs_per_country: int = 10) -> dict[str, str]:
+def write_all(
+  directory: str,
+  seed: int = 0,
+  held_out_fraction: float = 0.2,
+  sft_per_country: int = 4,
+  curt_fraction: float = 0.5,
+  pairs_per_country: int = 10,
+) -> dict[str, str]:
   """Writes every dataset of the experiment into `directory`.
 
   The defaults are the experiment's (configs/end_to_end.py `data`; a test keeps them equal), so
@@ -157,14 +181,17 @@ def write_all(directory: str, seed: int = 0, held_out_fraction: float = 0.2, sft
   seen = {tuple(p.values()) for p in train_pairs}  # Held-out pairs are new comparisons, not repeats.
   held_out_pairs = [p for p in preference_pairs(train, rng, 3) if tuple(p.values()) not in seen]
   return {
-      "sft": write_jsonl(os.path.join(directory, "sft.jsonl"), sft),
-      "sft_held_out": write_jsonl(os.path.join(directory, "sft_held_out.jsonl"),
-                                  [{"prompt": q, "response": capital_answer(c)}
-                                   for c, q in held_out_questions(held_out)]),
-      "pairs": write_jsonl(os.path.join(directory, "pairs.jsonl"), train_pairs),
-      "pairs_held_out": write_jsonl(os.path.join(directory, "pairs_held_out.jsonl"), held_out_pairs),
-      "pairs_held_out_countries": write_jsonl(os.path.join(directory, "pairs_held_out_countries.jsonl"),
-                                              preference_pairs(held_out, rng, pairs_per_country)),
-      "prompts": write_jsonl(os.path.join(directory, "prompts.jsonl"),
-                             [{"prompt": q} for _, q in rl_prompts(train, seed)]),
+    "sft": write_jsonl(os.path.join(directory, "sft.jsonl"), sft),
+    "sft_held_out": write_jsonl(
+      os.path.join(directory, "sft_held_out.jsonl"),
+      [{"prompt": q, "response": capital_answer(c)} for c, q in held_out_questions(held_out)],
+    ),
+    "pairs": write_jsonl(os.path.join(directory, "pairs.jsonl"), train_pairs),
+    "pairs_held_out": write_jsonl(os.path.join(directory, "pairs_held_out.jsonl"), held_out_pairs),
+    "pairs_held_out_countries": write_jsonl(
+      os.path.join(directory, "pairs_held_out_countries.jsonl"), preference_pairs(held_out, rng, pairs_per_country)
+    ),
+    "prompts": write_jsonl(
+      os.path.join(directory, "prompts.jsonl"), [{"prompt": q} for _, q in rl_prompts(train, seed)]
+    ),
   }

@@ -23,8 +23,7 @@ from llm_jax.metrics import read_metrics
 from llm_jax.modeling import load_model
 from llm_jax.tasks.world_facts import data as world_facts
 from llm_jax.tasks.world_facts import evaluation as world_facts_evaluation
-from llm_jax.train import pretrain, reward_model, rlhf, sft
-from llm_jax.train import stage
+from llm_jax.train import pretrain, reward_model, rlhf, sft, stage
 
 QUESTION = "Where is the capital of China?"
 
@@ -65,34 +64,41 @@ def evaluate_all(dirs: dict[str, str], data: dict[str, str], mesh, seed: int) ->
     for key, value in world_facts_evaluation.qa_summary(grades[name]).items():
       results[f"{name}/{key}"] = value
     results[f"{name}/example"] = f"{questions[0]} → {replies[0]}"
-  prompt_sets = {"held_out_prompts": world_facts.held_out_prompts(world_facts.split_countries(seed)[0], seed),
-                 "held_out_countries": list(zip(countries, questions))}
+  prompt_sets = {
+    "held_out_prompts": world_facts.held_out_prompts(world_facts.split_countries(seed)[0], seed),
+    "held_out_countries": list(zip(countries, questions)),
+  }
   for set_name, pairs in prompt_sets.items():
-    rates = world_facts_evaluation.gold_win_rates(samplers["rlhf"], samplers["sft"], tokenizer, *zip(*pairs),
-                                                  seed=seed)
+    rates = world_facts_evaluation.gold_win_rates(samplers["rlhf"], samplers["sft"], tokenizer, *zip(*pairs), seed=seed)
     results.update({f"rlhf_vs_sft/{set_name}/{k}": v for k, v in rates.items()})
   ref_state, ref_params, _ = load_model(dirs["sft"], mesh)
-  results["rlhf/kl_to_sft"] = evaluation.kl_to_reference(samplers["rlhf"], ref_state, ref_params, tokenizer,
-                                                         questions)
+  results["rlhf/kl_to_sft"] = evaluation.kl_to_reference(samplers["rlhf"], ref_state, ref_params, tokenizer, questions)
   rm_rows = [r for r in read_metrics(dirs["reward_model"]) if "eval_accuracy" in r]
   results["reward_model/held_out_accuracy"] = rm_rows[-1]["eval_accuracy"]
   results["reward_model/held_out_accuracy_at_start"] = rm_rows[0]["eval_accuracy"]
   rm_state, rm_params, _ = reward_model.load_reward_model(dirs["reward_model"], mesh)
-  countries = evaluation.pair_accuracy(rm_state, rm_params, tokenizer,
-                                       reward_model.read_pairs(data["pairs_held_out_countries"]), mesh)
+  countries = evaluation.pair_accuracy(
+    rm_state, rm_params, tokenizer, reward_model.read_pairs(data["pairs_held_out_countries"]), mesh
+  )
   results["reward_model/held_out_countries_accuracy"] = countries["pair_accuracy"]
   return results
 
 
 def plot(dirs: dict[str, str], out_dir: str) -> list[str]:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   os.makedirs(out_dir, exist_ok=True)
-  panels = [("pretrain", "pretraining loss", ["loss", "eval_loss"]), ("sft", "SFT loss", ["loss", "eval_loss"]),
-            ("sft", "SFT held-out exact match", ["eval_exact_match"]),
-            ("reward_model", "reward-model pair accuracy", ["accuracy", "eval_accuracy"]),
-            ("rlhf", "RLHF reward-model score", ["score"]), ("rlhf", "RLHF KL to SFT (per answer)", ["kl_k1", "kl_k3"])]
+  panels = [
+    ("pretrain", "pretraining loss", ["loss", "eval_loss"]),
+    ("sft", "SFT loss", ["loss", "eval_loss"]),
+    ("sft", "SFT held-out exact match", ["eval_exact_match"]),
+    ("reward_model", "reward-model pair accuracy", ["accuracy", "eval_accuracy"]),
+    ("rlhf", "RLHF reward-model score", ["score"]),
+    ("rlhf", "RLHF KL to SFT (per answer)", ["kl_k1", "kl_k3"]),
+  ]
   paths = []
   for name, title, keys in panels:
     rows = read_metrics(dirs[name])
@@ -114,29 +120,40 @@ def plot(dirs: dict[str, str], out_dir: str) -> list[str]:
 
 def write_report(workdir: str, results: dict, plots: list[str], seconds: float) -> str:
   table = [("base (pretrained)", "pretrain"), ("SFT", "sft"), ("RLHF", "rlhf")]
-  lines = ["# World-facts experiment", "",
-           "Held-out countries never appear in SFT, preference or RL data: answering them needs facts learned "
-           "in pretraining. Grades come from the gold judge (llm_jax/tasks/world_facts/data.py).", "",
-           "| model | held-out QA accuracy (correct capital) | complete answers | example |",
-           "| --- | --- | --- | --- |"]
+  lines = [
+    "# World-facts experiment",
+    "",
+    "Held-out countries never appear in SFT, preference or RL data: answering them needs facts learned "
+    "in pretraining. Grades come from the gold judge (llm_jax/tasks/world_facts/data.py).",
+    "",
+    "| model | held-out QA accuracy (correct capital) | complete answers | example |",
+    "| --- | --- | --- | --- |",
+  ]
   for label, key in table:
-    lines.append(f"| {label} | {results[f'{key}/qa_accuracy']:.1%} | {results[f'{key}/qa_complete']:.1%} | "
-                 f"{results[f'{key}/example']} |")
-  lines += ["", f"- reward model, held-out pair accuracy: {results['reward_model/held_out_accuracy']:.1%} "
-                f"(at start: {results['reward_model/held_out_accuracy_at_start']:.1%}) on new comparisons "
-                f"about the train countries; {results['reward_model/held_out_countries_accuracy']:.1%} on "
-                "pairs about the held-out countries",
-            "- RLHF vs SFT gold win-rate (ties count ½), 4 sampled answers (temperature 1) per question; greedy "
-            "answers in brackets:",
-            f"  - held-out prompts (each train country asked in a phrasing RL never saw): "
-            f"{results['rlhf_vs_sft/held_out_prompts/gold_win_rate']:.1%} "
-            f"({results['rlhf_vs_sft/held_out_prompts/gold_win_rate_greedy']:.1%})",
-            f"  - held-out countries (in no SFT, preference or RL data): "
-            f"{results['rlhf_vs_sft/held_out_countries/gold_win_rate']:.1%} "
-            f"({results['rlhf_vs_sft/held_out_countries/gold_win_rate_greedy']:.1%})",
-            f"- RLHF mean KL to the SFT model: {results['rlhf/kl_to_sft']:.3f} nats per answer",
-            f"- wall time: {seconds / 60:.1f} min on {jax.device_count()} × {jax.devices()[0].platform}", "",
-            f"**{QUESTION}** → {results['answer']}", ""]
+    lines.append(
+      f"| {label} | {results[f'{key}/qa_accuracy']:.1%} | {results[f'{key}/qa_complete']:.1%} | "
+      f"{results[f'{key}/example']} |"
+    )
+  lines += [
+    "",
+    f"- reward model, held-out pair accuracy: {results['reward_model/held_out_accuracy']:.1%} "
+    f"(at start: {results['reward_model/held_out_accuracy_at_start']:.1%}) on new comparisons "
+    f"about the train countries; {results['reward_model/held_out_countries_accuracy']:.1%} on "
+    "pairs about the held-out countries",
+    "- RLHF vs SFT gold win-rate (ties count ½), 4 sampled answers (temperature 1) per question; greedy "
+    "answers in brackets:",
+    f"  - held-out prompts (each train country asked in a phrasing RL never saw): "
+    f"{results['rlhf_vs_sft/held_out_prompts/gold_win_rate']:.1%} "
+    f"({results['rlhf_vs_sft/held_out_prompts/gold_win_rate_greedy']:.1%})",
+    f"  - held-out countries (in no SFT, preference or RL data): "
+    f"{results['rlhf_vs_sft/held_out_countries/gold_win_rate']:.1%} "
+    f"({results['rlhf_vs_sft/held_out_countries/gold_win_rate_greedy']:.1%})",
+    f"- RLHF mean KL to the SFT model: {results['rlhf/kl_to_sft']:.3f} nats per answer",
+    f"- wall time: {seconds / 60:.1f} min on {jax.device_count()} × {jax.devices()[0].platform}",
+    "",
+    f"**{QUESTION}** → {results['answer']}",
+    "",
+  ]
   lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
   path = os.path.join(workdir, "REPORT.md")
   with open(path, "w") as f:
@@ -148,6 +165,7 @@ def write_report(workdir: str, results: dict, plots: list[str], seconds: float) 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   import time
+
   start = time.perf_counter()
   stage.make_workdir(workdir)
   data = world_facts.write_all(os.path.join(workdir, "data"), seed=config.seed, **config.data)
@@ -157,8 +175,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = evaluate_all(dirs, data, mesh, config.seed)
   sampler, tokenizer, _ = load_sampler(dirs["rlhf"], mesh)
   print(f"\nuser: {QUESTION}\nassistant: ", end="", flush=True)
-  answer = sampler.complete(tokenizer, [QUESTION], evaluation.ANSWER, jax.random.key(0), chat=True,
-                            stream=lambda piece: print(piece, end="", flush=True))[0]
+  answer = sampler.complete(
+    tokenizer,
+    [QUESTION],
+    evaluation.ANSWER,
+    jax.random.key(0),
+    chat=True,
+    stream=lambda piece: print(piece, end="", flush=True),
+  )[0]
   print("\n", flush=True)
   results["answer"] = answer.strip()
   plots = plot(dirs, os.path.join(workdir, "plots"))

@@ -31,8 +31,9 @@ def held_out_qa(sampler: Sampler, tokenizer: Tokenizer, seed: int = 0, held_out_
   return countries, questions, replies, gold_grades(countries, replies)
 
 
-def gold_win_rates(sampler_a: Sampler, sampler_b: Sampler, tokenizer: Tokenizer, countries, questions,
-                   samples: int = 4, seed: int = 0) -> dict[str, float]:
+def gold_win_rates(
+  sampler_a: Sampler, sampler_b: Sampler, tokenizer: Tokenizer, countries, questions, samples: int = 4, seed: int = 0
+) -> dict[str, float]:
   """Gold-judge win-rates of a over b on capital questions (ties count one half).
 
   Returns:
@@ -42,16 +43,20 @@ def gold_win_rates(sampler_a: Sampler, sampler_b: Sampler, tokenizer: Tokenizer,
   sampling = dataclasses.replace(evaluation.ANSWER, temperature=1.0)
   repeated_questions = [q for q in questions for _ in range(samples)]
   repeated_countries = [c for c in countries for _ in range(samples)]
-  sampled = [gold_grades(repeated_countries, evaluation.answers(s, tokenizer, repeated_questions, sampling, seed + i))
-             for i, s in enumerate((sampler_a, sampler_b))]
+  sampled = [
+    gold_grades(repeated_countries, evaluation.answers(s, tokenizer, repeated_questions, sampling, seed + i))
+    for i, s in enumerate((sampler_a, sampler_b))
+  ]
   greedy = [gold_grades(countries, evaluation.answers(s, tokenizer, questions)) for s in (sampler_a, sampler_b)]
   return {"gold_win_rate": evaluation.win_rate(*sampled), "gold_win_rate_greedy": evaluation.win_rate(*greedy)}
 
 
 def qa_summary(grades: list[int]) -> dict[str, float]:
   """qa_accuracy: the right capital (grade >= 1); qa_complete: the complete sentence (grade 2)."""
-  return {"qa_accuracy": float(np.mean([g >= 1 for g in grades])),
-          "qa_complete": float(np.mean([g == 2 for g in grades]))}
+  return {
+    "qa_accuracy": float(np.mean([g >= 1 for g in grades])),
+    "qa_complete": float(np.mean([g == 2 for g in grades])),
+  }
 
 
 def held_out_question_set(seed: int = 0, held_out_fraction: float = 0.2) -> evaluation.QuestionSet:
@@ -61,8 +66,12 @@ def held_out_question_set(seed: int = 0, held_out_fraction: float = 0.2) -> eval
   """
   _, held_out = data.split_countries(seed, held_out_fraction)
   countries, questions = zip(*data.held_out_questions(held_out))
-  return evaluation.QuestionSet(list(questions), [data.capital_answer(c) for c in countries],
-                                grade=lambda replies: gold_grades(countries, replies), summarize=qa_summary)
+  return evaluation.QuestionSet(
+    list(questions),
+    [data.capital_answer(c) for c in countries],
+    grade=lambda replies: gold_grades(countries, replies),
+    summarize=qa_summary,
+  )
 
 
 def perplexity_documents() -> list[str]:
@@ -77,8 +86,10 @@ def held_out_pairs() -> dict[str, list]:
   """
   with tempfile.TemporaryDirectory() as directory:
     paths = data.write_all(directory)
-    return {"": read_pairs(paths["pairs_held_out"]),
-            "_held_out_countries": read_pairs(paths["pairs_held_out_countries"])}
+    return {
+      "": read_pairs(paths["pairs_held_out"]),
+      "_held_out_countries": read_pairs(paths["pairs_held_out_countries"]),
+    }
 
 
 DEFAULTS = evaluation.Defaults(documents=perplexity_documents, questions=held_out_question_set, pairs=held_out_pairs)
