@@ -241,10 +241,7 @@ def _compile_all(
   import jax.numpy as jnp
 
   from llm_jax import sharding
-  from llm_jax.data import text
   from llm_jax.modeling import lm_factory, model_spec
-  from llm_jax.sequences import next_token_loss
-  from llm_jax.train import loop
 
   if not (train or decode):
     raise UserError("nothing to compile: --train and --decode are both off")
@@ -269,23 +266,8 @@ def _compile_all(
     )
 
   state = model_spec(lm_factory(model_cfg), mesh)
-  example = text.pack([[8, 9, 10]], 4)  # The row fields and dtypes pretraining feeds the step.
-  batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
-  abstract_batch = {
-    k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), v.dtype, sharding=batch_shardings[k])
-    for k, v in example.items()
-  }
-  optimization = loop.make_optimization(config, state, next_token_loss, mesh, batch_shardings)
   step_number = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
-  steps = []
-  if train:
-    _, report = _compile(
-      "train",
-      lambda: optimization.train_step.lower(
-        state.abstract_params, optimization.abstract_opt_state, abstract_batch, step_number
-      ),
-    )
-    steps.append(report)
+  steps = [_compile_train_step(config, state, mesh, step_number)] if train else []
   if decode:
     steps += _compile_decoding(state, model_cfg, mesh, decode_batch, prompt_len, cache_len, step_number)
 
@@ -309,6 +291,31 @@ def _compile_all(
     description=description,
     steps=steps,
   )
+
+
+def _compile_train_step(config: ml_collections.ConfigDict, state, mesh, step_number) -> StepReport:
+  """Compiles `loop.make_train_step` with pretraining's loss: exactly the step `loop.train` runs."""
+  import jax
+
+  from llm_jax import sharding
+  from llm_jax.data import text
+  from llm_jax.sequences import next_token_loss
+  from llm_jax.train import loop
+
+  example = text.pack([[8, 9, 10]], 4)  # The row fields and dtypes pretraining feeds the step.
+  batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
+  abstract_batch = {
+    k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), v.dtype, sharding=batch_shardings[k])
+    for k, v in example.items()
+  }
+  optimization = loop.make_optimization(config, state, next_token_loss, mesh, batch_shardings)
+  _, report = _compile(
+    "train",
+    lambda: optimization.train_step.lower(
+      state.abstract_params, optimization.abstract_opt_state, abstract_batch, step_number
+    ),
+  )
+  return report
 
 
 def _compile_decoding(
