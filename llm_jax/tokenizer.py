@@ -23,6 +23,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llm_jax.errors import UserError
+from llm_jax.files import write_atomically
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -101,7 +102,7 @@ class SentencePieceTokenizer(Tokenizer):
     return self.sp.decode([int(i) for i in ids])  # Control symbols decode to "".
 
   def save(self, directory: str) -> None:
-    _write_bytes(os.path.join(directory, SPM_MODEL_FILE), self.model_proto)
+    write_atomically(os.path.join(directory, SPM_MODEL_FILE), self.model_proto)
     _write_json(os.path.join(directory, CONFIG_FILE), {"kind": self.kind, "model": SPM_MODEL_FILE})
 
   def fingerprint(self) -> str:
@@ -168,12 +169,5 @@ def load_tokenizer(directory: str) -> Tokenizer:
   raise UserError(f"{path}: field 'kind' must be 'char' or 'spm', got {kind!r}")
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _write_json(path: str, obj) -> None:
-  _write_bytes(path, json.dumps(obj, indent=2).encode())
+  write_atomically(path, json.dumps(obj, indent=2))

@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import numpy as np
+
 from llm_jax.errors import UserError
 
 T = TypeVar("T")
@@ -42,3 +44,13 @@ def read_jsonl(path: str, parse: Callable[[Any], T], on_error: str = "raise") ->
     except UnicodeDecodeError as e:  # Decoding runs ahead of the lines: the line is approximate.
       raise UserError(f"{path}: not UTF-8 text near line {line_no + 1} ({e.reason})") from None
   return items, skipped
+
+
+def held_out_split(items: list[T], fraction: float, seed: int, source: str, what: str) -> tuple[list[T], list[T]]:
+  """A seeded random split of whole items into (train, held out), each in file order; at least one held out and
+  one left to train on, else a UserError naming `source`."""
+  order = np.random.default_rng(seed).permutation(len(items))
+  num_eval = max(1, int(round(len(items) * fraction)))
+  if num_eval >= len(items):
+    raise UserError(f"{source}: {len(items)} {what} are too few to hold out {num_eval} for evaluation")
+  return [items[i] for i in sorted(order[num_eval:])], [items[i] for i in sorted(order[:num_eval])]

@@ -30,7 +30,7 @@ from flax import nnx
 from llm_jax import chat as chat_lib
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax.data import text
-from llm_jax.data.jsonl import read_jsonl
+from llm_jax.data.jsonl import held_out_split, read_jsonl
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig
 from llm_jax.modeling import ModelSpec, build_model, init_params, load_model, read_model_config, read_stage_config
@@ -216,12 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
   if config.data.eval_path:
     train_pairs, eval_pairs = pairs, read_pairs(config.data.eval_path)
   else:
-    order = np.random.default_rng(config.seed).permutation(len(pairs))
-    num_eval = max(1, int(round(len(pairs) * config.data.eval_fraction)))
-    if num_eval >= len(pairs):
-      raise UserError(f"{config.data.path}: {len(pairs)} pairs are too few to hold out {num_eval}")
-    eval_pairs = [pairs[i] for i in sorted(order[:num_eval])]
-    train_pairs = [pairs[i] for i in sorted(order[num_eval:])]
+    train_pairs, eval_pairs = held_out_split(pairs, config.data.eval_fraction, config.seed, config.data.path, "pairs")
   train_rows, dropped = pair_arrays(train_pairs, tokenizer, config.seq_len)
   eval_rows, eval_dropped = pair_arrays(eval_pairs, tokenizer, config.seq_len)
   print(

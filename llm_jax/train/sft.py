@@ -21,6 +21,7 @@ import numpy as np
 from llm_jax import chat as chat_lib
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax.data import text
+from llm_jax.data.jsonl import held_out_split
 from llm_jax.errors import UserError
 from llm_jax.inference.sampler import Sampler, SamplingConfig
 from llm_jax.modeling import lm_factory, model_spec
@@ -75,13 +76,10 @@ def prepare(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ChatData
     eval_file = chat_lib.read_chats(config.data.eval_path, config.data.on_error)
     train_chats, eval_chats = train_file.chats, eval_file.chats
     report["skipped_lines"] += eval_file.skipped_lines
-  else:  # A seeded random held-out split of whole chats.
-    order = np.random.default_rng(config.seed).permutation(len(train_file.chats))
-    num_eval = max(1, int(round(len(order) * config.data.eval_fraction)))
-    if num_eval >= len(order):
-      raise UserError(f"{config.data.path}: {len(order)} chats are too few to hold out {num_eval} for evaluation")
-    eval_chats = [train_file.chats[i] for i in sorted(order[:num_eval])]
-    train_chats = [train_file.chats[i] for i in sorted(order[num_eval:])]
+  else:
+    train_chats, eval_chats = held_out_split(
+      train_file.chats, config.data.eval_fraction, config.seed, config.data.path, "chats"
+    )
   sequences, masks = render_chats(train_chats, tokenizer, config.seq_len, config.data.overlong, report)
   if not sequences:
     raise UserError(f"{config.data.path}: no chat has assistant tokens to train on ({report})")

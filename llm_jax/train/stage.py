@@ -14,6 +14,7 @@ from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
 from llm_jax import sharding
 from llm_jax.errors import UserError
+from llm_jax.files import write_atomically
 from llm_jax.model import ModelConfig
 from llm_jax.modeling import check_model_matches, read_model_config
 from llm_jax.tokenizer import Tokenizer, load_tokenizer
@@ -99,9 +100,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_
       )
     return
   if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=2, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, json.dumps(record, indent=2, sort_keys=True, default=str))
 
 
 def continue_from(

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from llm_jax.files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -994,18 +995,7 @@ def write_pretraining_jsonl(path: str | os.PathLike[str], seed: int = 0, num_doc
   Returns:
     `path`, as a string.
   """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for doc in pretraining_documents(seed=seed, num_documents=num_documents):
-        f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; a corpus is not secret
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
-  return path
+  documents = pretraining_documents(seed=seed, num_documents=num_documents)
+  return write_atomically(
+    os.fspath(path), "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents)
+  )

@@ -27,6 +27,7 @@ import os
 import random
 import re
 
+from llm_jax.files import write_atomically
 from llm_jax.tasks.world_facts.corpus import (
   COUNTRIES,
   Country,
@@ -140,13 +141,7 @@ def held_out_prompts(train, seed: int, per_country: int = 3) -> list[tuple[Count
 
 
 def write_jsonl(path: str, rows: list[dict]) -> str:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, path)
-  return path
+  return write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def write_all(
