@@ -38,11 +38,6 @@ class MetricWriter:
         self._tb.add_scalar(name, value, step)
     self._jsonl.write(json.dumps(row) + "\n")
 
-  def flush(self) -> None:
-    if self.enabled:
-      self._jsonl.flush()
-      self._tb.flush()
-
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
