@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ""  # SFT workdir: the backbone and tokenizer.
   config.margin = 0.0  # Optional margin in −log σ(r_chosen − r_rejected − margin).
   # Adds w · (log-prob of the answer's least likely token under the backbone's LM head) to the score, so the
-  # reward model can check facts with what the backbone knows (llm_jax/train/reward.py). False: head only.
+  # reward model can check facts with what the backbone knows (llm_jax/train/reward_model.py). False: head only.
   config.likelihood_feature = True
 
   config.batch_size = 16  # Pairs per step.

@@ -353,7 +353,7 @@ def test_adaptive_kl_coefficient_follows_ziegler():
 
 
 class _FakeState:
-  """Stands in for a ModelState: `merge(params)` returns a model that outputs fixed logits (and values)."""
+  """Stands in for a ModelSpec: `merge(params)` returns a model that outputs fixed logits (and values)."""
 
   def __init__(self, with_values: bool):
     self.with_values = with_values
