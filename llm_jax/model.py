@@ -23,6 +23,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -39,10 +40,19 @@ class ModelConfig:
   max_seq_len: int = 128  # Size of the learned position table; the longest sequence the model accepts.
   position: Literal["learned", "rope"] = "learned"
   rope_theta: float = 10_000.0
+  # Llama 3.1's long-context RoPE frequencies ("llama3": low frequencies divided by `rope_scaling_factor`, a
+  # smooth ramp between the bands set by the low/high frequency factors and the original context length).
+  rope_scaling: Literal["none", "llama3"] = "none"
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
   norm_eps: float = 1e-5
   mlp: Literal["gelu", "swiglu"] = "gelu"
-  use_bias: bool = False
+  gelu_approximate: bool = True  # The tanh approximation (GPT-2's "gelu_new"); False: the exact erf GELU.
+  use_bias: bool = False  # Biases on every projection and LayerNorm (GPT-2).
+  qkv_bias: bool = False  # Biases on the query, key and value projections only (Qwen2).
   tie_embeddings: bool = True
   dtype: str = "float32"  # Compute dtype of activations and matmuls.
   param_dtype: str = "float32"  # Storage dtype of parameters (and so of the optimizer state).
@@ -62,9 +72,10 @@ class ModelConfig:
     mlp = d * f * (3 if self.mlp == "swiglu" else 2)
     norm = d * (2 if self.norm == "layernorm" and self.use_bias else 1)
     bias = 0
+    if self.use_bias or self.qkv_bias:
+      bias = h * (self.num_heads + 2 * self.num_kv_heads)  # q, k, v biases.
     if self.use_bias:
-      bias = h * (self.num_heads + 2 * self.num_kv_heads) + d  # q, k, v, o biases.
-      bias += (2 * f if self.mlp == "swiglu" else f) + d
+      bias += d + (2 * f if self.mlp == "swiglu" else f) + d  # o and MLP biases.
     per_layer = attn + mlp + 2 * norm + bias
     total = self.num_layers * per_layer + norm + self.vocab_size * d
     if not self.tie_embeddings:
@@ -203,11 +214,34 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   )
 
 
-def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, "rotate half" layout: dims (i, i + H/2) form the pair rotated by angle pos·θ^(-2i/H)."""
-  h = x_BLNH.shape[-1]
-  inv_freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angle_BLH2 = positions_BL[..., None].astype(jnp.float32) * inv_freq_H2
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """[H/2] float32 angular frequencies θ^(-2i/H), rescaled as `cfg.rope_scaling` says.
+
+  "llama3" is transformers' `_compute_llama3_parameters`, step for step (float32, as it computes them):
+  wavelengths longer than original_len / low_freq_factor are slowed by `factor`, shorter than
+  original_len / high_freq_factor kept, and those in between interpolated.
+  """
+  h = cfg.resolved_head_dim
+  inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h)))).astype(
+    np.float32
+  )
+  if cfg.rope_scaling == "none":
+    return inv_freq
+  factor, low, high = (
+    np.float32(v) for v in (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor)
+  )
+  original = np.float32(cfg.rope_original_max_len)
+  wavelen = np.float32(2 * math.pi) / inv_freq
+  scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+  smooth = (original / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, inv_freq_H2: np.ndarray) -> jax.Array:
+  """Rotary embedding, "rotate half" layout: dims (i, i + H/2) form the pair rotated by angle pos·inv_freq[i]."""
+  angle_BLH2 = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_H2, jnp.float32)
   sin, cos = jnp.sin(angle_BLH2)[:, :, None, :], jnp.cos(angle_BLH2)[:, :, None, :]
   x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNH.dtype)
@@ -331,13 +365,12 @@ class Attention(nnx.Module):
     self.wk_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
     self.wv_DKH = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, cfg.param_dtype)
     self.wo_NHD = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, cfg.param_dtype)
-    if cfg.use_bias:
-      zeros = lambda shape, names: nnx.Param(
-        jnp.zeros(shape, cfg.param_dtype), out_sharding=names, eager_sharding=False
-      )
+    zeros = lambda shape, names: nnx.Param(jnp.zeros(shape, cfg.param_dtype), out_sharding=names, eager_sharding=False)
+    if cfg.use_bias or cfg.qkv_bias:
       self.bias_q_NH = zeros((n, h), ("heads", "head_dim"))
       self.bias_k_KH = zeros((k, h), ("kv_heads", "head_dim"))
       self.bias_v_KH = zeros((k, h), ("kv_heads", "head_dim"))
+    if cfg.use_bias:
       self.bias_o_D = zeros((d,), ("embed",))
 
   def __call__(
@@ -353,15 +386,16 @@ class Attention(nnx.Module):
     q_BLNH = (x_TD @ self.wq_DNH[...].astype(dt).reshape(d, n * h)).reshape(b, l, n, h)
     k_BLKH = (x_TD @ self.wk_DKH[...].astype(dt).reshape(d, k * h)).reshape(b, l, k, h)
     v_BLKH = (x_TD @ self.wv_DKH[...].astype(dt).reshape(d, k * h)).reshape(b, l, k, h)
-    if cfg.use_bias:
+    if cfg.use_bias or cfg.qkv_bias:
       q_BLNH, k_BLKH, v_BLKH = (
         q_BLNH + self.bias_q_NH[...].astype(dt),
         k_BLKH + self.bias_k_KH[...].astype(dt),
         v_BLKH + self.bias_v_KH[...].astype(dt),
       )
     if cfg.position == "rope":
-      q_BLNH = apply_rope(q_BLNH, positions_BL, cfg.rope_theta)
-      k_BLKH = apply_rope(k_BLKH, positions_BL, cfg.rope_theta)
+      inv_freq_H2 = rope_frequencies(cfg)
+      q_BLNH = apply_rope(q_BLNH, positions_BL, inv_freq_H2)
+      k_BLKH = apply_rope(k_BLKH, positions_BL, inv_freq_H2)
     if cache is not None:
       cache = cache.write_layer(layer, k_BLKH, v_BLKH)
     kv_heads_first = cache is not None and cache.segment_ids_BS.shape[1] != l
@@ -415,7 +449,7 @@ class MLP(nnx.Module):
         gate_TF = gate_TF + self.bias_gate_F[...].astype(dt)
       h_TF = jax.nn.silu(gate_TF) * h_TF
     else:
-      h_TF = jax.nn.gelu(h_TF)
+      h_TF = jax.nn.gelu(h_TF, approximate=cfg.gelu_approximate)
     out_TD = h_TF @ self.w_out_FD[...].astype(dt)
     if cfg.use_bias:
       out_TD = out_TD + self.bias_out_D[...].astype(dt)

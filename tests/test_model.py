@@ -79,7 +79,8 @@ def test_attention_matches_numpy_multi_head_reference(num_kv_heads):
 def test_rope_preserves_norm_and_depends_on_relative_offset():
   x = jax.random.normal(jax.random.key(0), (1, 1, 1, 32))
   y = jax.random.normal(jax.random.key(1), (1, 1, 1, 32))
-  rotate = lambda v, p: model_lib.apply_rope(v, jnp.array([[p]]), 10_000.0)
+  inv_freq = model_lib.rope_frequencies(dataclasses.replace(TINY, head_dim=32, rope_theta=10_000.0))
+  rotate = lambda v, p: model_lib.apply_rope(v, jnp.array([[p]]), inv_freq)
   for p in (0, 3, 100):
     np.testing.assert_allclose(jnp.linalg.norm(rotate(x, p)), jnp.linalg.norm(x), rtol=1e-5)
   dot = lambda pq, pk: float(jnp.sum(rotate(x, pq) * rotate(y, pk)))
@@ -102,7 +103,8 @@ def test_rope_matches_the_hugging_face_formula():
   """The rotation's direction and frequencies, at positions ≥ 300 too (position 0 hides RoPE errors)."""
   x = np.asarray(jax.random.normal(jax.random.key(0), (2, 6, 3, 16)))
   positions = np.stack([np.arange(6), 300 + 37 * np.arange(6)])
-  got = model_lib.apply_rope(jnp.asarray(x), jnp.asarray(positions), 10_000.0)
+  inv_freq = model_lib.rope_frequencies(dataclasses.replace(TINY, head_dim=16, rope_theta=10_000.0))
+  got = model_lib.apply_rope(jnp.asarray(x), jnp.asarray(positions), inv_freq)
   np.testing.assert_allclose(got, numpy_rope(x.astype(np.float64), positions, 10_000.0), atol=2e-4)
 
 
