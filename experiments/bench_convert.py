@@ -9,12 +9,14 @@ The tokenizer is the tiny llama3 test fixture's (the model's vocabulary is the p
 """
 
 import dataclasses
+import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 from absl import app, flags
@@ -28,15 +30,13 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf", "llama3")
 
 def write_random_checkpoint(hf_dir: str, preset: str) -> int:
   """A random bf16 checkpoint of the preset's shape, one tensor in memory at a time per file."""
-  import jax
   import ml_dtypes
   import safetensors.numpy
   from flax import nnx
 
-  from llm_jax import hf, modeling, tokenizer
+  from llm_jax import hf, modeling
   from llm_jax.model import PRESETS
 
-  del jax, tokenizer
   cfg = dataclasses.replace(PRESETS[preset], param_dtype="bfloat16", scan_layers=False, remat="none")
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: modeling.build_model(cfg, nnx.Rngs(0)))))
   flat = hf._flatten(abstract)
@@ -50,12 +50,9 @@ def write_random_checkpoint(hf_dir: str, preset: str) -> int:
   for name in os.listdir(FIXTURE):
     if name.startswith("tokenizer") or name.startswith("chat_template") or name == "generation_config.json":
       shutil.copy(os.path.join(FIXTURE, name), hf_dir)
-  tok = object.__new__(type("T", (), {}))
-  tok.bos_id, tok.stop_ids = 0, (1,)
+  fixture_tokenizer = types.SimpleNamespace(bos_id=379, stop_ids=(380, 383))  # The llama3 fixture's ids.
   with open(os.path.join(hf_dir, "config.json"), "w") as f:
-    import json
-
-    json.dump(hf.hf_config_from_model(cfg, "LlamaForCausalLM", tok), f)
+    json.dump(hf.hf_config_from_model(cfg, "LlamaForCausalLM", fixture_tokenizer), f)
   return os.path.getsize(os.path.join(hf_dir, "model.safetensors"))
 
 
@@ -100,9 +97,8 @@ def main(argv):
   print(f"baseline (python + jax): peak RSS {base_gb:.2f} GiB")
   print(f"import: {import_s:.1f} s, peak RSS {import_gb:.2f} GiB ({import_gb / (file_bytes / 2**30):.2f}x the file)")
   print(f"export: {export_s:.1f} s, peak RSS {export_gb:.2f} GiB, wrote {out_bytes / 2**30:.2f} GiB")
-  print(
-    f"peak RSS in file sizes: import {import_gb / (file_bytes / 2**30):.2f}x, export {export_gb / (file_bytes / 2**30):.2f}x"
-  )
+  file_gb = file_bytes / 2**30
+  print(f"peak RSS in file sizes: import {import_gb / file_gb:.2f}x, export {export_gb / file_gb:.2f}x")
   shutil.rmtree(FLAGS.dir, ignore_errors=True)
 
 
