@@ -36,6 +36,7 @@ def main(argv):
   def run():
     import jax
 
+    from llm_jax import chat as chat_lib
     from llm_jax import sharding
     from llm_jax.errors import UserError
     from llm_jax.inference.loading import load_sampler, resolve
@@ -58,12 +59,10 @@ def main(argv):
         raise UserError(f"prompt {i} is empty")
     mesh = sharding.make_mesh(FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)
     sampler, tokenizer, meta = load_sampler(workdir, mesh, step)
+    if FLAGS.chat:
+      chat_lib.check_chat_format(tokenizer)  # One line before anything is printed.
     sampling = SamplingConfig(
-      max_new_tokens=FLAGS.max_new_tokens,
-      temperature=FLAGS.temperature,
-      top_k=FLAGS.top_k,
-      top_p=FLAGS.top_p,
-      stop_ids=(tokenizer.eos_id,),
+      max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p
     )
     key = jax.random.key(FLAGS.seed)
     if len(prompts) == 1:  # Stream the answer as it is produced.

@@ -302,7 +302,7 @@ def _compile_train_step(config: ml_collections.ConfigDict, state, mesh, step_num
   from llm_jax.sequences import next_token_loss
   from llm_jax.train import loop
 
-  example = text.pack([[8, 9, 10]], 4)  # The row fields and dtypes pretraining feeds the step.
+  example = text.pack([[8, 9, 10]], 4, bos_id=None, eos_id=0)  # The row fields and dtypes pretraining feeds the step.
   batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
   abstract_batch = {
     k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), v.dtype, sharding=batch_shardings[k])

@@ -34,7 +34,8 @@ from llm_jax.tokenizer import Tokenizer, load_tokenizer
 from llm_jax.train import loop, stage
 from llm_jax.train.reward_model import load_reward_model, read_pairs, sequence_scores
 
-ANSWER = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=32, temperature=0.0))
+# Greedy answers; `answers` adds the chat stops and bans of the tokenizer (chat_lib.chat_sampling).
+ANSWER = SamplingConfig(max_new_tokens=32, temperature=0.0)
 
 
 def chat_prompts(tokenizer: Tokenizer, questions: list[str]) -> list[list[int]]:
@@ -45,6 +46,7 @@ def answers(
   sampler: Sampler, tokenizer: Tokenizer, questions: list[str], sampling: SamplingConfig = ANSWER, seed: int = 0
 ) -> list[str]:
   """The model's answers to questions asked as user turns (greedy by default)."""
+  sampling = chat_lib.chat_sampling(sampling, tokenizer)
   out = sampler.generate(chat_prompts(tokenizer, questions), sampling, jax.random.key(seed), allow_context_cut=True)
   return [tokenizer.decode(t).strip() for t in out.tokens]
 
@@ -59,14 +61,17 @@ def reward_scores(
 ) -> list[float]:
   """The reward model's score of each answer; a context is a question (str) or a conversation (Chat)."""
   contexts = [(chat_lib.Message("user", c),) if isinstance(c, str) else tuple(c) for c in contexts]
-  rows = [chat_lib.render(tokenizer, (*c, chat_lib.Message("assistant", r)))[0] for c, r in zip(contexts, replies)]
+  rendered = [chat_lib.render_response(tokenizer, c, r) for c, r in zip(contexts, replies)]
+  rows, starts = [r for r, _ in rendered], [s for _, s in rendered]
   length = max(len(r) for r in rows)
   shards = sharding.num_batch_shards(mesh)
   padded = rows + [rows[0]] * (-len(rows) % shards)
+  starts = np.asarray(starts + [starts[0]] * (-len(rows) % shards), np.int32)
   tokens, segments = right_pad(padded, length)
-  score = jax.jit(lambda p, t, s: sequence_scores(rm_state.merge(p), t, s))
-  batch = sharding.global_batch({"t": tokens, "s": segments}, mesh)
-  return jax.device_get(score(rm_params, batch["t"], batch["s"]))[: len(rows)].tolist()
+  special_ids = tuple(sorted(tokenizer.special_ids))
+  score = jax.jit(lambda p, t, s, a: sequence_scores(rm_state.merge(p), t, s, a, special_ids))
+  batch = sharding.global_batch({"t": tokens, "s": segments, "a": starts}, mesh)
+  return jax.device_get(score(rm_params, batch["t"], batch["s"], batch["a"]))[: len(rows)].tolist()
 
 
 def pair_accuracy(rm_state: ModelSpec, rm_params, tokenizer: Tokenizer, pairs, mesh) -> dict[str, float]:
@@ -93,7 +98,7 @@ def kl_to_reference(
 ) -> float:
   """Mean per-answer KL(π ‖ π_ref), estimated (k1) on answers sampled from π at temperature 1."""
   prompts = chat_prompts(tokenizer, questions)
-  sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0))
+  sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0), tokenizer)
   out = sampler.generate(prompts, sampling, jax.random.key(seed), allow_context_cut=True)
   prompt_len = max(len(p) for p in prompts)
   batch = prompt_response_rows(prompts, out.tokens, prompt_len, max_new_tokens)
@@ -102,7 +107,7 @@ def kl_to_reference(
   def ref_log_probs(params, tokens, segments):
     logits = ref_state.merge(params)(tokens, positions_from_segments(segments), segments)
     # The distribution the answers were sampled from: role and control tokens banned, temperature 1.
-    return response_log_probs(logits, tokens, prompt_len, banned_ids=chat_lib.BANNED_IN_ANSWERS)[0]
+    return response_log_probs(logits, tokens, prompt_len, banned_ids=sampling.banned_ids)[0]
 
   ref = np.asarray(ref_log_probs(ref_params, batch["tokens"], batch["segment_ids"]))
   policy = np.zeros_like(ref)
@@ -115,7 +120,7 @@ def perplexity(
   state: ModelSpec, params, tokenizer: Tokenizer, documents: list[str], seq_len: int, mesh, batch_size: int = 8
 ) -> dict[str, float]:
   """Token-level loss and perplexity on documents (packed like pretraining data)."""
-  rows = text.pack(tokenizer.encode_batch(documents), seq_len)
+  rows = text.pack_documents(tokenizer.encode_batch(documents), tokenizer, seq_len)
   batch_size = max(batch_size, sharding.num_batch_shards(mesh))
   batch_size += -batch_size % sharding.num_batch_shards(mesh)
   batch_shardings = {k: sharding.batch_sharding(mesh, 2) for k in rows}

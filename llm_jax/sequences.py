@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llm_jax.tokenizer import PAD_ID
-
+# The token id in padding slots (segment 0: never attended, never trained on), whatever the tokenizer.
+PAD_FILL = 0
 # A finite "minus infinity" for banned ids: their probability is exactly 0, yet p·log p stays 0 (not NaN).
 BANNED_LOGIT = -1e30
 
 
 def left_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
   """Rows right-aligned in [B, length] arrays: tokens, and 1 where a token is real (its segment id)."""
-  tokens = np.full((len(rows), length), PAD_ID, np.int32)
+  tokens = np.full((len(rows), length), PAD_FILL, np.int32)
   segments = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
     if len(row):
@@ -32,7 +32,7 @@ def left_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np
 
 def right_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
   """Rows left-aligned in [B, length] arrays: tokens, and 1 where a token is real."""
-  tokens = np.full((len(rows), length), PAD_ID, np.int32)
+  tokens = np.full((len(rows), length), PAD_FILL, np.int32)
   segments = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
     tokens[i, : len(row)], segments[i, : len(row)] = row, 1

@@ -341,8 +341,8 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "answer_mask_includes_role_token",
     "llm_jax/train/reward_model.py",
-    "return (jnp.arange(1, t)[None, :] > last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)",
-    "return (jnp.arange(1, t)[None, :] >= last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)",
+    "return (jnp.arange(1, t)[None, :] >= answer_start_B[:, None]) & (segment_ids_BT[:, 1:] != 0)",
+    "return (jnp.arange(1, t)[None, :] >= answer_start_B[:, None] - 1) & (segment_ids_BT[:, 1:] != 0)",
     (f"{T_RLHF} -k min_answer_log_prob",),
     "the likelihood term counts the <|assistant|> token as part of the answer",
   ),
@@ -382,8 +382,8 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "chat_sampling_bans_nothing",
     "llm_jax/chat.py",
-    "BANNED_IN_ANSWERS = tuple(i for i in range(len(SPECIAL_TOKENS)) if i not in ANSWER_STOP_IDS)",
-    "BANNED_IN_ANSWERS = ()",
+    "return tuple(sorted(tokenizer.special_ids - set(answer_stop_ids(tokenizer))))",
+    "return ()",
     (f"{T_INF} -k chat_sampling",),
     "chat answers may contain <|user|>, <|assistant|>, <bos>, <pad>",
   ),

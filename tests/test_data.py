@@ -67,7 +67,8 @@ def reference_pack(token_lists, seq_len):
 def test_pack_matches_reference(seq_len):
   rng = np.random.default_rng(seq_len)
   token_lists = [rng.integers(8, 100, rng.integers(0, 12)).tolist() for _ in range(9)]
-  packed, expected = text.pack(token_lists, seq_len), reference_pack(token_lists, seq_len)
+  packed = text.pack(token_lists, seq_len, bos_id=BOS_ID, eos_id=EOS_ID)
+  expected = reference_pack(token_lists, seq_len)
   for k in text.ROW_FIELDS:
     np.testing.assert_array_equal(packed[k], expected[k], err_msg=k)
   # Every token of every document is a target exactly once.
@@ -105,7 +106,7 @@ def test_bad_inputs_name_the_file_and_line(tmp_path):
 
 
 def test_processes_read_disjoint_slices_of_the_same_global_batches():
-  rows = text.pack([list(range(8, 8 + n)) for n in range(40)], seq_len=8)
+  rows = text.pack([list(range(8, 8 + n)) for n in range(40)], seq_len=8, bos_id=BOS_ID, eos_id=EOS_ID)
   global_batch, steps = 8, 12
   whole = text.train_dataset(rows, global_batch, seed=3)
   parts = [text.train_dataset(rows, global_batch, seed=3, process_index=p, process_count=4) for p in range(4)]
@@ -118,7 +119,7 @@ def test_processes_read_disjoint_slices_of_the_same_global_batches():
 
 
 def test_eval_batches_cover_every_row_once_with_padding():
-  rows = text.pack([list(range(8, 30))] * 5, seq_len=8)
+  rows = text.pack([list(range(8, 30))] * 5, seq_len=8, bos_id=BOS_ID, eos_id=EOS_ID)
   n = len(rows["inputs"])
   batches = text.eval_batches(rows, global_batch=4)
   assert len(batches) == -(-n // 4)

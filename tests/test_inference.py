@@ -296,8 +296,8 @@ def test_banned_ids_are_never_sampled_and_log_probs_exclude_them():
 
 def test_chat_sampling_bans_role_and_control_tokens_and_stops_at_end():
   from llm_jax import chat
-  from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+  from llm_jax.tokenizer import ByteTokenizer
 
-  sampling = chat.chat_sampling(SamplingConfig(temperature=1.0))
-  assert set(sampling.stop_ids) == {chat.END_ID, EOS_ID}
-  assert set(sampling.banned_ids) == {PAD_ID, BOS_ID, 1, *chat.ROLE_IDS.values()}
+  sampling = chat.chat_sampling(SamplingConfig(temperature=1.0), ByteTokenizer())
+  assert set(sampling.stop_ids) == {7, 3}  # <|end|>, <eos>.
+  assert set(sampling.banned_ids) == {0, 1, 2, 4, 5, 6}  # <pad> <unk> <bos> and the three role tokens.

@@ -21,6 +21,7 @@ import reward_model as reward_config  # noqa: E402
 import rlhf as rlhf_config  # noqa: E402
 
 TOK = ByteTokenizer()
+SPECIAL_IDS = tuple(sorted(TOK.special_ids))  # 0-7.
 
 
 def numpy_gae(rewards, values, mask, gamma, lam):
@@ -77,6 +78,8 @@ def test_bradley_terry_loss_value_and_gradient_sign():
     "rejected": rng.integers(8, 200, (4, 12)),
     "chosen_segment_ids": np.ones((4, 12), np.int32),
     "rejected_segment_ids": np.ones((4, 12), np.int32),
+    "chosen_answer_start": np.full(4, 6, np.int32),
+    "rejected_answer_start": np.full(4, 6, np.int32),
     "pair_mask": np.array([1, 1, 1, 0], np.float32),
   }
   batch["rejected_segment_ids"][:, 9:] = 0  # Right padding: scores are read at the last real token.
@@ -87,9 +90,14 @@ def test_bradley_terry_loss_value_and_gradient_sign():
   after, sums_after = reward_model.bradley_terry_loss(model, batch, None)
   assert float(after) < float(loss) and float(sums_after["margin"]) > 0
   # Read independently of the loss: the chosen answers now score higher, and the loss is −log σ(chosen − rejected).
-  chosen = np.asarray(reward_model.sequence_scores(model, batch["chosen"], batch["chosen_segment_ids"]), np.float64)
-  rejected = np.asarray(
-    reward_model.sequence_scores(model, batch["rejected"], batch["rejected_segment_ids"]), np.float64
+  chosen, rejected = (
+    np.asarray(
+      reward_model.sequence_scores(
+        model, batch[side], batch[f"{side}_segment_ids"], batch[f"{side}_answer_start"], SPECIAL_IDS
+      ),
+      np.float64,
+    )
+    for side in ("chosen", "rejected")
   )
   assert np.all(chosen[:3] > rejected[:3])
   np.testing.assert_allclose(float(after), np.sum(np.log1p(np.exp(-(chosen - rejected)[:3]))), rtol=1e-5)
@@ -97,15 +105,14 @@ def test_bradley_terry_loss_value_and_gradient_sign():
 
 
 def test_min_answer_log_prob_matches_numpy():
-  """The likelihood term reads the answer (after the last <|assistant|>) only, for left and right padding."""
+  """The likelihood term reads the answer (from its answer_start) only, for left and right padding."""
   from flax import nnx
 
-  from llm_jax.chat import ROLE_IDS
   from llm_jax.model import PRESETS
 
   model = reward_model.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(3)
-  assistant = ROLE_IDS["assistant"]
+  assistant = 6  # <|assistant|>: where a rendered answer starts (the start itself is data: answer_start below).
   tokens = rng.integers(8, 200, (3, 12)).astype(np.int32)
   segments = np.ones((3, 12), np.int32)
   tokens[0, [2, 6]] = assistant  # Two turns: only the tokens after position 6 are the answer.
@@ -114,7 +121,10 @@ def test_min_answer_log_prob_matches_numpy():
   tokens[2, :4], segments[2, :4], tokens[2, 7] = 0, 0, assistant  # Left padding.
   positions = np.maximum(np.cumsum(segments != 0, axis=1) - 1, 0)
   h = model.transformer.backbone(tokens, positions, segments)
-  got = reward_model.min_answer_log_prob(model, h, jnp.asarray(tokens), jnp.asarray(segments))
+  answer_start = jnp.asarray([7, 4, 8], jnp.int32)
+  got = reward_model.min_answer_log_prob(
+    model, h, jnp.asarray(tokens), jnp.asarray(segments), answer_start, SPECIAL_IDS
+  )
   logits = np.asarray(model.transformer.logits(h), np.float64)
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   answers = {0: range(7, 12), 1: range(4, 9), 2: range(8, 12)}
@@ -128,11 +138,13 @@ def test_min_answer_log_prob_matches_numpy():
     "rejected": rejected,
     "chosen_segment_ids": np.ones((2, 12), np.int32),
     "rejected_segment_ids": np.ones((2, 12), np.int32),
+    "chosen_answer_start": np.full(2, 7, np.int32),
+    "rejected_answer_start": np.full(2, 7, np.int32),
     "pair_mask": np.ones(2, np.float32),
   }
-  loss, _ = reward_model.bradley_terry_loss(model, batch, None)
+  loss, _ = reward_model.bradley_terry_loss(model, batch, None, special_ids=SPECIAL_IDS)
   assert float(loss) == pytest.approx(2 * np.log(2), rel=1e-6)
-  grads = nnx.grad(lambda m: reward_model.bradley_terry_loss(m, batch, None)[0])(model)
+  grads = nnx.grad(lambda m: reward_model.bradley_terry_loss(m, batch, None, special_ids=SPECIAL_IDS)[0])(model)
   assert float(grads.likelihood_weight[...]) < 0  # Raising the weight lowers the loss.
 
 
@@ -208,7 +220,10 @@ def test_sequence_scores_read_the_last_real_token_of_padded_rows():
   tokens[1, 3:], segments[1, 3:] = real[1], 1  # Left padding.
   tokens[2], segments[2] = real[2], 1
   np.testing.assert_array_equal(reward_model.last_token_index(jnp.asarray(segments)), [4, 11, 11])
-  scores = nnx.jit(reward_model.sequence_scores)(model, jnp.asarray(tokens), jnp.asarray(segments))
+  starts = jnp.zeros(3, jnp.int32)
+  scores = nnx.jit(lambda m, t, s: reward_model.sequence_scores(m, t, s, starts, SPECIAL_IDS))(
+    model, jnp.asarray(tokens), jnp.asarray(segments)
+  )
   head = nnx.jit(lambda m, row: m(row[None], jnp.arange(len(row))[None], jnp.ones((1, len(row)), jnp.int32)))
   alone = [float(head(model, jnp.asarray(row))[0, -1]) for row in real]
   np.testing.assert_allclose(scores, alone, rtol=1e-5, atol=1e-6)
@@ -478,7 +493,7 @@ def test_response_log_probs_align_with_the_sampler_at_any_temperature(base_workd
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   sampler, _, _ = load_sampler(base_workdir, mesh)
   model = nnx_merge(sampler)
-  sampling = chat_lib.chat_sampling(rlhf.SamplingConfig(max_new_tokens=6, temperature=0.7))
+  sampling = chat_lib.chat_sampling(rlhf.SamplingConfig(max_new_tokens=6, temperature=0.7), TOK)
   out = sampler.generate(PROMPTS, sampling, jax.random.key(2))
   prompt_len = max(len(p) for p in PROMPTS)
   batch = prompt_response_rows(PROMPTS, out.tokens, prompt_len, 6)
@@ -586,8 +601,9 @@ def test_an_empty_or_role_token_only_answer_never_beats_a_real_one():
   """The minimum log-probability over no answer tokens used to be 0: the best possible score."""
   from flax import nnx
 
-  from llm_jax.chat import END_ID, ROLE_IDS
   from llm_jax.model import PRESETS
+
+  ROLE_IDS, END_ID = {"user": 5, "assistant": 6}, 7  # The project's ids (llm_jax/tokenizer.py).
 
   model = reward_model.RewardModel(PRESETS["tiny"], True, rngs=nnx.Rngs(0))
   model.likelihood_weight[...] = jnp.float32(1.0 / reward_model.LIKELIHOOD_WEIGHT_SCALE)  # w = 1: trained-like.
@@ -605,7 +621,14 @@ def test_an_empty_or_role_token_only_answer_never_beats_a_real_one():
     row = prompt + answer
     tokens[i, : len(row)], segments[i, : len(row)] = row, 1
   scores = dict(
-    zip(answers, np.asarray(reward_model.sequence_scores(model, jnp.asarray(tokens), jnp.asarray(segments))))
+    zip(
+      answers,
+      np.asarray(
+        reward_model.sequence_scores(
+          model, jnp.asarray(tokens), jnp.asarray(segments), jnp.full(len(answers), len(prompt)), SPECIAL_IDS
+        )
+      ),
+    )
   )
   for name in ("empty", "end only", "roles only"):
     assert scores[name] == pytest.approx(reward_model.EMPTY_ANSWER_LOG_PROB, abs=1e-6), name

@@ -10,7 +10,7 @@ import pytest
 
 from llm_jax import chat as chat_lib
 from llm_jax import modeling
-from llm_jax.chat import END_ID, ROLE_IDS, Message
+from llm_jax.chat import Message
 from llm_jax.data import text
 from llm_jax.errors import UserError
 from llm_jax.sequences import next_token_loss
@@ -23,6 +23,8 @@ import pretrain as pretrain_config  # noqa: E402
 import sft as sft_config  # noqa: E402
 
 TOK = ByteTokenizer()
+# The project's special ids (llm_jax/tokenizer.py), written out: the template must put exactly these.
+ROLE_IDS, END_ID = {"system": 4, "user": 5, "assistant": 6}, 7
 b = lambda s: TOK.encode(s)
 
 
@@ -141,7 +143,7 @@ def test_a_batch_with_nothing_to_train_on_adds_zero_loss(tmp_path):
   state = modeling.model_spec(factory, mesh)
   optimizer = loop.make_optimizer(config, state.abstract_params)
   opt_shardings = loop.opt_state_shardings(optimizer, state, mesh)
-  rows = text.pack([list(range(8, 40))] * 4, 16)
+  rows = text.pack([list(range(8, 40))] * 4, 16, bos_id=2, eos_id=3)
   batch = {k: v[:2] for k, v in rows.items()}
   batch["loss_mask"] = np.zeros_like(batch["loss_mask"])
   shardings = {k: sharding.batch_sharding(mesh, 2) for k in batch}

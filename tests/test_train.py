@@ -94,7 +94,7 @@ def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum
   factory = lambda rngs: Transformer(PRESETS["tiny"], rngs=rngs)
   state = modeling.model_spec(factory, mesh)
   optimizer = loop.make_optimizer(pretrain_config.get_config(), state.abstract_params)
-  rows = text.pack([list(range(8, 60)), list(range(100, 150))] * 2, 16)
+  rows = text.pack([list(range(8, 60)), list(range(100, 150))] * 2, 16, bos_id=2, eos_id=3)
   batch = {k: v[:4] for k, v in rows.items()}
   # Microbatch j takes rows j, j + A, ...: with A = 2 the microbatches weigh 3 + 5 and 16 + 16 tokens.
   mask = np.zeros((4, 16), np.float32)

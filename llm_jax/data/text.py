@@ -1,6 +1,7 @@
 """Pretraining data: read documents → tokenize → pack into rows → Grain shuffle / shard / batch.
 
-Packing ("concatenate then split"): each document becomes `<bos> tokens <eos>`; the documents are concatenated
+Packing ("concatenate then split"): each document becomes `[<bos>] tokens <eos>` (BOS where the tokenizer adds
+one by default: the project's and Llama's do, GPT-2's and Qwen2's do not); the documents are concatenated
 into one stream and cut into rows of `seq_len` inputs, the targets being the stream shifted by one, so no token
 is lost at a row boundary. Every row carries
   segment_ids  1, 2, ... per document piece within the row (0 = padding),
@@ -27,7 +28,8 @@ import numpy as np
 
 from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
-from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from llm_jax.sequences import PAD_FILL
+from llm_jax.tokenizer import Tokenizer
 
 ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -93,16 +95,21 @@ def _record_text(record: bytes, path: str, index: int, field: str) -> str:
   return text
 
 
-def pack(token_lists: Sequence[Sequence[int]], seq_len: int) -> dict[str, np.ndarray]:
-  """Concatenate-then-split packing (module docstring). Returns [num_rows, seq_len] arrays of ROW_FIELDS."""
-  lengths = np.array([len(t) + 2 for t in token_lists], np.int64)  # + <bos> and <eos>.
+def pack(
+  token_lists: Sequence[Sequence[int]], seq_len: int, *, bos_id: int | None, eos_id: int
+) -> dict[str, np.ndarray]:
+  """Concatenate-then-split packing (module docstring). Returns [num_rows, seq_len] arrays of ROW_FIELDS.
+
+  Each document is framed as `[bos_id] tokens [eos_id]` (no BOS when `bos_id` is None)."""
+  head = [] if bos_id is None else [bos_id]
+  lengths = np.array([len(t) + len(head) + 1 for t in token_lists], np.int64)
   stream = np.concatenate(
-    [np.concatenate([[BOS_ID], np.asarray(t, np.int32), [EOS_ID]]).astype(np.int32) for t in token_lists]
+    [np.concatenate([head, np.asarray(t, np.int32), [eos_id]]).astype(np.int32) for t in token_lists]
   )
   doc_ids = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
   num_rows = -(-(len(stream) - 1) // seq_len)
   padded = num_rows * seq_len + 1
-  stream = np.pad(stream, (0, padded - len(stream)), constant_values=PAD_ID)
+  stream = np.pad(stream, (0, padded - len(stream)), constant_values=PAD_FILL)
   doc_ids = np.pad(doc_ids, (0, padded - len(doc_ids)))  # Padding belongs to document 0.
 
   inputs = stream[:-1].reshape(num_rows, seq_len)
@@ -120,6 +127,11 @@ def pack(token_lists: Sequence[Sequence[int]], seq_len: int) -> dict[str, np.nda
   return dict(
     inputs=inputs, targets=targets, segment_ids=segment_ids, positions=positions.astype(np.int32), loss_mask=loss_mask
   )
+
+
+def pack_documents(token_lists: Sequence[Sequence[int]], tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+  """`pack` with the tokenizer's document framing: BOS iff it adds one by default, EOS after each document."""
+  return pack(token_lists, seq_len, bos_id=tokenizer.bos_id if tokenizer.add_bos else None, eos_id=tokenizer.eos_id)
 
 
 @dataclasses.dataclass
@@ -143,10 +155,10 @@ def build_packed_dataset(
 ) -> PackedDataset:
   """Tokenizes and packs; validation = `eval_documents` if given, else the last `eval_fraction` of the rows."""
   token_lists = tokenizer.encode_batch(documents)
-  rows = pack(token_lists, seq_len)
+  rows = pack_documents(token_lists, tokenizer, seq_len)
   num_tokens = sum(len(t) for t in token_lists)
   if eval_documents:
-    train, evaluation = rows, pack(tokenizer.encode_batch(eval_documents), seq_len)
+    train, evaluation = rows, pack_documents(tokenizer.encode_batch(eval_documents), tokenizer, seq_len)
   else:
     num_rows = len(rows["inputs"])
     num_eval = int(round(num_rows * eval_fraction))

@@ -33,8 +33,8 @@ from llm_jax import chat as chat_lib
 from llm_jax import sharding
 from llm_jax.errors import UserError
 from llm_jax.model import KVCache, ModelConfig, Transformer
-from llm_jax.sequences import left_pad, restrict_logits
-from llm_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from llm_jax.sequences import PAD_FILL, left_pad, restrict_logits
+from llm_jax.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class SamplingConfig:
   temperature: float = 1.0  # 0: greedy.
   top_k: int = 0  # 0: off.
   top_p: float = 1.0  # 1: off.
-  stop_ids: tuple[int, ...] = (EOS_ID,)
+  stop_ids: tuple[int, ...] = ()  # Besides these, `Sampler.complete` stops at the tokenizer's stop ids.
   banned_ids: tuple[int, ...] = ()  # Never sampled (chat mode bans role and control tokens).
 
   def validate(self) -> None:
@@ -89,7 +89,7 @@ def _log_prob(log_probs_BV, token_B):
 class DecodeState:
   cache: KVCache
   logits_BV: jax.Array  # The model's prediction for the next token of each row.
-  tokens_BN: jax.Array  # Generated tokens (PAD_ID after a row stops).
+  tokens_BN: jax.Array  # Generated tokens (PAD_FILL after a row stops).
   log_probs_BN: jax.Array
   lengths_B: jax.Array  # Tokens generated so far (the stop token included).
   done_B: jax.Array
@@ -169,7 +169,7 @@ class Sampler:
     return DecodeState(
       cache=cache,
       logits_BV=logits_BV,
-      tokens_BN=jnp.full((batch, n), PAD_ID, jnp.int32),
+      tokens_BN=jnp.full((batch, n), PAD_FILL, jnp.int32),
       log_probs_BN=jnp.zeros((batch, n), jnp.float32),
       lengths_B=jnp.zeros((batch,), jnp.int32),
       done_B=jnp.zeros((batch,), bool),
@@ -193,7 +193,7 @@ class Sampler:
       token_B, log_prob_B = sample_logits(
         s.logits_BV, keys_B, sampling.temperature, sampling.top_k, sampling.top_p, sampling.banned_ids
       )
-      token_B = jnp.where(s.done_B, PAD_ID, token_B).astype(jnp.int32)
+      token_B = jnp.where(s.done_B, PAD_FILL, token_B).astype(jnp.int32)
       log_prob_B = jnp.where(s.done_B, 0.0, log_prob_B)
       tokens_BN = jax.lax.dynamic_update_slice_in_dim(s.tokens_BN, token_B[:, None], s.step, axis=1)
       log_probs_BN = jax.lax.dynamic_update_slice_in_dim(s.log_probs_BN, log_prob_B[:, None], s.step, axis=1)
@@ -273,7 +273,7 @@ class Sampler:
     cache_length = min(prompt_len + sampling.max_new_tokens, context)
     # Pad the batch to a multiple of the batch shards with one-token dummy rows (dropped below).
     shards = sharding.num_batch_shards(self.mesh)
-    rows = list(prompts) + [[EOS_ID]] * (-len(prompts) % shards)
+    rows = list(prompts) + [[PAD_FILL]] * (-len(prompts) % shards)
     tokens, segments = left_pad(rows, prompt_len)
     tokens, segments = (jax.device_put(x, sharding.batch_sharding(self.mesh)) for x in (tokens, segments))
     prefill, decode = self._jitted
@@ -310,10 +310,11 @@ class Sampler:
     stream: Callable[[str], None] | None = None,
     chat: bool = False,
   ) -> list[str]:
-    """Text in, text out: each prompt (after <bos>) continued until a stop id. `stream` gets row 0's text.
+    """Text in, text out: each prompt (tokenized as the model's tokenizer does by default: BOS where it adds one)
+    continued until a stop id (the tokenizer's, and `sampling.stop_ids`). `stream` gets row 0's text.
 
-    `chat=True` sends each prompt as a user turn in the chat template and returns the assistant's answer
-    (decoding also stops at <|end|>).
+    `chat=True` sends each prompt as a user turn in the model's chat template and returns the assistant's answer
+    (decoding also stops at the end-of-turn token).
     """
     if stream is None:
       on_tokens = None
@@ -329,8 +330,9 @@ class Sampler:
       token_prompts = [
         chat_lib.render(tokenizer, [chat_lib.Message("user", p)], generation_prompt=True)[0] for p in prompts
       ]
-      sampling = chat_lib.chat_sampling(sampling)
+      sampling = chat_lib.chat_sampling(sampling, tokenizer)
     else:
-      token_prompts = [[BOS_ID] + tokenizer.encode(p) for p in prompts]
+      token_prompts = [tokenizer.encode_default(p) for p in prompts]
+      sampling = dataclasses.replace(sampling, stop_ids=tuple(sorted({*sampling.stop_ids, *tokenizer.stop_ids})))
     result = self.generate(token_prompts, sampling, key, stream=on_tokens)
     return [tokenizer.decode(tokens) for tokens in result.tokens]

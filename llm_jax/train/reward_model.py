@@ -1,15 +1,15 @@
 """Reward model: the transformer backbone plus a scalar head, trained on ranked pairs (Bradley-Terry).
 
-    score(prompt, response) = head(backbone(chat)[last token])       the last token is the answer's <|end|>
+    score(prompt, response) = head(backbone(chat)[last token])       the last token ends the answer (<|end|>)
                               + w · min_t log p(answer token t)        (with `likelihood_feature`)
     loss = -log σ(score(chosen) - score(rejected) - margin)
 
 The likelihood term reads the backbone's own LM head: the log-probability of the answer's least likely token
-(the answer is everything after the last <|assistant|> role token). A wrong fact shows up there as one very
-unlikely token, even for facts that no ranked pair mentioned; a scalar head fine-tuned on a few thousand pairs
-instead memorizes which answers were good for the prompts it saw. On the world-facts experiment
-(llm_jax/tasks/world_facts/end_to_end.py) the term takes held-out pair accuracy from 70.9 % to 98.2 %, and on pairs
-about countries that no training pair mentions from 50.8 % (chance) to 86.8 %.
+(the answer runs from its first token, `answer_start`, found when the chat is rendered, to the end of the row). A
+wrong fact shows up there as one very unlikely token, even for facts that no ranked pair mentioned; a scalar head
+fine-tuned on a few thousand pairs instead memorizes which answers were good for the prompts it saw. On the
+world-facts experiment (llm_jax/tasks/world_facts/end_to_end.py) the term takes held-out pair accuracy from 70.9 % to
+98.2 %, and on pairs about countries that no training pair mentions from 50.8 % (chance) to 86.8 %.
 
 Pairs are JSONL `{"prompt": "..." | "messages": [...], "chosen": "...", "rejected": "..."}`, rendered with the one
 chat template (llm_jax/chat.py). The backbone starts from an SFT workdir; the head and `w` start at zero, so
@@ -35,7 +35,7 @@ from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig
 from llm_jax.modeling import ModelSpec, build_model, init_params, load_model, read_model_config, read_stage_config
 from llm_jax.sequences import positions_from_segments, right_pad
-from llm_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
+from llm_jax.tokenizer import Tokenizer
 from llm_jax.train import loop, stage
 
 
@@ -79,11 +79,10 @@ def last_token_index(segment_ids_BT: jax.Array) -> jax.Array:
   return jnp.max(jnp.where(segment_ids_BT != 0, jnp.arange(t)[None, :], 0), axis=1)
 
 
-def answer_mask(tokens_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
-  """[B, T-1] bool: token t+1 is part of the answer (after the row's last <|assistant|>, not padding)."""
-  t = tokens_BT.shape[1]
-  last_role_B = jnp.max(jnp.where(tokens_BT == chat_lib.ROLE_IDS["assistant"], jnp.arange(t)[None, :], -1), axis=1)
-  return (jnp.arange(1, t)[None, :] > last_role_B[:, None]) & (segment_ids_BT[:, 1:] != 0)
+def answer_mask(answer_start_B: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+  """[B, T-1] bool: token t+1 is part of the answer (at or after the row's `answer_start`, not padding)."""
+  t = segment_ids_BT.shape[1]
+  return (jnp.arange(1, t)[None, :] >= answer_start_B[:, None]) & (segment_ids_BT[:, 1:] != 0)
 
 
 # The likelihood term of an answer without a single text token (empty, or only role/control tokens): a floor
@@ -91,35 +90,46 @@ def answer_mask(tokens_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
 EMPTY_ANSWER_LOG_PROB = -30.0
 
 
-def min_answer_log_prob(model: RewardModel, h_BTD, tokens_BT, segment_ids_BT) -> jax.Array:
+def min_answer_log_prob(
+  model: RewardModel, h_BTD, tokens_BT, segment_ids_BT, answer_start_B, special_ids: tuple[int, ...]
+) -> jax.Array:
   """[B]: the log-probability of each answer's least likely token under the backbone's own LM head; an answer
-  with no text token gets `EMPTY_ANSWER_LOG_PROB` (the minimum of nothing would otherwise be the best value)."""
+  with no text token (only ids in `special_ids`, the tokenizer's) gets `EMPTY_ANSWER_LOG_PROB` (the minimum of
+  nothing would otherwise be the best value)."""
   log_probs_BTV = jax.nn.log_softmax(model.transformer.logits(h_BTD)[:, :-1].astype(jnp.float32))
   token_log_probs_BT = jnp.take_along_axis(log_probs_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-  in_answer_BT = answer_mask(tokens_BT, segment_ids_BT)
-  has_text_B = jnp.any(in_answer_BT & (tokens_BT[:, 1:] >= len(SPECIAL_TOKENS)), axis=1)
+  in_answer_BT = answer_mask(answer_start_B, segment_ids_BT)
+  is_text_BT = ~jnp.isin(tokens_BT[:, 1:], jnp.asarray(special_ids, jnp.int32))
+  has_text_B = jnp.any(in_answer_BT & is_text_BT, axis=1)
   least_B = jnp.min(jnp.where(in_answer_BT, token_log_probs_BT, 0.0), axis=1)
   return jnp.where(has_text_B, least_B, EMPTY_ANSWER_LOG_PROB)
 
 
-def sequence_scores(model: RewardModel, tokens_BT, segment_ids_BT) -> jax.Array:
-  """The reward of each row: the head read at its last real token (+ the likelihood term). Rows may be left-
-  or right-padded."""
+def sequence_scores(
+  model: RewardModel, tokens_BT, segment_ids_BT, answer_start_B, special_ids: tuple[int, ...]
+) -> jax.Array:
+  """The reward of each row: the head read at its last real token (+ the likelihood term over the answer, which
+  starts at `answer_start_B`; `special_ids`: the tokenizer's). Rows may be left- or right-padded."""
   positions_BT = positions_from_segments(segment_ids_BT)
   h_BTD = model.transformer.backbone(tokens_BT, positions_BT, segment_ids_BT)
   last_B = last_token_index(segment_ids_BT)
   scores_B = jnp.take_along_axis(model.head(h_BTD), last_B[:, None], axis=1)[:, 0]
   if model.likelihood_feature:
     weight = model.likelihood_weight[...] * LIKELIHOOD_WEIGHT_SCALE
-    scores_B = scores_B + weight * min_answer_log_prob(model, h_BTD, tokens_BT, segment_ids_BT)
+    likelihood_B = min_answer_log_prob(model, h_BTD, tokens_BT, segment_ids_BT, answer_start_B, special_ids)
+    scores_B = scores_B + weight * likelihood_B
   return scores_B
 
 
-def bradley_terry_loss(model: RewardModel, batch, rng, margin: float = 0.0):
+def bradley_terry_loss(model: RewardModel, batch, rng, margin: float = 0.0, special_ids: tuple[int, ...] = ()):
   """Summed −log σ(r_chosen − r_rejected − margin) over the real pairs (see loop.LossFn)."""
   del rng
-  chosen_B = sequence_scores(model, batch["chosen"], batch["chosen_segment_ids"])
-  rejected_B = sequence_scores(model, batch["rejected"], batch["rejected_segment_ids"])
+  chosen_B = sequence_scores(
+    model, batch["chosen"], batch["chosen_segment_ids"], batch["chosen_answer_start"], special_ids
+  )
+  rejected_B = sequence_scores(
+    model, batch["rejected"], batch["rejected_segment_ids"], batch["rejected_answer_start"], special_ids
+  )
   pair_B = batch["pair_mask"].astype(jnp.float32)
   diff_B = chosen_B - rejected_B
   loss_B = -jax.nn.log_sigmoid(diff_B - margin)
@@ -168,26 +178,27 @@ def read_pairs(path: str) -> list[tuple[chat_lib.Chat, str, str]]:
   return pairs
 
 
-def render_response(tokenizer: Tokenizer, context: chat_lib.Chat, response: str) -> list[int]:
-  return chat_lib.render(tokenizer, (*context, chat_lib.Message("assistant", response)))[0]
-
-
 def pair_arrays(pairs, tokenizer: Tokenizer, seq_len: int) -> tuple[dict[str, np.ndarray], int]:
-  """Right-padded [num_pairs, seq_len] arrays; pairs longer than seq_len are dropped (and counted)."""
+  """Right-padded [num_pairs, seq_len] arrays and each answer's start; pairs longer than seq_len are dropped (and
+  counted)."""
   rows = {k: [] for k in ("chosen", "rejected")}
+  starts = {k: [] for k in rows}
   dropped = 0
   for context, chosen, rejected in pairs:
-    c, r = render_response(tokenizer, context, chosen), render_response(tokenizer, context, rejected)
+    (c, c_start), (r, r_start) = (chat_lib.render_response(tokenizer, context, a) for a in (chosen, rejected))
     if max(len(c), len(r)) > seq_len:
       dropped += 1
       continue
     rows["chosen"].append(c)
     rows["rejected"].append(r)
+    starts["chosen"].append(c_start)
+    starts["rejected"].append(r_start)
   if not rows["chosen"]:
     raise UserError(f"every preference pair is longer than seq_len={seq_len}")
   out = {}
   for name, sequences in rows.items():
     out[name], out[f"{name}_segment_ids"] = right_pad(sequences, seq_len)
+    out[f"{name}_answer_start"] = np.asarray(starts[name], np.int32)
   out["pair_mask"] = np.ones(len(rows["chosen"]), np.float32)
   return out, dropped
 
@@ -233,7 +244,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
     return {**params, "transformer": backbone}
 
   pid, count = jax.process_index(), jax.process_count()
-  loss_fn = lambda model, batch, rng: bradley_terry_loss(model, batch, rng, config.margin)
+  special_ids = tuple(sorted(tokenizer.special_ids))
+  loss_fn = lambda model, batch, rng: bradley_terry_loss(model, batch, rng, config.margin, special_ids)
   return loop.train(
     config,
     workdir,

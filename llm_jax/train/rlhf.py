@@ -2,9 +2,10 @@
 
 One iteration:
   1. rollout    sample one response per prompt (k per prompt for GRPO/RLOO) with the KV-cache sampler, as an
-                answer in the chat template: role and control tokens are never sampled (`chat.BANNED_IN_ANSWERS`),
-                <|end|>/<eos> end it. Log-probs, ratios and the KL are all computed under exactly that
-                distribution (banned ids removed, logits / `temperature`), so any temperature > 0 is exact;
+                answer in the chat template: role and control tokens are never sampled (`chat.banned_in_answers`),
+                the end-of-turn token (<|end|>) or EOS ends it (`chat.answer_stop_ids`). Log-probs, ratios and the
+                KL are all computed under exactly that distribution (banned ids removed, logits / `temperature`),
+                so any temperature > 0 is exact;
   2. score      the reward model's score of prompt + response (read at the response's last token), minus
                 `missing_eos_penalty` for answers that max_new_tokens cut off before <|end|>;
                 log π, log π_ref and (PPO) values for every response token, in one jitted pass;
@@ -43,6 +44,7 @@ from llm_jax.inference.sampler import Sampler, SamplingConfig, bucket
 from llm_jax.model import ModelConfig
 from llm_jax.modeling import ModelSpec, build_model, init_params, load_model
 from llm_jax.sequences import positions_from_segments, prompt_response_rows, response_log_probs
+from llm_jax.tokenizer import Tokenizer
 from llm_jax.train import loop, stage
 from llm_jax.train.reward_model import RewardModel, ScalarHead, load_reward_model, prompt_context, sequence_scores
 
@@ -339,7 +341,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 
 def rollout_prompts(
-  config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig, prompts: list[list[int]] | None
+  config: ml_collections.ConfigDict, tokenizer: Tokenizer, model_cfg: ModelConfig, prompts: list[list[int]] | None
 ) -> list[list[int]]:
   """Token ids of the prompts, each ending where the assistant's answer begins; all must leave room for
   max_new_tokens in the model's context."""
@@ -354,7 +356,9 @@ def rollout_prompts(
   return prompts
 
 
-def rl_config(config: ml_collections.ConfigDict, prompts: list[list[int]], model_cfg: ModelConfig) -> RLConfig:
+def rl_config(
+  config: ml_collections.ConfigDict, prompts: list[list[int]], model_cfg: ModelConfig, tokenizer: Tokenizer
+) -> RLConfig:
   prompt_len = min(bucket(max(len(p) for p in prompts)), model_cfg.max_seq_len - config.max_new_tokens)
   kl_in, kl_estimator = kl_settings(config)
   return RLConfig(
@@ -369,7 +373,7 @@ def rl_config(config: ml_collections.ConfigDict, prompts: list[list[int]], model
     config.whiten_rewards,
     config.reward_clip,
     config.temperature,
-    chat_lib.BANNED_IN_ANSWERS,
+    chat_lib.banned_in_answers(tokenizer),
     kl_in,
     kl_estimator,
     config.missing_eos_penalty,
@@ -400,6 +404,7 @@ class RolloutIteration:
     trainer: loop.Trainer,
     prompts: list[list[int]],
     sampler: Sampler,
+    tokenizer: Tokenizer,
     score,
     ref_params,
     reward_params,
@@ -409,10 +414,10 @@ class RolloutIteration:
     self.config, self.rl, self.trainer, self.prompts, self.score = config, rl, trainer, prompts, score
     self.ref_params, self.reward_params, self.reward_fn, self.fields = ref_params, reward_params, reward_fn, fields
     self.sampler = sampler  # The policy's language model (its parameters change every iteration).
-    # Answers in the chat template: stop at <|end|>/<eos>, never a role or control token (banned_ids, which the
-    # log-probs exclude too).
+    # Answers in the chat template: stop at the end of the turn, never a role or control token (banned_ids, which
+    # the log-probs exclude too: rl.banned_ids is the same set).
     self.sampling = chat_lib.chat_sampling(
-      SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+      SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature), tokenizer
     )
     self.rollout_size = config.prompts_per_iteration * rl.group_size
     self.minibatches = self.rollout_size // config.minibatch_size
@@ -495,7 +500,7 @@ def run(
     config, workdir, devices, "SFT", validate_training=False, stage_name="rlhf"
   )
   prompts = rollout_prompts(config, tokenizer, model_cfg, prompts)
-  rl = rl_config(config, prompts, model_cfg)
+  rl = rl_config(config, prompts, model_cfg, tokenizer)
 
   # The policy (+ value), the frozen reference and the frozen reward model.
   value_mode = config.value_init if ALGORITHMS[config.algorithm].critic else "none"
@@ -503,7 +508,12 @@ def run(
   ref_state, ref_params, _ = load_model(config.init_from, mesh)
   if reward_fn is None:
     rm_state, rm_params, _ = load_reward_model(config.reward_model, mesh)
-    reward = lambda params, batch: sequence_scores(rm_state.merge(params), batch["tokens"], batch["segment_ids"])
+    special_ids = tuple(sorted(tokenizer.special_ids))
+
+    def reward(params, batch):
+      answer_start_B = jnp.full(batch["tokens"].shape[:1], rl.prompt_len, jnp.int32)  # Prompts are left-padded.
+      return sequence_scores(rm_state.merge(params), batch["tokens"], batch["segment_ids"], answer_start_B, special_ids)
+
   else:
     rm_params = None
     reward = lambda params, batch: batch["rule_scores"]
@@ -540,6 +550,7 @@ def run(
     trainer,
     prompts,
     Sampler(ref_state.graphdef, None, mesh, model_cfg=model_cfg),
+    tokenizer,
     make_scorer(rl, trainer.spec, ref_state, reward),
     ref_params,
     rm_params,

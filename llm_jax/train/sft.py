@@ -102,7 +102,7 @@ def exact_match_eval(sampler: Sampler, tokenizer: Tokenizer, chats, max_answer_t
     context, answer = chat_lib.prompt_and_answer(chat)
     prompts.append(chat_lib.render(tokenizer, context, generation_prompt=True)[0])
     answers.append(answer.strip())
-  sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=max_answer_tokens, temperature=0.0))
+  sampling = chat_lib.chat_sampling(SamplingConfig(max_new_tokens=max_answer_tokens, temperature=0.0), tokenizer)
 
   def evaluate(params) -> dict[str, float]:
     sampler.params = params  # Same shapes: the compiled decode loop is reused.
