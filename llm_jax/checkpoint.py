@@ -84,9 +84,9 @@ class Checkpointer:
 
   def save(self, step: int, params: Any, opt_state: Any, data_iter, meta: dict[str, Any], extra: Any = None) -> None:
     """`extra`: more arrays a stage keeps beside its model parameters (e.g. RLHF's value function)."""
-    items = dict(
-      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)
-    )
+    items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+    if opt_state is not None:  # None: a checkpoint that was never trained here (an HF import).
+      items["opt_state"] = ocp.args.StandardSave(opt_state)
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     if extra:

@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llm_jax import checkpoint as ckpt_lib
-from llm_jax import modeling
+from llm_jax import modeling, tokenizer_export
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 from llm_jax.files import write_atomically
@@ -515,7 +515,7 @@ def import_checkpoint(hf_dir: str, workdir: str, mesh: Mesh, dtype: str = "") ->
   meta = {"step": 0, "stage": IMPORT_STAGE, "model": dataclasses.asdict(cfg), "hf_dir": os.path.abspath(hf_dir)}
   checkpointer = ckpt_lib.Checkpointer(workdir)
   try:
-    checkpointer.save(0, params, {}, None, meta)
+    checkpointer.save(0, params, None, None, meta)
     checkpointer.wait()
   finally:
     checkpointer.close()
@@ -604,7 +604,7 @@ def export_checkpoint(
   if tokenizer.pad_id is not None:
     generation["pad_token_id"] = tokenizer.pad_id
   _write_json(os.path.join(partial, "generation_config.json"), generation)
-  tokenizer_lib.export_hf_tokenizer(tokenizer, partial)
+  tokenizer_export.export_hf_tokenizer(tokenizer, partial)
   os.rename(partial, export_dir)
   progress.done()
   return export_dir
