@@ -59,6 +59,7 @@ T_TRAIN, T_MODEL, T_INF, T_DATA, T_SFT, T_RLHF = (
 )
 LOOP, MODEL, SAMPLER = "llm_jax/train/loop.py", "llm_jax/model.py", "llm_jax/inference/sampler.py"
 RL, SEQ = "llm_jax/train/rlhf.py", "llm_jax/sequences.py"
+HF, T_HF = "llm_jax/hf.py", "tests/test_hf.py"
 
 MUTANTS: tuple[Mutant, ...] = (
   # ---- the training loop and optimizer (llm_jax/train/loop.py, pretrain.py) ----
@@ -154,8 +155,8 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "rope_frequency_base",
     MODEL,
-    "inv_freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)",
-    "inv_freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / (h // 2))",
+    "(np.arange(0, h, 2, dtype=np.float32) / np.float32(h))",
+    "(np.arange(0, h, 2, dtype=np.float32) / np.float32(h // 2))",
     (f"{T_MODEL} -k 'rope or numpy_reference'",),
     "RoPE frequencies θ^(-2i/(H/2)) instead of θ^(-2i/H)",
   ),
@@ -523,6 +524,39 @@ MUTANTS: tuple[Mutant, ...] = (
     "return beta * (1 - error * batch_size / horizon)",
     (f"{T_RLHF} -k adaptive_kl",),
     "the adaptive controller lowers beta when the KL is above target",
+  ),
+  # ---- Hugging Face conversion (llm_jax/hf.py, the model features it needs) ----
+  Mutant(
+    "llama3_rope_without_smoothing",
+    MODEL,
+    "return np.where(medium, smoothed, scaled).astype(np.float32)",
+    "return scaled.astype(np.float32)",
+    (f"{T_HF} -k 'imported_logits and llama3'",),
+    "Llama 3.1 RoPE scaling without the interpolated middle band",
+  ),
+  Mutant(
+    "qwen2_qkv_bias_dropped",
+    HF,
+    'qkv_bias=hf.architecture == "Qwen2ForCausalLM",',
+    "qkv_bias=False,",
+    (f"{T_HF} -k 'imported_logits and qwen2'",),
+    "Qwen2's q/k/v biases not read (a leftover tensor would also be refused)",
+  ),
+  Mutant(
+    "gpt2_qkv_split_order",
+    HF,
+    "split_qkv = lambda w: tuple(x.reshape(*w.shape[:-1], n, h) for x in np.split(w, 3, axis=-1))",
+    "split_qkv = lambda w: tuple(x.reshape(*w.shape[:-1], n, h) for x in np.split(w, 3, axis=-1)[::-1])",
+    (f"{T_HF} -k 'imported_logits and gpt2'",),
+    "GPT-2's fused c_attn split as v, k, q",
+  ),
+  Mutant(
+    "linear_weight_not_transposed",
+    HF,
+    "lambda w: (np.ascontiguousarray(w.T).reshape(our_shape),),",
+    "lambda w: (np.ascontiguousarray(w).reshape(our_shape),),",
+    (f"{T_HF} -k 'imported_logits and mistral'",),
+    "an nn.Linear [out, in] weight read as [in, out] (square q_proj hides it from shape checks)",
   ),
 )
 

@@ -275,6 +275,8 @@ def test_convert_and_generate_command_lines(tmp_path):
   stops = [i for i, t in enumerate(new_ids) if t in tokenizer.stop_ids]
   expected = tokenizer.decode(new_ids[: stops[0] if stops else len(new_ids)])
   assert out.stdout.rstrip("\n") == greedy["prompt"] + expected
+  chat = run("generate.py", f"--workdir={workdir}", "--chat", "--prompt=Hello", "--temperature=0", "--max_new_tokens=8")
+  assert chat.returncode == 0 and chat.stdout.startswith("Hello\n"), chat.stderr
   bad = run("convert_hf.py", f"--hf_dir={FIXTURES}/qwen2", f"--workdir={workdir}")
   assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "already holds" in bad.stderr
 
