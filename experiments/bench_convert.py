@@ -68,9 +68,10 @@ def timed(args: list[str]) -> tuple[float, float]:
   return seconds, float(child.stdout.strip().splitlines()[-1]) / 2**20
 
 
-# Runs a script (or nothing) in-process and prints its peak RSS in KB as the last line.
+# Runs a script (or nothing) in-process and prints its peak RSS in KB as the last line: VmHWM, this process's
+# own high-water mark (getrusage's ru_maxrss would include the parent's RSS at fork time).
 _CHILD = """
-import resource, runpy, sys
+import runpy, sys
 script, sys.argv = sys.argv[1], sys.argv[1:]
 if script == "-":
   import jax, jax.numpy as jnp; jnp.zeros(1).block_until_ready()
@@ -79,7 +80,7 @@ else:
     runpy.run_path(script, run_name="__main__")
   except SystemExit as e:
     if e.code: raise
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
 
 

@@ -63,7 +63,10 @@ class UnreadableCheckpoint(UserError):
 
 
 class Checkpointer:
-  def __init__(self, workdir: str, keep: int = 3, create: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, create: bool = True, params_only_gb: int | None = None):
+    """`params_only_gb`: a writer of parameters and meta only (a converter), saving synchronously with at most
+    this many GB of arrays staged at once; by default Orbax stages a host copy of every array to save in the
+    background (measured saving llama_1b's 2.3 GiB: +1.5 GiB peak RSS by default, +0.9 GiB with 1 GB)."""
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if not create and not os.path.isdir(self.directory):
       raise UserError(f"{self.directory}: no checkpoints here")
@@ -71,10 +74,16 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       create=create,
-      enable_async_checkpointing=True,
+      enable_async_checkpointing=params_only_gb is None,
       single_host_load_and_broadcast=jax.process_count() > 1,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = None
+    if params_only_gb is not None:
+      handlers = dict(
+        params=ocp.StandardCheckpointHandler(save_concurrent_gb=params_only_gb, restore_concurrent_gb=params_only_gb),
+        meta=ocp.JsonCheckpointHandler(),
+      )
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -211,12 +220,15 @@ class Checkpointer:
     return target
 
 
-def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+def restore_params(
+  workdir: str, abstract_params: Any, step: int | None = None, params_only_gb: int | None = None
+) -> tuple[Any, dict[str, Any]]:
   """Parameters (and meta) of the latest (or given) checkpoint of a workdir: how later stages initialize.
 
   `step=None` falls back to the newest checkpoint that restores (and says so); a given step does not.
+  `params_only_gb`: see `Checkpointer` (bounded staging memory, for converters).
   """
-  checkpointer = Checkpointer(workdir, create=False)
+  checkpointer = Checkpointer(workdir, create=False, params_only_gb=params_only_gb)
   try:
     if step is None:
       step, restored = checkpointer.restore_latest(abstract_params)
