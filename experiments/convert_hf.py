@@ -25,9 +25,7 @@ flags.DEFINE_string("dtype", "", "Import: parameter dtype, float32|bfloat16|floa
 flags.DEFINE_string("export_dir", "", "Export: the new Hugging Face directory to write.")
 flags.DEFINE_string("checkpoint", "", "Export: one checkpoint, WORKDIR/checkpoints/STEP (default: the latest).")
 flags.DEFINE_float("max_shard_gb", 5.0, "Export: safetensors files of at most this size (then an index).")
-flags.DEFINE_integer("mesh_data", -1, "Mesh axes the parameters are placed on (-1 fills).")
-flags.DEFINE_integer("mesh_fsdp", 1, "")
-flags.DEFINE_integer("mesh_tensor", 1, "")
+cli.define_mesh_flags("the parameters")
 FLAGS = flags.FLAGS
 
 
@@ -35,13 +33,13 @@ def main(argv):
   del argv
 
   def run():
-    from llm_jax import hf, sharding
+    from llm_jax import hf
     from llm_jax.errors import UserError
     from llm_jax.inference.loading import split_checkpoint_path
 
     if bool(FLAGS.hf_dir) == bool(FLAGS.export_dir):
       raise UserError("give --hf_dir (import) or --export_dir (export), not both or neither")
-    mesh = sharding.make_mesh(FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)
+    mesh = cli.mesh_from_flags()
     if FLAGS.hf_dir:
       cfg = hf.import_checkpoint(FLAGS.hf_dir, FLAGS.workdir, mesh, FLAGS.dtype)
       print(f"imported {FLAGS.hf_dir} → {FLAGS.workdir} ({cfg.num_params():,} parameters, {cfg.param_dtype})")

@@ -24,9 +24,7 @@ flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = off.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
 flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same tokens.")
 flags.DEFINE_bool("chat", False, "Send each prompt as a user turn in the chat template (SFT/RLHF models).")
-flags.DEFINE_integer("mesh_data", -1, "Mesh axes for the batch and parameters (-1 fills).")
-flags.DEFINE_integer("mesh_fsdp", 1, "")
-flags.DEFINE_integer("mesh_tensor", 1, "")
+cli.define_mesh_flags()
 FLAGS = flags.FLAGS
 
 
@@ -37,7 +35,6 @@ def main(argv):
     import jax
 
     from llm_jax import chat as chat_lib
-    from llm_jax import sharding
     from llm_jax.errors import UserError
     from llm_jax.inference.loading import load_sampler, resolve
     from llm_jax.inference.sampler import SamplingConfig
@@ -57,7 +54,7 @@ def main(argv):
     for i, prompt in enumerate(prompts):
       if not prompt.strip():
         raise UserError(f"prompt {i} is empty")
-    mesh = sharding.make_mesh(FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor)
+    mesh = cli.mesh_from_flags()
     sampler, tokenizer, meta = load_sampler(workdir, mesh, step)
     if FLAGS.chat:
       chat_lib.check_chat_format(tokenizer)  # One line before anything is printed.

@@ -19,6 +19,19 @@ flags.DEFINE_integer("num_processes", 0, "Number of processes (or JAX_NUM_PROCES
 flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID).")
 
 
+def define_mesh_flags(what: str = "the batch and parameters") -> None:
+  """--mesh_data/--mesh_fsdp/--mesh_tensor for the tools that load a model (generate, convert_hf, lm_eval)."""
+  flags.DEFINE_integer("mesh_data", -1, f"Mesh axes for {what} (-1 fills).")
+  flags.DEFINE_integer("mesh_fsdp", 1, "")
+  flags.DEFINE_integer("mesh_tensor", 1, "")
+
+
+def mesh_from_flags():
+  from llm_jax import sharding  # Imports jax: after absl has parsed flags.
+
+  return sharding.make_mesh(flags.FLAGS.mesh_data, flags.FLAGS.mesh_fsdp, flags.FLAGS.mesh_tensor)
+
+
 def run(main: Callable[[], object]) -> None:
   """Runs `main()`; a UserError becomes one line on stderr and exit status 2."""
   from llm_jax import sharding  # Imports jax: after absl has parsed flags.
