@@ -7,7 +7,11 @@ The tasks are local YAML + JSONL in tests/fixtures/lm_eval/ (no downloads).
 
 import dataclasses
 import functools
+import json
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -243,3 +247,49 @@ def test_parity_with_the_hf_backend(tmp_path):
         assert results[0]["results"][task][key] == pytest.approx(value, rel=1e-5), (task, key)
   texts = [[s["resps"][0][0] for s in res["samples"]["tiny_gen"]] for res in results]
   assert texts[0] == texts[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def lm_eval_command(*args) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  command = [sys.executable, os.path.join(ROOT, "experiments", "lm_eval.py"), *args]
+  return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_command_writes_the_harness_files(tmp_path):
+  from llm_jax import hf
+
+  workdir = str(tmp_path / "gpt2")
+  hf.import_checkpoint(
+    os.path.join(ROOT, "tests", "fixtures", "hf", "gpt2"), workdir, sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+  )
+  out = tmp_path / "out"
+  result = lm_eval_command(
+    f"--workdir={workdir}", f"--checkpoint={workdir}/checkpoints/0", "--tasks=tiny_mc,tiny_gen",
+    f"--include_path={TASKS}", "--limit=3", "--batch_size=4", f"--output_path={out}", "--log_samples",
+    "--bootstrap_iters=0",
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  files = sorted(p.name for p in out.rglob("*") if p.is_file())
+  assert [f.split("_20")[0] for f in files] == ["results", "samples_tiny_gen", "samples_tiny_mc"], files
+  results = json.loads(next(out.rglob("results_*.json")).read_text())
+  assert set(results["results"]) == {"tiny_mc", "tiny_gen"} and results["n-samples"]["tiny_mc"]["effective"] == 3
+  samples = next(out.rglob("samples_tiny_mc_*.jsonl")).read_text().splitlines()
+  assert len(samples) == 3 and "resps" in json.loads(samples[0])
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--workdir=/nonexistent/w", "--tasks=tiny_mc", "--output_path=/tmp/x"], "not an llm_jax workdir|not a directory"),
+    (["--workdir=/tmp", "--tasks=", "--output_path=/tmp/x"], "no task"),
+  ],
+)
+def test_command_bad_input_is_one_line(args, message):
+  result = lm_eval_command(*args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
