@@ -293,3 +293,29 @@ def test_command_bad_input_is_one_line(args, message):
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# During training.
+
+
+def test_tasks_during_pretraining_score_the_live_parameters(corpus, tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import pretrain as pretrain_config  # configs/pretrain.py
+
+  from llm_jax.metrics import read_metrics
+  from llm_jax.train import pretrain
+
+  config = pretrain_config.get_config()
+  config.model, config.data.path, config.data.tokenizer = "tiny", corpus, "char"
+  config.steps, config.batch_size, config.seq_len, config.warmup_steps = 4, 8, 32, 1
+  config.log_every, config.eval_every, config.checkpoint_every, config.eval_batches = 1, 2, 4, 1
+  config.eval_tasks, config.eval_tasks_include_path, config.eval_tasks_batch_size = "tiny_mc", TASKS, 4
+  workdir = str(tmp_path / "run")
+  pretrain.run(config, workdir, devices=jax.devices()[:2])
+  logged = {row["step"]: row for row in read_metrics(workdir) if "harness/tiny_mc/acc" in row}
+  assert sorted(logged) == [2, 4]
+  # The final row is what the saved (final) parameters score when loaded afresh.
+  final = run(harness.load_lm(workdir, sharding.make_mesh(2, 1, 1, jax.devices()[:2]), batch_size=4), ["tiny_mc"])
+  assert logged[4]["harness/tiny_mc/acc"] == pytest.approx(final["results"]["tiny_mc"]["acc,none"])
+  assert logged[4]["harness/tiny_mc/acc_norm"] == pytest.approx(final["results"]["tiny_mc"]["acc_norm,none"])
