@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging as std_logging
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -47,6 +48,11 @@ from llm_jax.model import ModelConfig, Transformer
 from llm_jax.sequences import PAD_FILL, left_pad, positions_from_segments
 from llm_jax.tokenizer import Tokenizer
 
+# experiments/lm_eval.py is named like the package: a tool run from experiments/ (its directory first on sys.path)
+# would import that script as `lm_eval`. The package is imported with that directory off the path.
+_EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "experiments")
+_saved_path = sys.path[:]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _EXPERIMENTS]
 try:
   import lm_eval
   from lm_eval import utils as lm_eval_utils
@@ -55,6 +61,8 @@ try:
 except ImportError:  # The `eval` extra is not installed: the class below cannot exist; `require_lm_eval` says so.
   lm_eval = None
   TemplateLM = object
+finally:
+  sys.path[:] = _saved_path
 
 LM_EVAL_VERSION = "0.4.13"  # The request API implemented here (setup.cfg's `eval` extra pins it).
 # Generation settings this class honours; any other key in a task's generation_kwargs is refused by name.
