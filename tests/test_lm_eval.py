@@ -319,3 +319,19 @@ def test_tasks_during_pretraining_score_the_live_parameters(corpus, tmp_path):
   final = run(harness.load_lm(workdir, sharding.make_mesh(2, 1, 1, jax.devices()[:2]), batch_size=4), ["tiny_mc"])
   assert logged[4]["harness/tiny_mc/acc"] == pytest.approx(final["results"]["tiny_mc"]["acc,none"])
   assert logged[4]["harness/tiny_mc/acc_norm"] == pytest.approx(final["results"]["tiny_mc"]["acc_norm,none"])
+
+
+def test_world_facts_tasks_ask_about_the_held_out_countries(model):
+  from llm_jax.tasks.world_facts import corpus
+
+  results = harness.run_tasks(
+    make_lm(model), ["world_facts_capital_qa", "world_facts_capital_mc"], limit=4, log_samples=True
+  )
+  held_out = {c.name: c.capital for c in corpus.split_countries(0)[1]}
+  for task in ("world_facts_capital_qa", "world_facts_capital_mc"):
+    docs = [s["doc"] for s in results["samples"][task]]
+    assert len(docs) == 4 and all(held_out[d["country"]] for d in docs)
+  for doc in (s["doc"] for s in results["samples"]["world_facts_capital_mc"]):
+    assert doc["choices"][doc["answer"]] == held_out[doc["country"]] and len(set(doc["choices"])) == 4
+  metrics = harness.flat_metrics(results)
+  assert {"harness/world_facts_capital_qa/exact_match_strip", "harness/world_facts_capital_mc/acc"} <= set(metrics)
