@@ -9,12 +9,16 @@ transformers and accelerate besides the `eval` extra.
 """
 
 import os
+import sys
 import tempfile
 import time
 
-from absl import app, flags
+# experiments/lm_eval.py is named like the package this imports: keep this directory off the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from llm_jax import cli
+from absl import app, flags  # noqa: E402
+
+from llm_jax import cli  # noqa: E402
 
 flags.DEFINE_integer("layers", 4, "Decoder layers of the random Llama.")
 flags.DEFINE_integer("width", 256, "Hidden size (heads of 64).")
@@ -39,7 +43,7 @@ def main(argv):
     from lm_eval.models.huggingface import HFLM
 
     from llm_jax import hf, sharding
-    from llm_jax.inference import harness  # First: imports the lm_eval package, not experiments/lm_eval.py.
+    from llm_jax.inference import harness
     from llm_jax.tasks.world_facts import corpus
 
     if FLAGS.threads:
