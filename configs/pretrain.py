@@ -81,4 +81,5 @@ def get_config() -> ml_collections.ConfigDict:
   common.add_data_loading(config.data)
   common.add_mesh(config)
   common.add_cadence(config, log_every=50, eval_every=250, eval_batches=8, checkpoint_every=250)
+  common.add_harness_eval(config)
   return config

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   common.add_data_loading(config.data)
   common.add_mesh(config)
   common.add_cadence(config, log_every=25, eval_every=100, eval_batches=8, checkpoint_every=100)
+  common.add_harness_eval(config)
   config.exact_match_examples = 64  # Held-out chats answered greedily at each evaluation (0 = all).
   config.max_answer_tokens = 48
   return config

@@ -119,6 +119,7 @@ def validate_training_config(
       raise UserError(f"data.{field}={config.data[field]} must be >= 0")
   if not 0 <= config.data.eval_fraction < 1:
     raise UserError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1)")
+  validate_harness_eval(config)
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
   shards = shape[0] * shape[1]
   if config.batch_size % (shards * config.grad_accum):
@@ -190,3 +191,25 @@ def add_cadence(
     config.eval_batches = eval_batches
   config.checkpoint_every = checkpoint_every
   config.keep_checkpoints = keep_checkpoints
+
+
+def add_harness_eval(config: ml_collections.ConfigDict) -> None:
+  """lm-evaluation-harness tasks run inside training on the live parameters (needs the `eval` extra), logged as
+  `harness/<task>/<metric>` to metrics.jsonl and TensorBoard: `eval_tasks` comma-separated names ("" = off),
+  every `eval_tasks_every` steps (0 = at every evaluation) and at the end."""
+  config.eval_tasks = ""
+  config.eval_tasks_every = 0
+  config.eval_tasks_limit = 0  # Examples per task; 0 = all.
+  config.eval_tasks_num_fewshot = -1  # -1 = each task's own.
+  config.eval_tasks_batch_size = 16
+  config.eval_tasks_include_path = ""  # Extra task YAML; the repo's world-facts tasks are always found.
+
+
+def validate_harness_eval(config: ml_collections.ConfigDict) -> None:
+  if not config.get("eval_tasks"):
+    return
+  for field in ("eval_tasks_every", "eval_tasks_limit"):
+    if config[field] < 0:
+      raise UserError(f"{field}={config[field]} must be >= 0")
+  if config.eval_tasks_batch_size < 1:
+    raise UserError(f"eval_tasks_batch_size={config.eval_tasks_batch_size} must be >= 1")

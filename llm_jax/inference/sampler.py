@@ -233,12 +233,16 @@ class Sampler:
     stream: Callable[[list[int]], None] | None = None,
     stream_chunk: int = 4,
     allow_context_cut: bool = False,
+    stop_when: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    check_every: int = 8,
   ) -> Generation:
     """Continues each prompt (token ids). `stream(new_tokens_of_row_0)` is called as tokens are produced.
 
     Every prompt gets `max_new_tokens` of room whenever prompt + max_new_tokens fits the model's context: the
     bucket padding shrinks, never the budget. Otherwise a UserError, or with `allow_context_cut` (evaluation
     loops) a smaller budget for the whole batch, logged and counted in `Generation.cut_by_context`.
+    `stop_when(tokens_BN, lengths_B) -> done_B` (host arrays) is asked every `check_every` tokens whether rows
+    are finished for a reason the loop cannot see (e.g. a stop string in their text); those rows stop there.
     """
     sampling.validate()
     context = self.model_cfg.max_seq_len
@@ -278,7 +282,20 @@ class Sampler:
     tokens, segments = (jax.device_put(x, sharding.batch_sharding(self.mesh)) for x in (tokens, segments))
     prefill, decode = self._jitted
     state = prefill(self.params, tokens, segments, cache_length=cache_length)
-    if stream is None:
+    if stop_when is not None:
+      if stream is not None:
+        raise ValueError("stream and stop_when cannot be combined")
+      while True:
+        state = decode(self.params, state, key, state.step + check_every, sampling=sampling)
+        done_B, step = _fetch(state.done_B), int(np.asarray(state.step.addressable_data(0)))
+        if done_B.all() or step >= state.tokens_BN.shape[1]:
+          break
+        tokens_BN, lengths_B = _fetch((state.tokens_BN, state.lengths_B))
+        stopped_B = stop_when(tokens_BN, lengths_B)
+        if (done_B | stopped_B).all():
+          break
+        state = dataclasses.replace(state, done_B=state.done_B | jax.device_put(stopped_B, state.done_B.sharding))
+    elif stream is None:
       state = decode(self.params, state, key, jnp.int32(cache_length), sampling=sampling)
     else:
       shown = 0

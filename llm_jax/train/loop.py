@@ -374,12 +374,20 @@ class Trainer:
     flops_per_token: float = 0.0,
     progress_keys: tuple[str, ...] = ("loss", "learning_rate", "grad_norm"),
     stop_after: int | None = None,
+    harness_eval: Callable[[Any], dict[str, float]] | None = None,
+    harness_every: int = 0,
   ) -> TrainResult:
-    """Runs steps start+1 … num_steps (or `stop_after` of them, as a preemption would); see the class."""
+    """Runs steps start+1 … num_steps (or `stop_after` of them, as a preemption would); see the class.
+
+    `harness_eval(params)` (lm-eval tasks) runs every `harness_every` steps (0: with each evaluation) and at the
+    end; its metrics are logged like the evaluation's."""
+    harness_every = harness_every or eval_every
     log = _ProgressLog(self, num_steps, tokens_per_step, flops_per_token, progress_keys, print_every or log_every)
     last_eval: dict[str, float] = {}
     if eval_at_start and self.start == 0 and evaluate is not None:
       self._evaluate(evaluate, 0)
+    if eval_at_start and self.start == 0 and harness_eval is not None:
+      self._evaluate(harness_eval, 0)
     end = num_steps if stop_after is None else min(num_steps, self.start + stop_after)
     step = self.start
     try:
@@ -392,6 +400,10 @@ class Trainer:
             log.flush()
             last_eval = self._evaluate(evaluate, step)
             log.restart_clock()  # Throughput counts training steps only.
+          if harness_eval is not None and harness_every and (step % harness_every == 0 or step == num_steps):
+            log.flush()
+            last_eval = {**last_eval, **self._evaluate(harness_eval, step)}
+            log.restart_clock()
           if step % self.config.checkpoint_every == 0 or step == end or sigterm.raised:
             log.flush()  # Never checkpoint a state whose loss was not checked.
             self.save(step)
@@ -512,6 +524,8 @@ def train(
   extra_eval: Callable[[Any], dict[str, float]] | None = None,
   eval_at_start: bool = False,
   stop_after: int | None = None,
+  tokenizer=None,
+  model_cfg=None,
 ) -> TrainResult:
   """A supervised stage: `config.steps` updates on batches of `train_data` (resuming from the workdir).
 
@@ -519,7 +533,11 @@ def train(
   `extra_eval(params)` adds a stage's own evaluation (e.g. generation accuracy) to each evaluation;
   `eval_at_start` also evaluates the initial parameters (logged as step 0) on a fresh start.
   `stop_after` stops early after that many steps, as a preemption would (used by the resume tests).
+  `config.eval_tasks` (lm-eval tasks; needs `tokenizer` and `model_cfg`) are run on the live parameters.
   """
+  harness_eval = None
+  if config.get("eval_tasks"):
+    harness_eval = _harness_evaluation(config, mesh, tokenizer, model_cfg)  # Unknown tasks fail before compiling.
   batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in train_data[0].items()}
   data_iter = iter(
     train_data.to_iter_dataset(
@@ -558,7 +576,42 @@ def train(
     tokens_per_step=tokens_per_step,
     flops_per_token=flops_per_token,
     stop_after=stop_after,
+    harness_eval=harness_eval and harness_eval(trainer.spec),
+    harness_every=config.get("eval_tasks_every", 0),
   )
+
+
+def _harness_evaluation(config: ml_collections.ConfigDict, mesh: Mesh, tokenizer, model_cfg):
+  """`config.eval_tasks` as a function of the live parameters (no copy: the model class reads them in place)."""
+  from llm_jax.inference import harness  # noqa: PLC0415 (the eval extra is only needed when tasks are asked for)
+
+  if tokenizer is None or model_cfg is None:
+    raise UserError("eval_tasks: this stage does not support lm-eval tasks during training")
+  harness.require_lm_eval()
+  harness.quiet_harness_logs()
+  names = harness.parse_tasks(config.eval_tasks)
+  manager = harness.task_manager(names, config.get("eval_tasks_include_path", ""))
+
+  def bind(spec: ModelSpec):
+    lm = harness.JaxLM(
+      spec.graphdef, None, mesh, tokenizer, model_cfg, batch_size=config.eval_tasks_batch_size, seed=config.seed
+    )
+
+    def evaluate_tasks(params) -> dict[str, float]:
+      lm.params = params
+      results = harness.run_tasks(
+        lm,
+        names,
+        manager=manager,
+        limit=config.eval_tasks_limit or None,
+        num_fewshot=None if config.eval_tasks_num_fewshot < 0 else config.eval_tasks_num_fewshot,
+        seed=config.seed,
+      )
+      return harness.flat_metrics(results)
+
+    return evaluate_tasks
+
+  return bind
 
 
 def _format_seconds(seconds: float) -> str:

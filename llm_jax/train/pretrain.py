@@ -85,4 +85,6 @@ def run(
     flops_per_token=model_cfg.train_flops_per_token(config.seq_len),
     meta={"stage": "pretrain", "model": dataclasses.asdict(model_cfg)},
     stop_after=stop_after,
+    tokenizer=tokenizer,
+    model_cfg=model_cfg,
   )

@@ -142,6 +142,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
     initial_params=lambda s: ckpt_lib.restore_params(config.init_from, s.abstract_params)[0],
     extra_eval=exact_match_eval(sampler, tokenizer, eval_chats, config.max_answer_tokens),
     eval_at_start=True,
+    tokenizer=tokenizer,
+    model_cfg=model_cfg,
     meta={
       "stage": "sft",
       "model": dataclasses.asdict(model_cfg),
