@@ -31,9 +31,7 @@ flags.DEFINE_string("output_path", "", "Directory for results JSON (and samples 
 flags.DEFINE_bool("log_samples", False, "Also write every sample's prompt, responses and metrics.")
 flags.DEFINE_integer("seed", 0, "Seed for few-shot sampling and sampled generation.")
 flags.DEFINE_integer("bootstrap_iters", 100000, "Bootstrap iterations for standard errors (the lm_eval default).")
-flags.DEFINE_integer("mesh_data", -1, "Mesh axes for the batch and parameters (-1 fills).")
-flags.DEFINE_integer("mesh_fsdp", 1, "")
-flags.DEFINE_integer("mesh_tensor", 1, "")
+cli.define_mesh_flags()
 FLAGS = flags.FLAGS
 
 
