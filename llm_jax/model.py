@@ -217,14 +217,15 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
   """[H/2] float32 angular frequencies θ^(-2i/H), rescaled as `cfg.rope_scaling` says.
 
-  "llama3" is transformers' `_compute_llama3_parameters`, step for step (float32, as it computes them):
+  "llama3" follows transformers' `_compute_llama3_parameters` step for step, in float32:
   wavelengths longer than original_len / low_freq_factor are slowed by `factor`, shorter than
   original_len / high_freq_factor kept, and those in between interpolated.
   """
   h = cfg.resolved_head_dim
-  inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h)))).astype(
-    np.float32
-  )
+  # θ^(-2i/H) as XLA computes it in float32, bit for bit the frequencies models trained here have always used
+  # (transformers' 1/θ^(2i/H) differs from it by at most one ulp in a few frequencies: ~1e-6 in logits).
+  with jax.ensure_compile_time_eval():  # A constant, also when called while tracing.
+    inv_freq = np.asarray(jnp.float32(cfg.rope_theta) ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h))
   if cfg.rope_scaling == "none":
     return inv_freq
   factor, low, high = (

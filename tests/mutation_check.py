@@ -155,8 +155,8 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "rope_frequency_base",
     MODEL,
-    "(np.arange(0, h, 2, dtype=np.float32) / np.float32(h))",
-    "(np.arange(0, h, 2, dtype=np.float32) / np.float32(h // 2))",
+    "(-jnp.arange(0, h, 2, dtype=jnp.float32) / h)",
+    "(-jnp.arange(0, h, 2, dtype=jnp.float32) / (h // 2))",
     (f"{T_MODEL} -k 'rope or numpy_reference'",),
     "RoPE frequencies θ^(-2i/(H/2)) instead of θ^(-2i/H)",
   ),
