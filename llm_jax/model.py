@@ -23,7 +23,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 
@@ -214,35 +213,32 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   )
 
 
-def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
   """[H/2] float32 angular frequencies θ^(-2i/H), rescaled as `cfg.rope_scaling` says.
 
-  "llama3" follows transformers' `_compute_llama3_parameters` step for step, in float32:
-  wavelengths longer than original_len / low_freq_factor are slowed by `factor`, shorter than
-  original_len / high_freq_factor kept, and those in between interpolated.
+  Computed with jnp inside the traced model, as they always were, so models trained here keep their
+  frequencies bit for bit (transformers' 1/θ^(2i/H) differs by at most one ulp in a few: ~1e-6 in logits).
+  "llama3" follows transformers' `_compute_llama3_parameters` step for step, in float32: wavelengths longer
+  than original_len / low_freq_factor are slowed by `factor`, shorter than original_len / high_freq_factor
+  kept, and those in between interpolated.
   """
   h = cfg.resolved_head_dim
-  # θ^(-2i/H) as XLA computes it in float32, bit for bit the frequencies models trained here have always used
-  # (transformers' 1/θ^(2i/H) differs from it by at most one ulp in a few frequencies: ~1e-6 in logits).
-  with jax.ensure_compile_time_eval():  # A constant, also when called while tracing.
-    inv_freq = np.asarray(jnp.float32(cfg.rope_theta) ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  inv_freq = cfg.rope_theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
   if cfg.rope_scaling == "none":
     return inv_freq
-  factor, low, high = (
-    np.float32(v) for v in (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor)
-  )
-  original = np.float32(cfg.rope_original_max_len)
-  wavelen = np.float32(2 * math.pi) / inv_freq
-  scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+  factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  original = jnp.float32(cfg.rope_original_max_len)
+  wavelen = jnp.float32(2 * math.pi) / inv_freq
+  scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
   smooth = (original / wavelen - low) / (high - low)
   smoothed = (1 - smooth) * scaled / factor + smooth * scaled
   medium = ~(wavelen < original / high) & ~(wavelen > original / low)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
+  return jnp.where(medium, smoothed, scaled).astype(jnp.float32)
 
 
-def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, inv_freq_H2: np.ndarray) -> jax.Array:
+def apply_rope(x_BLNH: jax.Array, positions_BL: jax.Array, inv_freq_H2: jax.Array) -> jax.Array:
   """Rotary embedding, "rotate half" layout: dims (i, i + H/2) form the pair rotated by angle pos·inv_freq[i]."""
-  angle_BLH2 = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_H2, jnp.float32)
+  angle_BLH2 = positions_BL[..., None].astype(jnp.float32) * inv_freq_H2
   sin, cos = jnp.sin(angle_BLH2)[:, :, None, :], jnp.cos(angle_BLH2)[:, :, None, :]
   x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNH.dtype)

@@ -155,8 +155,8 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "rope_frequency_base",
     MODEL,
-    "(-jnp.arange(0, h, 2, dtype=jnp.float32) / h)",
-    "(-jnp.arange(0, h, 2, dtype=jnp.float32) / (h // 2))",
+    "inv_freq = cfg.rope_theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)",
+    "inv_freq = cfg.rope_theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / (h // 2))",
     (f"{T_MODEL} -k 'rope or numpy_reference'",),
     "RoPE frequencies θ^(-2i/(H/2)) instead of θ^(-2i/H)",
   ),
@@ -529,8 +529,8 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "llama3_rope_without_smoothing",
     MODEL,
-    "return np.where(medium, smoothed, scaled).astype(np.float32)",
-    "return scaled.astype(np.float32)",
+    "return jnp.where(medium, smoothed, scaled).astype(jnp.float32)",
+    "return scaled.astype(jnp.float32)",
     (f"{T_HF} -k 'imported_logits and llama3'",),
     "Llama 3.1 RoPE scaling without the interpolated middle band",
   ),
