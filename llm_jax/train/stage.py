@@ -24,7 +24,7 @@ CONFIG_FILE = "config.json"
 
 # Stages whose checkpoints hold a language model (`params` is a Transformer): what later stages start from.
 # "hf_import" is a checkpoint converted from Hugging Face (experiments/convert_hf.py).
-LANGUAGE_MODEL_STAGES = ("pretrain", "sft", "rlhf", "hf_import")
+LANGUAGE_MODEL_STAGES = ("pretrain", "sft", "rlhf", "dpo", "hf_import")
 
 
 def make_workdir(workdir: str) -> None:

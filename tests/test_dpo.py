@@ -1,0 +1,210 @@
+"""DPO: each loss against NumPy; stored reference log-probs equal a fresh forward pass; a toy preference task that
+needs generalisation; exact resume reusing the cached reference; SimPO without a reference."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import sharding
+from llm_jax.errors import UserError
+from llm_jax.metrics import read_metrics
+from llm_jax.modeling import load_model
+from llm_jax.tokenizer import load_tokenizer
+from llm_jax.train import dpo, pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import dpo as dpo_config  # noqa: E402
+import pretrain as pretrain_config  # noqa: E402
+
+
+def np_log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+# Hand-made summed answer log-probs of 5 pairs (policy and reference) and answer lengths.
+LOGP = {"chosen": np.array([-3.0, -10.0, -2.5, -7.0, -1.0]), "rejected": np.array([-4.0, -6.0, -2.5, -12.0, -0.5])}
+REF = {"chosen": np.array([-3.5, -9.0, -2.0, -8.0, -1.0]), "rejected": np.array([-3.0, -6.5, -3.0, -9.0, -0.5])}
+LENGTH = {"chosen": np.array([3.0, 5.0, 1.0, 4.0, 0.0]), "rejected": np.array([2.0, 5.0, 2.0, 6.0, 1.0])}
+
+
+def _pair_losses(loss, beta, label_smoothing=0.0, gamma=0.0):
+  f32 = lambda d: {k: jnp.asarray(v, jnp.float32) for k, v in d.items()}
+  settings = dpo.LossSettings(loss, beta, label_smoothing, gamma)
+  loss_B, rewards = dpo.pair_losses(settings, f32(LOGP), None if loss == "simpo" else f32(REF), f32(LENGTH))
+  return np.asarray(loss_B, np.float64), {k: np.asarray(v, np.float64) for k, v in rewards.items()}
+
+
+@pytest.mark.parametrize("beta, eps", [(0.1, 0.0), (0.5, 0.0), (0.5, 0.2)])
+def test_sigmoid_loss_matches_numpy(beta, eps):
+  got, rewards = _pair_losses("sigmoid", beta, eps)
+  delta = (LOGP["chosen"] - REF["chosen"]) - (LOGP["rejected"] - REF["rejected"])  # [1.5, -0.5, -1, 4, 0]
+  expected = -(1 - eps) * np_log_sigmoid(beta * delta) - eps * np_log_sigmoid(-beta * delta)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert got[4] == pytest.approx(np.log(2), rel=1e-6)  # Δ = 0: log 2 whatever ε.
+  np.testing.assert_allclose(rewards["chosen"], beta * (LOGP["chosen"] - REF["chosen"]), rtol=1e-6)
+  np.testing.assert_allclose(rewards["rejected"], beta * (LOGP["rejected"] - REF["rejected"]), rtol=1e-6)
+
+
+def test_hinge_loss_matches_numpy():
+  got, _ = _pair_losses("hinge", 0.5)
+  delta = (LOGP["chosen"] - REF["chosen"]) - (LOGP["rejected"] - REF["rejected"])
+  np.testing.assert_allclose(got, np.maximum(0.0, 1 - 0.5 * delta), rtol=1e-6)
+  assert got[3] == 0.0  # β·Δ = 2 > 1: past the margin, no loss.
+
+
+def test_ipo_loss_uses_per_token_means():
+  beta = 0.25
+  got, rewards = _pair_losses("ipo", beta)
+  mean = lambda side: (LOGP[side] - REF[side]) / np.maximum(LENGTH[side], 1)  # An empty answer counts as 1 token.
+  np.testing.assert_allclose(got, (mean("chosen") - mean("rejected") - 1 / (2 * beta)) ** 2, rtol=1e-6)
+  np.testing.assert_allclose(rewards["chosen"], beta * (LOGP["chosen"] - REF["chosen"]), rtol=1e-6)  # Summed.
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_simpo_loss_uses_mean_log_probs_and_no_reference(eps):
+  beta, gamma = 2.0, 0.8
+  got, rewards = _pair_losses("simpo", beta, eps, gamma)
+  avg = {side: LOGP[side] / np.maximum(LENGTH[side], 1) for side in ("chosen", "rejected")}
+  z = beta * (avg["chosen"] - avg["rejected"]) - gamma
+  np.testing.assert_allclose(got, -(1 - eps) * np_log_sigmoid(z) - eps * np_log_sigmoid(-z), rtol=1e-6)
+  np.testing.assert_allclose(rewards["chosen"], beta * avg["chosen"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training.
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def write_pairs(path, words):
+  """Prompt "say WORD": chosen answers it in lowercase, rejected in uppercase (the same letters)."""
+  with open(path, "w") as f:
+    for w in words:
+      f.write(json.dumps({"prompt": f"say {w}", "chosen": w, "rejected": w.upper()}) + "\n")
+
+
+def random_words(rng, n):
+  return ["".join(rng.choice(list(LETTERS), 4)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def base_workdir(tmp_path_factory):
+  """A (barely) pretrained tiny char model: the SFT stand-in."""
+  tmp = tmp_path_factory.mktemp("base")
+  (tmp / "corpus.txt").write_text("hello world. " * 300)
+  config = pretrain_config.get_config()
+  config.model, config.data.path, config.data.tokenizer = "tiny", str(tmp / "corpus.txt"), "char"
+  config.steps, config.warmup_steps, config.batch_size, config.seq_len = 2, 0, 8, 32
+  pretrain.run(config, str(tmp / "run"), devices=jax.devices()[:1])
+  return str(tmp / "run")
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+  """Train and held-out pairs about disjoint random words: only the rule (lowercase), not the words, carries over."""
+  tmp = tmp_path_factory.mktemp("pairs")
+  rng = np.random.default_rng(0)
+  words = list(dict.fromkeys(random_words(rng, 400)))
+  train, held_out = words[:300], words[300:364]
+  assert not set(train) & set(held_out)
+  write_pairs(tmp / "train.jsonl", train)
+  write_pairs(tmp / "held_out.jsonl", held_out)
+  return str(tmp / "train.jsonl"), str(tmp / "held_out.jsonl")
+
+
+def dpo_cfg(base_workdir, pair_files, **overrides):
+  config = dpo_config.get_config()
+  config.init_from, (config.data.path, config.data.eval_path) = base_workdir, pair_files
+  config.batch_size, config.seq_len, config.learning_rate, config.warmup_steps = 16, 32, 1e-3, 0
+  config.steps, config.eval_every, config.log_every, config.checkpoint_every = 30, 30, 10, 30
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  return config
+
+
+@pytest.fixture(scope="module")
+def toy_run(base_workdir, pair_files, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("dpo") / "run")
+  result = dpo.run(dpo_cfg(base_workdir, pair_files), workdir, devices=jax.devices()[:1])
+  return workdir, result
+
+
+def test_dpo_learns_a_preference_that_generalizes_to_unseen_words(toy_run):
+  workdir, result = toy_run
+  first = next(r for r in read_metrics(workdir) if r["step"] == 0 and "eval_loss" in r)
+  # At step 0 the policy is the reference: every pair at loss log 2, zero rewards and KL proxy.
+  assert first["eval_loss"] == pytest.approx(np.log(2), abs=1e-5)
+  assert abs(first["eval_margin"]) < 1e-5 and abs(first["eval_kl_proxy"]) < 1e-4
+  assert result.last_eval["eval_accuracy"] > 0.9, result.last_eval
+  assert result.last_eval["eval_margin"] > 0 and result.last_eval["eval_loss"] < 0.5 * np.log(2)
+  assert result.last_eval["eval_rewards_chosen"] > result.last_eval["eval_rewards_rejected"]
+  for key in ("rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl_proxy", "logps_chosen"):
+    assert np.isfinite(result.last_metrics[key]), key
+
+
+def test_stored_reference_log_probs_equal_a_fresh_forward_pass(toy_run, base_workdir, pair_files):
+  """Each stored value, against the init model run on the pair alone (unpadded), log-softmax in float64."""
+  workdir, _ = toy_run
+  with np.load(os.path.join(workdir, dpo.REFERENCE_FILE), allow_pickle=False) as f:
+    stored = {k: f[k] for k in f.files}
+  assert json.loads(str(stored["fingerprint"]))["init_from"] == os.path.abspath(base_workdir)
+  tokenizer = load_tokenizer(base_workdir)
+  mesh = sharding.make_mesh(-1, 1, 1, jax.devices()[:1])
+  spec, params, _ = load_model(base_workdir, mesh)
+  model = spec.merge(params)
+  _, eval_rows = dpo.prepare_pairs(dpo_cfg(base_workdir, pair_files), tokenizer)
+  forward = jax.jit(
+    lambda row: model(row[None], jnp.arange(row.shape[0])[None], jnp.ones((1, row.shape[0]), jnp.int32))
+  )
+  for side in ("chosen", "rejected"):
+    expected = []
+    for i in range(8):  # The first held-out pairs (eval pairs are in file order).
+      length = int(eval_rows[f"{side}_segment_ids"][i].sum())
+      row = eval_rows[side][i, :length]
+      with jax.set_mesh(mesh):
+        logits = np.asarray(forward(jnp.asarray(row)), np.float64)[0]
+      log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+      start = int(eval_rows[f"{side}_answer_start"][i])
+      expected.append(sum(log_probs[t - 1, row[t]] for t in range(start, length)))
+    np.testing.assert_allclose(stored[f"eval_{side}"][:8], expected, rtol=1e-5, atol=1e-5)
+  assert stored["train_chosen"].shape == (300,) and stored["eval_chosen"].shape == (64,)
+
+
+def test_resume_reproduces_the_losses_and_reuses_the_reference(base_workdir, pair_files, tmp_path, monkeypatch):
+  config = dpo_cfg(base_workdir, pair_files, steps=6, log_every=1, eval_every=6, checkpoint_every=3)
+  devices = jax.devices()[:1]
+  dpo.run(config, str(tmp_path / "whole"), devices=devices)
+  dpo.run(config, str(tmp_path / "split"), devices=devices, stop_after=3)
+
+  def no_reference_model(*args, **kwargs):
+    raise AssertionError("the stored reference log-probs should have been reused")
+
+  monkeypatch.setattr(dpo, "compute_reference_log_probs", no_reference_model)
+  dpo.run(config, str(tmp_path / "split"), devices=devices)
+  losses = lambda name: {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / name)) if "loss" in r}
+  whole, split = losses("whole"), losses("split")
+  assert sorted(whole) == list(range(1, 7)) and whole == split
+  # The same workdir with other data: its checkpoints were trained against other reference values.
+  other = tmp_path / "other.jsonl"
+  write_pairs(other, random_words(np.random.default_rng(1), 40))
+  config.data.path = str(other)
+  with pytest.raises(UserError, match=r"reference log-probs of another model, data or tokenizer .*data_sha256"):
+    dpo.run(config, str(tmp_path / "split"), devices=devices)
+
+
+def test_simpo_trains_without_reference_log_probs(base_workdir, pair_files, tmp_path, monkeypatch):
+  def no_reference_model(*args, **kwargs):
+    raise AssertionError("SimPO has no reference model")
+
+  monkeypatch.setattr(dpo, "compute_reference_log_probs", no_reference_model)
+  config = dpo_cfg(base_workdir, pair_files, loss="simpo", beta=2.0, simpo_gamma=0.5, steps=20, eval_every=20)
+  result = dpo.run(config, str(tmp_path / "simpo"), devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "simpo" / dpo.REFERENCE_FILE)
+  assert "kl_proxy" not in result.last_metrics
+  assert result.last_eval["eval_accuracy"] > 0.9, result.last_eval
