@@ -80,9 +80,13 @@ def workdirs(tmp_path_factory):
   (tmp / "a_file").write_text("not a directory")
   (tmp / "empty.txt").write_text("")
   (tmp / "not_a_workdir").mkdir()
+  pair = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
+  (tmp / "bad_pairs.jsonl").write_text(json.dumps(pair) + "\n{not json\n")
+  (tmp / "long_pairs.jsonl").write_text(3 * (json.dumps({**pair, "chosen": "hello " * 20}) + "\n"))
   dirs.update(
     file=str(tmp / "a_file"), empty=str(tmp / "empty.txt"), not_a_workdir=str(tmp / "not_a_workdir"), tmp=str(tmp)
   )
+  dirs.update(bad_pairs=str(tmp / "bad_pairs.jsonl"), long_pairs=str(tmp / "long_pairs.jsonl"))
   return dirs
 
 
@@ -98,6 +102,7 @@ def test_every_tool_reports_bad_input_in_one_line(workdirs):
     "--config.seq_len=32",
     "--config.data.builtin_documents=50",
   ]  # If a check were missing, training would end soon.
+  dpo = [f"--workdir={w['tmp']}/d", f"--config.init_from={w['sft']}"]  # A new workdir: must not be created.
   cases = [
     ("pretrain", [f"--workdir={w['file']}"], "exists and is not a directory"),
     ("pretrain", [f"--workdir={w['file']}/run"], "cannot create it (Not a directory)"),
@@ -135,6 +140,26 @@ def test_every_tool_reports_bad_input_in_one_line(workdirs):
       "rlhf",
       [f"--workdir={w['tmp']}/l", f"--config.init_from={w['sft']}", f"--config.reward_model={w['other_vocab_rm']}"],
       "are models of different vocabularies (model.vocab_size 384 vs 320)",
+    ),
+    ("dpo", [f"--workdir={w['tmp']}/d", f"--config.data.path={w['bad_pairs']}"], "init_from: give the SFT workdir"),
+    ("dpo", [*dpo, f"--config.data.path={w['empty']}"], "empty.txt: no preference pairs"),
+    ("dpo", [*dpo, f"--config.data.path={w['bad_pairs']}"], "bad_pairs.jsonl:2: malformed JSON"),
+    (
+      "dpo",
+      [*dpo, f"--config.data.path={w['long_pairs']}", "--config.seq_len=24"],
+      "long_pairs.jsonl: every preference pair is longer than seq_len=24",
+    ),
+    ("dpo", [*dpo, f"--config.data.path={w['bad_pairs']}", "--config.loss=orpo"], "loss='orpo' must be one of"),
+    ("dpo", [*dpo, f"--config.data.path={w['bad_pairs']}", "--config.beta=0"], "beta=0.0 must be positive"),
+    (
+      "dpo",
+      [*dpo, f"--config.data.path={w['bad_pairs']}", "--config.loss=ipo", "--config.label_smoothing=0.1"],
+      "label_smoothing=0.1: the ipo loss has none",
+    ),
+    (
+      "dpo",
+      [f"--workdir={w['tmp']}/d", f"--config.init_from={w['reward_model']}", f"--config.data.path={w['bad_pairs']}"],
+      "holds reward_model checkpoints, where SFT checkpoints are expected",
     ),
     ("generate", [f"--workdir={w['not_a_workdir']}", "--prompt=hi"], "is not an llm_jax workdir"),
     ("generate", [f"--workdir={w['reward_model']}", "--prompt=hi"], "is a reward-model workdir"),

@@ -3,6 +3,7 @@ needs generalisation; exact resume reusing the cached reference; SimPO without a
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -83,10 +84,12 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def write_pairs(path, words):
-  """Prompt "say WORD": chosen answers it in lowercase, rejected in uppercase (the same letters)."""
+  """ "say WORD" prefers the word in lowercase to uppercase, "shout WORD" the reverse (alternating): no answer is
+  better by itself (a token bias stays at 50 %), the preferred one depends on the prompt's first word."""
   with open(path, "w") as f:
-    for w in words:
-      f.write(json.dumps({"prompt": f"say {w}", "chosen": w, "rejected": w.upper()}) + "\n")
+    for i, w in enumerate(words):
+      verb, chosen, rejected = ("say", w, w.upper()) if i % 2 == 0 else ("shout", w.upper(), w)
+      f.write(json.dumps({"prompt": f"{verb} {w}", "chosen": chosen, "rejected": rejected}) + "\n")
 
 
 def random_words(rng, n):
@@ -122,7 +125,7 @@ def dpo_cfg(base_workdir, pair_files, **overrides):
   config = dpo_config.get_config()
   config.init_from, (config.data.path, config.data.eval_path) = base_workdir, pair_files
   config.batch_size, config.seq_len, config.learning_rate, config.warmup_steps = 16, 32, 1e-3, 0
-  config.steps, config.eval_every, config.log_every, config.checkpoint_every = 30, 30, 10, 30
+  config.steps, config.eval_every, config.log_every, config.checkpoint_every = 24, 24, 8, 24
   for k, v in overrides.items():
     setattr(config, k, v)
   return config
@@ -142,7 +145,7 @@ def test_dpo_learns_a_preference_that_generalizes_to_unseen_words(toy_run):
   assert first["eval_loss"] == pytest.approx(np.log(2), abs=1e-5)
   assert abs(first["eval_margin"]) < 1e-5 and abs(first["eval_kl_proxy"]) < 1e-4
   assert result.last_eval["eval_accuracy"] > 0.9, result.last_eval
-  assert result.last_eval["eval_margin"] > 0 and result.last_eval["eval_loss"] < 0.5 * np.log(2)
+  assert result.last_eval["eval_margin"] > 0 and result.last_eval["eval_loss"] < np.log(2) - 0.1
   assert result.last_eval["eval_rewards_chosen"] > result.last_eval["eval_rewards_rejected"]
   for key in ("rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl_proxy", "logps_chosen"):
     assert np.isfinite(result.last_metrics[key]), key
@@ -208,3 +211,19 @@ def test_simpo_trains_without_reference_log_probs(base_workdir, pair_files, tmp_
   assert not os.path.exists(tmp_path / "simpo" / dpo.REFERENCE_FILE)
   assert "kl_proxy" not in result.last_metrics
   assert result.last_eval["eval_accuracy"] > 0.9, result.last_eval
+
+
+def test_generate_cli_reads_a_dpo_workdir(toy_run):
+  """A DPO workdir holds a language model: generate (and every later stage) starts from it."""
+  workdir, _ = toy_run
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+  args = ["--chat", "--prompt=say wxyz", "--prompt=shout wxyz", "--max_new_tokens=4", "--temperature=0"]
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", "generate.py"), f"--workdir={workdir}", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines()[0] == "say wxyz" and "shout wxyz" in proc.stdout.splitlines()

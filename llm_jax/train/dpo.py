@@ -299,14 +299,23 @@ def prepare_pairs(config, tokenizer: Tokenizer) -> tuple[dict[str, np.ndarray], 
     train_pairs, eval_pairs = pairs, read_pairs(config.data.eval_path)
   else:
     train_pairs, eval_pairs = held_out_split(pairs, config.data.eval_fraction, config.seed, config.data.path, "pairs")
-  train_rows, dropped = pair_arrays(train_pairs, tokenizer, config.seq_len)
-  eval_rows, eval_dropped = pair_arrays(eval_pairs, tokenizer, config.seq_len)
+  train_rows, dropped = _pair_arrays(config.data.path, train_pairs, tokenizer, config.seq_len)
+  eval_rows, eval_dropped = _pair_arrays(
+    config.data.eval_path or config.data.path, eval_pairs, tokenizer, config.seq_len
+  )
   print(
     f"pairs: {len(train_rows['pair_mask'])} train, {len(eval_rows['pair_mask'])} held out; "
     f"{dropped + eval_dropped} dropped as longer than seq_len={config.seq_len}",
     flush=True,
   )
   return train_rows, eval_rows
+
+
+def _pair_arrays(path: str, pairs, tokenizer: Tokenizer, seq_len: int):
+  try:
+    return pair_arrays(pairs, tokenizer, seq_len)
+  except UserError as e:  # Say which file.
+    raise UserError(f"{path}: {e}") from None
 
 
 def run(
