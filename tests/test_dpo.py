@@ -227,3 +227,14 @@ def test_generate_cli_reads_a_dpo_workdir(toy_run):
   )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.splitlines()[0] == "say wxyz" and "shout wxyz" in proc.stdout.splitlines()
+
+
+def test_grad_accum_gives_the_same_updates(base_workdir, pair_files, tmp_path):
+  """The reference columns split into microbatches with their pairs: two microbatches make the same update."""
+  losses = {}
+  for accum in (1, 2):
+    config = dpo_cfg(base_workdir, pair_files, steps=3, log_every=1, eval_every=3, eval_batches=1, grad_accum=accum)
+    dpo.run(config, str(tmp_path / f"accum{accum}"), devices=jax.devices()[:1])
+    losses[accum] = [r["loss"] for r in read_metrics(str(tmp_path / f"accum{accum}")) if "loss" in r]
+  assert len(losses[1]) == 3 and abs(losses[1][2] - np.log(2)) > 1e-3  # The updates moved the policy.
+  np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
