@@ -322,6 +322,31 @@ MUTANTS: tuple[Mutant, ...] = (
     (f"{T_SFT} -k 'mask_equals_hand_computed or forge'",),
     "SFT trains on user and system text too",
   ),
+  # ---- DPO (llm_jax/train/dpo.py) ----
+  Mutant(
+    "dpo_log_ratio_sign",
+    "llm_jax/train/dpo.py",
+    "ratio = {side: logp_B[side] - ref_B[side] for side in SIDES}",
+    "ratio = {side: ref_B[side] - logp_B[side] for side in SIDES}",
+    ("tests/test_dpo.py -k sigmoid_loss",),
+    "DPO's implicit reward is the reference's log-ratio over the policy's: it learns the rejected answers",
+  ),
+  Mutant(
+    "ipo_not_length_normalized",
+    "llm_jax/train/dpo.py",
+    'loss_B = ipo_loss(mean(ratio["chosen"], "chosen") - mean(ratio["rejected"], "rejected"), s.beta)',
+    'loss_B = ipo_loss(ratio["chosen"] - ratio["rejected"], s.beta)',
+    ("tests/test_dpo.py -k ipo",),
+    "IPO on summed instead of per-token mean log-ratios (not TRL's definition)",
+  ),
+  Mutant(
+    "dpo_answer_includes_prompt",
+    "llm_jax/train/dpo.py",
+    "mask_BT = answer_mask(answer_start_B, segment_ids_BT)",
+    "mask_BT = segment_ids_BT[:, 1:] != 0",
+    ("tests/test_dpo.py::test_stored_reference_log_probs_equal_a_fresh_forward_pass",),
+    "the answers' log-probs also sum the prompt's tokens",
+  ),
   # ---- the reward model (llm_jax/train/reward_model.py) ----
   Mutant(
     "reward_reads_first_token",

@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -231,7 +232,7 @@ def _read_reference(path: str) -> tuple[dict[str, Any] | None, dict[str, np.ndar
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
     return json.loads(str(arrays.pop("fingerprint"))), arrays
-  except (OSError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
     raise UserError(f"{path}: unreadable ({type(e).__name__}: {e}); delete it to compute it again") from None
 
 
