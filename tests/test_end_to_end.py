@@ -1,4 +1,4 @@
-"""The whole pipeline on a micro config (each stage's learning signal), and evaluate.py's JSON."""
+"""The whole pipeline on a micro config (each stage's learning signal), evaluate.py's JSON, and the alignment study."""
 
 import json
 import math
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from llm_jax.metrics import read_metrics
-from llm_jax.tasks.world_facts import end_to_end
+from llm_jax.tasks.world_facts import alignment_study, end_to_end
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
+import alignment_study as study_config  # noqa: E402
 import end_to_end as e2e_config  # noqa: E402
 
 
@@ -122,3 +123,64 @@ def test_evaluate_writes_the_documented_fields(pipeline, tmp_path):
     timeout=300,
   )
   assert proc.returncode == 2 and "is not an llm_jax workdir" in proc.stderr
+
+
+def test_mean_and_spread_and_the_gold_peak_match_numpy():
+  values = [0.25, 0.5, 1.0]
+  stat = alignment_study.mean_and_spread(values)
+  assert stat["mean"] == pytest.approx(np.mean(values)) and stat["std"] == pytest.approx(np.std(values, ddof=1))
+  points = {
+    seed: [
+      {"iteration": i, "kl_to_sft": kl, "gold_score": gold + seed * 0.1, "proxy_score": kl * 2}
+      for i, (kl, gold) in enumerate([(0.0, 1.0), (0.25, 1.5), (1.0, 1.2)])
+    ]
+    for seed in (0, 1)
+  }
+  curve = alignment_study.overopt_curve(points)
+  assert [c["sqrt_kl"]["mean"] for c in curve] == pytest.approx([0.0, 0.5, 1.0])
+  assert curve[1]["gold_score"]["mean"] == pytest.approx(1.55)
+  assert curve[1]["gold_score"]["std"] == pytest.approx(np.std([1.5, 1.6], ddof=1))
+  assert alignment_study.gold_peak(curve) == 1
+
+
+def test_the_study_runs_every_method_and_reports_spread_over_seeds(pipeline, tmp_path):
+  workdir, _ = pipeline
+  config = study_config.get_config()
+  config.end_to_end = micro_config()
+  config.seeds = (0, 1)
+  config.end_to_end.rlhf.iterations = 2
+  config.dpo.steps, config.dpo.batch_size, config.dpo.seq_len, config.dpo.eval_every = 4, 8, 128, 4
+  config.dpo.warmup_steps = 1
+  config.overopt.iterations, config.overopt.every = 2, 1
+  result = alignment_study.run(config, workdir)
+
+  for method in ("ppo", "grpo", "rloo", "dpo"):
+    runs = result["runs"][method]
+    assert sorted(runs) == [0, 1]
+    win = [runs[s]["held_out_prompts/gold_win_rate"] for s in (0, 1)]
+    stat = result["summary"][method]["held_out_prompts/gold_win_rate"]
+    assert stat["mean"] == pytest.approx(np.mean(win)) and stat["n"] == 2
+    assert all(0 <= w <= 1 for w in win) and runs[0]["wall_seconds"] > 0 and runs[0]["trained_tokens"] > 0
+  assert result["runs"]["grpo"][0]["generated_tokens"] > 0 and result["runs"]["dpo"][0]["generated_tokens"] == 0
+  curve = result["overoptimisation"]["curve"]
+  assert [c["iteration"]["mean"] for c in curve] == [0, 1, 2] and curve[0]["sqrt_kl"]["mean"] < 0.05
+  report = open(os.path.join(workdir, "STUDY.md")).read()
+  for text in ("| PPO |", "| GRPO |", "| RLOO |", "| DPO |", "gold peak", "± "):
+    assert text in report, text
+  assert sorted(os.listdir(os.path.join(workdir, "study_plots"))) == ["overoptimisation.png", "win_rates.png"]
+  assert json.load(open(os.path.join(workdir, "study.json")))["summary"].keys() == result["summary"].keys()
+
+  # A rerun trains and evaluates nothing again: every run and evaluation is recorded.
+  before = {p: os.path.getmtime(p) for p in _records(workdir)}
+  assert alignment_study.run(config, workdir)["summary"] == result["summary"]
+  assert {p: os.path.getmtime(p) for p in _records(workdir)} == before
+
+
+def _records(workdir):
+  study = os.path.join(workdir, "alignment_study")
+  return [
+    os.path.join(study, d, f)
+    for d in os.listdir(study)
+    for f in os.listdir(os.path.join(study, d))
+    if f.startswith("study_")
+  ]

@@ -253,6 +253,7 @@ def make_scorer(
       **{f"kl_{k}": jnp.sum(f(log_ratio) * mask) / rows for k, f in KL_ESTIMATORS.items()},
       "entropy": jnp.sum(entropy * mask) / count,
       "response_length": mask.sum(1).mean(),
+      "prompt_length": (segments[:, : rl.prompt_len] != 0).sum(1).mean(),
       "truncated_fraction": 1 - jnp.mean(batch["ended"]),
       "explained_variance": explained,
     }

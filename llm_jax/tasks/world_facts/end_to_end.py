@@ -32,7 +32,10 @@ def _stage_dirs(workdir: str) -> dict[str, str]:
   return {name: os.path.join(workdir, name) for name in ("pretrain", "sft", "reward_model", "rlhf")}
 
 
-def run_stages(config: ml_collections.ConfigDict, workdir: str, data: dict[str, str]) -> dict[str, str]:
+def run_stages(
+  config: ml_collections.ConfigDict, workdir: str, data: dict[str, str], through: str = "rlhf"
+) -> dict[str, str]:
+  """Runs (or resumes, or reloads when finished) the stages up to and including `through`."""
   dirs = _stage_dirs(workdir)
   print("=== 1/4 pretraining: next-token prediction on the world-facts corpus", flush=True)
   pretrain.run(config.pretrain, dirs["pretrain"])
@@ -48,6 +51,8 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, data: dict[str, 
   sft.run(config.sft, dirs["sft"])
   print("=== 3/4 reward model: Bradley-Terry on pairs ranked by the gold judge", flush=True)
   reward_model.run(config.reward_model, dirs["reward_model"])
+  if through == "reward_model":
+    return dirs
   print(f"=== 4/4 RLHF ({config.rlhf.algorithm}) against the reward model", flush=True)
   rlhf.run(config.rlhf, dirs["rlhf"])
   return dirs

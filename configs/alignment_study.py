@@ -1,0 +1,46 @@
+"""The alignment study: PPO vs GRPO vs RLOO vs DPO from one SFT model, and reward over-optimisation.
+
+  python experiments/alignment_study.py --workdir=workdirs/end_to_end
+  # Reuses the end-to-end experiment's pretrain/SFT/reward-model stages in that workdir (runs them first if
+  # absent: +~10 min). Writes STUDY.md, study.json and study_plots/ there. Runtime: see README ("Alignment study").
+
+Expected (measured, seeds 0-2): see README's "Alignment study" table; the study's runs and evaluations are
+recorded in workdir/alignment_study/, so a rerun only does what is missing.
+
+Every method starts from the same SFT model with the same rollout budget and KL coefficient as the end-to-end
+RLHF stage (configs/end_to_end.py); change any field on the command line, e.g. --config.seeds=0,1,2,3 or
+--config.overopt.kl_coef=0.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _config_file(name: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"llm_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.end_to_end = _config_file("end_to_end")  # The stages the study starts from, and the RL settings.
+  config.methods = ("ppo", "grpo", "rloo", "dpo")
+  config.seeds = (0, 1, 2)
+  config.group_size = 4  # GRPO/RLOO: answers per prompt (prompts per iteration shrink to keep answers equal).
+
+  config.dpo = _config_file("dpo")
+  config.dpo.steps = 100
+  config.dpo.batch_size = 16
+  config.dpo.eval_every = 50
+
+  # Over-optimisation: a long PPO run with a weak KL penalty, evaluated by the gold judge every `every` iterations.
+  config.overopt = ml_collections.ConfigDict()
+  config.overopt.kl_coef = 0.005
+  config.overopt.iterations = 60
+  config.overopt.every = 10
+  return config
