@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.on_error = "raise"  # Malformed lines: "raise" (file:line) or "skip" (counted).
   common.add_data_loading(config.data)
   common.add_mesh(config)
+  common.add_lora(config)  # --config.lora.rank=16: train LoRA adapters only (0: full fine-tuning).
   common.add_cadence(config, log_every=25, eval_every=100, eval_batches=8, checkpoint_every=100)
   common.add_harness_eval(config)
   config.exact_match_examples = 64  # Held-out chats answered greedily at each evaluation (0 = all).
