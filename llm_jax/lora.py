@@ -3,7 +3,7 @@
 The adapters are flax's own `nnx.LoRA` modules inside the model (llm_jax/model.py: `Transformer(cfg, lora=...)`),
 x·W + (alpha/rank)·x·A·B with B zero-initialized. Everything else is here:
 
-    from_config(config)           `config.lora` (config.add_lora; rank 0 = off) → a `LoraConfig` or None; one UserError if wrong
+    from_config(config)           `config.lora` (config.add_lora; rank 0 = off) → a `LoraConfig` or None
     frozen_layout(model)          which parameters a LoRA model does not train: its transformers' own weights
     split / join                  a parameter tree ↔ (trainable, frozen) by those paths (no copies)
     base_record(workdir, params)  the checkpoint meta naming the base: {"base", "base_step", "base_fingerprint",
