@@ -30,5 +30,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_fraction = 0.1
   common.add_data_loading(config.data)
   common.add_mesh(config)
+  common.add_lora(config)  # --config.lora.rank=16: train LoRA adapters only (0: full fine-tuning).
   common.add_cadence(config, log_every=25, eval_every=100, eval_batches=0, checkpoint_every=100)
   return config

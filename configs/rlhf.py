@@ -54,5 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.path = ""
 
   common.add_mesh(config)
+  common.add_lora(config)  # --config.lora.rank=16: train LoRA adapters only (0: full fine-tuning).
   common.add_cadence(config, log_every=1, checkpoint_every=25, keep_checkpoints=2)  # In iterations.
   return config

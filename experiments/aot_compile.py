@@ -9,6 +9,7 @@ config exactly as for training; nothing is allocated or run. Prints a table (com
 aliased, temporary and peak bytes per device) and a FITS / DOES NOT FIT line; exit status 0 either way, 1 if a
 step did not compile (a bug: its error is in the table and the traceback in the log), 2 for a mistake (a mesh that
 does not match the topology's chip count, an unknown topology, no libtpu).
+`--lora_rank=16` compiles the LoRA fine-tuning step instead (adapters only trained; configs/sft.py's docstring).
 See llm_jax/aot.py and configs/pretrain.py's docstring for measured settings.
 """
 
@@ -31,6 +32,9 @@ flags.DEFINE_bool("decode", True, "Compile prefill and decode.")
 flags.DEFINE_integer("decode_batch", 0, "Prompts per decode batch (0: config.batch_size).")
 flags.DEFINE_integer("prompt_len", 0, "Prompt tokens (0: half of cache_len).")
 flags.DEFINE_integer("cache_len", 0, "KV-cache length = prompt + new tokens (0: config.seq_len).")
+flags.DEFINE_integer("lora_rank", 0, "Compile the LoRA fine-tuning step (SFT's): adapters of this rank (0: full).")
+flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (the scale alpha / rank does not change memory).")
+flags.DEFINE_string("lora_targets", "all", "LoRA targets: q,k,v,o,mlp_in,mlp_gate,mlp_out or attention, mlp, all.")
 FLAGS = flags.FLAGS
 
 
@@ -39,6 +43,11 @@ def main(argv):
   from llm_jax import aot, cli
 
   def run():
+    from llm_jax import lora
+
+    adapters = None
+    if FLAGS.lora_rank:
+      adapters = lora.LoraConfig(FLAGS.lora_rank, FLAGS.lora_alpha, lora.parse_targets(FLAGS.lora_targets))
     report = aot.compile_for_topology(
       FLAGS.config,
       FLAGS.topology,
@@ -49,6 +58,7 @@ def main(argv):
       decode_batch=FLAGS.decode_batch,
       prompt_len=FLAGS.prompt_len,
       cache_len=FLAGS.cache_len,
+      lora=adapters,
     )
     print(report.table(), flush=True)
     if report.errors:

@@ -9,6 +9,9 @@ Export a workdir's latest checkpoint (or --checkpoint=W/checkpoints/STEP) for tr
 
   python experiments/convert_hf.py --workdir=W [--checkpoint=W/checkpoints/STEP] --export_dir=HF_DIR
 
+A LoRA workdir (a stage run with --config.lora.rank > 0) is exported merged: its base workdir's weights plus
+the adapters (W + alpha/rank·A·B), a plain model with no adapter tensors.
+
 Anything not converted exactly (another architecture, sliding windows, other RoPE scalings, quantized or
 pickled weights) is refused in one line, exit 2. Neither direction overwrites an existing directory.
 """
@@ -20,7 +23,9 @@ from absl import app, flags
 from llm_jax import cli
 
 flags.DEFINE_string("hf_dir", "", "Import: a Hugging Face checkpoint directory.")
-flags.DEFINE_string("workdir", "", "Import: the new workdir to write. Export: the workdir to export.")
+flags.DEFINE_string(
+  "workdir", "", "Import: the new workdir to write. Export: the workdir to export (LoRA workdirs: merged weights)."
+)
 flags.DEFINE_string("dtype", "", "Import: parameter dtype, float32|bfloat16|float16 (default: as stored).")
 flags.DEFINE_string("export_dir", "", "Export: the new Hugging Face directory to write.")
 flags.DEFINE_string("checkpoint", "", "Export: one checkpoint, WORKDIR/checkpoints/STEP (default: the latest).")

@@ -10,6 +10,8 @@ carries its target sharding.
 Compiled here:
   train    `loop.make_train_step` with the stage's loss (pretraining's next-token loss), exactly the function
            `loop.train` runs, for the config's mesh, batch, sequence length, grad_accum and model (remat, scan).
+           With `lora` (a model.LoraConfig): the LoRA step, adapters trained on a frozen base (SFT's step: SFT
+           and pretraining share the next-token loss).
   prefill  `Sampler.prefill` for `decode_batch` prompts of `prompt_len` tokens into a `cache_len` KV cache.
   decode   `Sampler.decode`: the while_loop that samples up to `cache_len - prompt_len` tokens.
 
@@ -202,7 +204,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, de
   """Compiles the train step (and prefill + decode) of a pretraining `config` for a TPU `topology`.
 
   `devices` replaces the topology's devices (tests pass CPU devices to exercise the code without libtpu).
-  Keyword arguments: num_slices, hbm_gib, train, decode, decode_batch, prompt_len, cache_len.
+  Keyword arguments: num_slices, hbm_gib, train, decode, decode_batch, prompt_len, cache_len, lora.
   """
   import jax
 
@@ -234,6 +236,7 @@ def _compile_all(
   decode_batch: int = 0,
   prompt_len: int = 0,
   cache_len: int = 0,
+  lora=None,
 ) -> Report:
   """The work of `compile_for_topology`. Decoding defaults: `decode_batch` = config.batch_size, `cache_len` =
   config.seq_len, `prompt_len` = half of it."""
@@ -266,8 +269,9 @@ def _compile_all(
     )
 
   state = model_spec(lm_factory(model_cfg), mesh)
+  trained = model_spec(lm_factory(model_cfg, lora), mesh) if lora else state  # LoRA: adapters on a frozen base.
   step_number = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
-  steps = [_compile_train_step(config, state, mesh, step_number)] if train else []
+  steps = [_compile_train_step(config, trained, mesh, step_number)] if train else []
   if decode:
     steps += _compile_decoding(state, model_cfg, mesh, decode_batch, prompt_len, cache_len, step_number)
 
@@ -277,6 +281,9 @@ def _compile_all(
     f"grad_accum {config.grad_accum}, remat {model_cfg.remat}, scan_layers {model_cfg.scan_layers}, "
     f"{model_cfg.dtype} compute / {model_cfg.param_dtype} params"
   )
+  if lora:
+    adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(trained.split(trained.abstract_params)[0]))
+    description += f"; LoRA rank {lora.rank} on {','.join(lora.targets)} ({_count(adapters)} trained)"
   if decode:
     description += f"; decode {decode_batch} × ({prompt_len} prompt + {cache_len - prompt_len} new)"
   return Report(
@@ -309,10 +316,11 @@ def _compile_train_step(config: ml_collections.ConfigDict, state, mesh, step_num
     for k, v in example.items()
   }
   optimization = loop.make_optimization(config, state, next_token_loss, mesh, batch_shardings)
+  trainable, frozen = state.split(state.abstract_params)  # LoRA: the base is a separate, non-donated argument.
   _, report = _compile(
     "train",
     lambda: optimization.train_step.lower(
-      state.abstract_params, optimization.abstract_opt_state, abstract_batch, step_number
+      trainable, optimization.abstract_opt_state, abstract_batch, step_number, frozen
     ),
   )
   return report

@@ -170,6 +170,13 @@ def add_mesh(config: ml_collections.ConfigDict) -> None:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
 
+def add_lora(config: ml_collections.ConfigDict, targets: str = "all") -> None:
+  """LoRA adapters (llm_jax/lora.py): `lora.rank` (0 = off: full fine-tuning), `lora.alpha` (updates scaled by
+  alpha / rank) and `lora.targets`, comma-separated projections q, k, v, o, mlp_in, mlp_gate, mlp_out or the
+  groups attention, mlp, all. Only the adapters (and heads) train; checkpoints hold them and name the base."""
+  config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=targets))
+
+
 def add_data_loading(data: ml_collections.ConfigDict) -> None:
   data.num_threads = 1
   data.prefetch = 4

@@ -578,7 +578,8 @@ def export_checkpoint(
     architecture = "MistralForCausalLM"  # The same computation; keep the name the model came with.
   tokenizer = tokenizer_lib.load_tokenizer(workdir)
   spec = modeling.model_spec(modeling.lm_factory(cfg), mesh)
-  params, meta = ckpt_lib.restore_params(workdir, spec.abstract_params, meta["step"], params_only_gb=1)
+  # A LoRA workdir is exported merged (W + scale·A·B on its base): a plain model for any consumer.
+  params, meta = modeling.load_params(workdir, spec, mesh, meta["step"], params_only_gb=1)
   flat = _flatten(params)
   if architecture == GPT2 and not cfg.use_bias:
     flat = _with_zero_biases(cfg, flat)  # GPT-2 always has biases; zeros compute exactly what ours does.

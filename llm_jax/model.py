@@ -13,6 +13,10 @@ mentions a mesh: `jax.jit` with sharded inputs places the computation.
 
 `backbone()` returns hidden states and `logits()` applies the LM head, so reward and value heads attach to the
 backbone without touching this file.
+
+LoRA (`Transformer(cfg, lora=LoraConfig(...))`): each targeted projection W gets a flax `nnx.LoRA` adapter
+beside it, named `lora_<target>`, and computes x·W + (alpha/rank)·x·A·B. B starts at zero, so a fresh adapter
+computes exactly the base model. Merging (llm_jax/lora.py) folds the adapter into W.
 """
 
 from __future__ import annotations
@@ -172,6 +176,59 @@ PRESETS: dict[str, ModelConfig] = {
     scan_layers=True,
   ),
 }
+
+
+# LoRA targets → the weight each adapts (a weight's leading axes are its input, the rest its output).
+LORA_TARGETS = {
+  "q": "wq_DNH",
+  "k": "wk_DKH",
+  "v": "wv_DKH",
+  "o": "wo_NHD",
+  "mlp_in": "w_in_DF",
+  "mlp_gate": "w_gate_DF",
+  "mlp_out": "w_out_FD",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int
+  alpha: float
+  targets: tuple[str, ...]  # Keys of LORA_TARGETS.
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+def _lora(
+  lora: LoraConfig | None, target: str, weight: nnx.Param, in_axes: int, rngs: nnx.Rngs, dtype
+) -> nnx.LoRA | None:
+  """flax's LoRA adapter for `weight` (its first `in_axes` axes are the input), or None if not targeted.
+
+  A [in, r] is sharded like the weight's input axes, B [r, out] like its output axes (flattened: the
+  projections are 2-D matmuls on reshaped weights), so adapters follow every mesh the weights do.
+  """
+  if lora is None or target not in lora.targets:
+    return None
+  shape, names = weight.shape, weight.get_metadata()["out_sharding"]
+  # A flattened axis keeps the sharding of its first named part (e.g. "heads" of heads × head_dim).
+  flat_name = lambda part: next((n for n in part if n is not None), None)
+  return nnx.LoRA(
+    math.prod(shape[:in_axes]),
+    lora.rank,
+    math.prod(shape[in_axes:]),
+    dtype=dtype,
+    param_dtype=weight.dtype,
+    rngs=rngs,
+    a_metadata=dict(out_sharding=(flat_name(names[:in_axes]), None), eager_sharding=False),
+    b_metadata=dict(out_sharding=(None, flat_name(names[in_axes:])), eager_sharding=False),
+  )
+
+
+def _with_lora(y_TO: jax.Array, x_TI: jax.Array, adapter: nnx.LoRA | None, lora: LoraConfig | None) -> jax.Array:
+  """y + scale·x·A·B where the projection has an adapter."""
+  return y_TO if adapter is None else y_TO + adapter(x_TI) * jnp.asarray(lora.scale, y_TO.dtype)
 
 
 def _logical(initializer, names: tuple[str | None, ...]):
@@ -354,8 +411,8 @@ def attention(
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
+    self.cfg, self.lora = cfg, lora
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 residual scaling.
     self.wq_DNH = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, cfg.param_dtype)
@@ -369,6 +426,10 @@ class Attention(nnx.Module):
       self.bias_v_KH = zeros((k, h), ("kv_heads", "head_dim"))
     if cfg.use_bias:
       self.bias_o_D = zeros((d,), ("embed",))
+    self.lora_q = _lora(lora, "q", self.wq_DNH, 1, rngs, cfg.dtype)
+    self.lora_k = _lora(lora, "k", self.wk_DKH, 1, rngs, cfg.dtype)
+    self.lora_v = _lora(lora, "v", self.wv_DKH, 1, rngs, cfg.dtype)
+    self.lora_o = _lora(lora, "o", self.wo_NHD, 2, rngs, cfg.dtype)
 
   def __call__(
     self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array, cache: KVCache | None = None, layer=0
@@ -380,9 +441,10 @@ class Attention(nnx.Module):
     # Projections as 2-D matmuls on [B·L, D] (reshapes are free): with 3-D weights ('bld,dnh->blnh') XLA's CPU
     # backend transposes activations for the weight gradients.
     x_TD = x_BLD.reshape(b * l, d)
-    q_BLNH = (x_TD @ self.wq_DNH[...].astype(dt).reshape(d, n * h)).reshape(b, l, n, h)
-    k_BLKH = (x_TD @ self.wk_DKH[...].astype(dt).reshape(d, k * h)).reshape(b, l, k, h)
-    v_BLKH = (x_TD @ self.wv_DKH[...].astype(dt).reshape(d, k * h)).reshape(b, l, k, h)
+    project = lambda w, adapter, out: _with_lora(x_TD @ w[...].astype(dt).reshape(d, out), x_TD, adapter, self.lora)
+    q_BLNH = project(self.wq_DNH, self.lora_q, n * h).reshape(b, l, n, h)
+    k_BLKH = project(self.wk_DKH, self.lora_k, k * h).reshape(b, l, k, h)
+    v_BLKH = project(self.wv_DKH, self.lora_v, k * h).reshape(b, l, k, h)
     if cfg.use_bias or cfg.qkv_bias:
       q_BLNH, k_BLKH, v_BLKH = (
         q_BLNH + self.bias_q_NH[...].astype(dt),
@@ -412,15 +474,17 @@ class Attention(nnx.Module):
       out_BLNH = jax.nn.dot_product_attention(
         q_BLNH, k_BSKH, v_BSKH, mask=mask, implementation=None if cfg.attention_impl == "auto" else "cudnn"
       )
-    out_BLD = (out_BLNH.reshape(b * l, n * h) @ self.wo_NHD[...].astype(dt).reshape(n * h, d)).reshape(b, l, d)
+    out_TE = out_BLNH.reshape(b * l, n * h)
+    out_BLD = _with_lora(out_TE @ self.wo_NHD[...].astype(dt).reshape(n * h, d), out_TE, self.lora_o, self.lora)
+    out_BLD = out_BLD.reshape(b, l, d)
     if cfg.use_bias:
       out_BLD = out_BLD + self.bias_o_D[...].astype(dt)
     return out_BLD, cache
 
 
 class MLP(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
+    self.cfg, self.lora = cfg, lora
     d, f = cfg.d_model, cfg.d_ff
     std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
     self.w_in_DF = _param(rngs, (d, f), ("embed", "mlp"), std, cfg.param_dtype)
@@ -432,22 +496,25 @@ class MLP(nnx.Module):
       if cfg.mlp == "swiglu":
         self.bias_gate_F = nnx.Param(jnp.zeros((f,), cfg.param_dtype), out_sharding=("mlp",), eager_sharding=False)
       self.bias_out_D = nnx.Param(jnp.zeros((d,), cfg.param_dtype), out_sharding=("embed",), eager_sharding=False)
+    self.lora_mlp_in = _lora(lora, "mlp_in", self.w_in_DF, 1, rngs, cfg.dtype)
+    self.lora_mlp_gate = _lora(lora, "mlp_gate", self.w_gate_DF, 1, rngs, cfg.dtype) if cfg.mlp == "swiglu" else None
+    self.lora_mlp_out = _lora(lora, "mlp_out", self.w_out_FD, 1, rngs, cfg.dtype)
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     cfg, dt = self.cfg, self.cfg.dtype
     b, l, d = x_BLD.shape
     x_TD = x_BLD.reshape(b * l, d)  # 2-D matmuls: on CPU, 3-D ones cost a transposed copy in the backward pass.
-    h_TF = x_TD @ self.w_in_DF[...].astype(dt)
+    h_TF = _with_lora(x_TD @ self.w_in_DF[...].astype(dt), x_TD, self.lora_mlp_in, self.lora)
     if cfg.use_bias:
       h_TF = h_TF + self.bias_in_F[...].astype(dt)
     if cfg.mlp == "swiglu":
-      gate_TF = x_TD @ self.w_gate_DF[...].astype(dt)
+      gate_TF = _with_lora(x_TD @ self.w_gate_DF[...].astype(dt), x_TD, self.lora_mlp_gate, self.lora)
       if cfg.use_bias:
         gate_TF = gate_TF + self.bias_gate_F[...].astype(dt)
       h_TF = jax.nn.silu(gate_TF) * h_TF
     else:
       h_TF = jax.nn.gelu(h_TF, approximate=cfg.gelu_approximate)
-    out_TD = h_TF @ self.w_out_FD[...].astype(dt)
+    out_TD = _with_lora(h_TF @ self.w_out_FD[...].astype(dt), h_TF, self.lora_mlp_out, self.lora)
     if cfg.use_bias:
       out_TD = out_TD + self.bias_out_D[...].astype(dt)
     return out_TD.reshape(b, l, d)
@@ -456,11 +523,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
     self.attn_norm = _norm(cfg, rngs)
-    self.attn = Attention(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs, lora=lora)
     self.mlp_norm = _norm(cfg, rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs, lora=lora)
 
   def __call__(
     self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array, cache: KVCache | None = None, layer=0
@@ -477,8 +544,8 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
+    self.cfg, self.lora = cfg, lora
     embed_init = _logical(nnx.initializers.normal(cfg.init_std), ("vocab", "embed"))
     self.embed = nnx.Embed(
       cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=embed_init, rngs=rngs
@@ -497,11 +564,11 @@ class Transformer(nnx.Module):
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def make_stacked_blocks(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs=rngs)
+        return Block(cfg, rngs=rngs, lora=lora)
 
       self.blocks = make_stacked_blocks(rngs)
     else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+      self.blocks = nnx.List([Block(cfg, rngs=rngs, lora=lora) for _ in range(cfg.num_layers)])
     self.final_norm = _norm(cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, cfg.param_dtype)

@@ -3,7 +3,9 @@
     build_model(model_cfg, rngs)     the one constructor: `model_cfg.family` names the module (MODEL_FAMILIES)
     model_spec(factory, mesh)        a model's graph, abstract parameters and their shardings (no arrays)
     init_params(factory, spec, seed) fresh parameters, created directly in their shardings
-    load_model(workdir, mesh, step)  a language model from any stage's workdir (its latest or given checkpoint)
+    load_model(workdir, mesh, step)  a language model from any stage's workdir (its latest or given checkpoint);
+                                     a LoRA workdir's adapters are merged into its base: every consumer sees a
+                                     plain model
 
 Nothing here imports `llm_jax.train` or `llm_jax.inference`: both build on it.
 """
@@ -21,11 +23,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llm_jax import checkpoint as ckpt_lib
+from llm_jax import lora as lora_lib
 from llm_jax import sharding
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model import LoraConfig, ModelConfig, Transformer
 
 ModelFactory = Callable[[nnx.Rngs], nnx.Module]
+# A model's factory given its adapters (None: the plain model); how loaders build a LoRA workdir's model.
+FactoryFor = Callable[[LoraConfig | None], ModelFactory]
 
 # Model families by `ModelConfig.family`: a new architecture is one entry (its module takes (cfg, rngs=...)).
 MODEL_FAMILIES: dict[str, Callable[..., nnx.Module]] = {"transformer": Transformer}
@@ -33,12 +38,12 @@ MODEL_FAMILIES: dict[str, Callable[..., nnx.Module]] = {"transformer": Transform
 WORKDIR_CONFIG = "config.json"  # A workdir's record of its stage config and model (train/stage.py writes it).
 
 
-def build_model(model_cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-  return MODEL_FAMILIES[model_cfg.family](model_cfg, rngs=rngs)
+def build_model(model_cfg: ModelConfig, rngs: nnx.Rngs, lora: LoraConfig | None = None) -> nnx.Module:
+  return MODEL_FAMILIES[model_cfg.family](model_cfg, rngs=rngs, lora=lora)
 
 
-def lm_factory(model_cfg: ModelConfig) -> ModelFactory:
-  return lambda rngs: build_model(model_cfg, rngs)
+def lm_factory(model_cfg: ModelConfig, lora: LoraConfig | None = None) -> ModelFactory:
+  return lambda rngs: build_model(model_cfg, rngs, lora)
 
 
 @dataclasses.dataclass
@@ -49,9 +54,20 @@ class ModelSpec:
   abstract_params: Any  # ShapeDtypeStructs carrying the target shardings.
   param_shardings: Any
   logical_names: Any  # PartitionSpecs of logical axis names, one per parameter.
+  # LoRA: the paths of the parameters that are not trained (the transformers' own weights; empty without LoRA)
+  # and where the transformers with adapters sit in the tree.
+  frozen: frozenset = frozenset()
+  lora_prefixes: tuple = ()
 
   def merge(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
+
+  def split(self, tree) -> tuple[Any, Any]:
+    """(trainable, frozen) parts of a tree shaped like the parameters (no copies); frozen is {} without LoRA."""
+    return lora_lib.split(tree, self.frozen)
+
+  def join(self, trainable, frozen) -> Any:
+    return lora_lib.join(trainable, frozen)
 
 
 def model_spec(model_factory: ModelFactory, mesh: Mesh) -> ModelSpec:
@@ -61,17 +77,24 @@ def model_spec(model_factory: ModelFactory, mesh: Mesh) -> ModelSpec:
   logical_names = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
   abstract = nnx.to_pure_dict(abstract_state)
   shardings = sharding.tree_shardings(abstract, logical_names, mesh)
-  return ModelSpec(graphdef, ckpt_lib.abstract_with_shardings(abstract, shardings), shardings, logical_names)
+  frozen, prefixes = lora_lib.frozen_layout(abstract_model)
+  abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
+  return ModelSpec(graphdef, abstract, shardings, logical_names, frozen, prefixes)
 
 
-def init_params(model_factory: ModelFactory, spec: ModelSpec, seed: int):
-  """Initializes directly into the target shardings: no device ever holds the whole model."""
+def init_params(model_factory: ModelFactory, spec: ModelSpec, seed: int, trainable_only: bool = False):
+  """Initializes directly into the target shardings: no device ever holds the whole model.
+
+  `trainable_only`: the trainable part alone (a LoRA model's adapters and heads; the base weights are never
+  computed: XLA drops what the function does not return)."""
 
   def init():
     with nnx.use_eager_sharding(False):
-      return nnx.to_pure_dict(nnx.state(model_factory(nnx.Rngs(seed))))
+      params = nnx.to_pure_dict(nnx.state(model_factory(nnx.Rngs(seed))))
+    return spec.split(params)[0] if trainable_only else params
 
-  return jax.jit(init, out_shardings=spec.param_shardings)()
+  shardings = spec.split(spec.param_shardings)[0] if trainable_only else spec.param_shardings
+  return jax.jit(init, out_shardings=shardings)()
 
 
 def _read_workdir_json(workdir: str, key: str):
@@ -125,12 +148,73 @@ def check_language_model(workdir: str, step: int | None = None) -> dict:
 
 
 def load_model(
-  workdir: str, mesh: Mesh, step: int | None = None, model_factory: ModelFactory | None = None
+  workdir: str,
+  mesh: Mesh,
+  step: int | None = None,
+  model_factory: FactoryFor | None = None,
+  params_only_gb: int | None = None,
 ) -> tuple[ModelSpec, Any, dict[str, Any]]:
   """(spec, parameters sharded on `mesh`, checkpoint meta) of the latest (or `step`'s) checkpoint of `workdir`.
 
-  The model is the workdir's language model unless `model_factory` builds another (e.g. a reward model).
+  The model is the workdir's language model unless `model_factory(lora)` builds another (e.g. a reward model).
+  A LoRA workdir comes back merged (`load_params`): the spec is the plain model's.
   """
-  spec = model_spec(model_factory or lm_factory(read_model_config(workdir)), mesh)
-  params, meta = ckpt_lib.restore_params(workdir, spec.abstract_params, step)
+  factory_for = model_factory or (lambda lora: lm_factory(read_model_config(workdir), lora))
+  spec = model_spec(factory_for(None), mesh)
+  params, meta = load_params(workdir, spec, mesh, step, factory_for, params_only_gb)
   return spec, params, meta
+
+
+def load_params(
+  workdir: str,
+  spec: ModelSpec,
+  mesh: Mesh,
+  step: int | None = None,
+  model_factory: FactoryFor | None = None,
+  params_only_gb: int | None = None,
+) -> tuple[Any, dict[str, Any]]:
+  """(parameters laid out as `spec`, a plain model's; meta) of `workdir`'s latest (or `step`'s) checkpoint.
+
+  A LoRA checkpoint holds the adapters (and any head trained beside them) and names its base workdir and step
+  (meta "lora"): the base is loaded (itself merged, if it is a LoRA workdir too), checked to be the one the
+  adapters were trained on, and W + (alpha/rank)·A·B is returned. A missing or replaced base: one UserError.
+  """
+  record = (ckpt_lib.workdir_meta(workdir, step) or {}).get("lora")
+  if not record:
+    return ckpt_lib.restore_params(workdir, spec.abstract_params, step, params_only_gb)
+  lora_lib.check_base_exists(workdir, record)
+  lora = lora_lib.from_record(record)
+  factory_for = model_factory or (lambda lora: lm_factory(read_model_config(workdir), lora))
+  adapted = model_spec(factory_for(lora), mesh)
+  trainable, meta = ckpt_lib.restore_params(workdir, adapted.split(adapted.abstract_params)[0], step, params_only_gb)
+  record = meta["lora"]  # The checkpoint restored (a newer unreadable one may have been skipped).
+  base = load_base(workdir, record, mesh)
+  frozen = lora_lib.place_base(base, adapted.frozen, adapted.lora_prefixes)
+  merge = jax.jit(lambda t, f: lora_lib.merge(adapted.join(t, f), lora), out_shardings=spec.param_shardings)
+  return merge(trainable, frozen), meta
+
+
+def load_base(workdir: str, record: dict, mesh: Mesh) -> Any:
+  """The base language model a LoRA workdir's meta names (its recorded step), checked against its fingerprint."""
+  base, step = record["base"], record["base_step"]
+  lora_lib.check_base_exists(workdir, record)
+  try:
+    base_cfg = read_model_config(base)
+  except UserError as e:
+    raise UserError(f"{workdir}: its LoRA base {base} does not load ({e})") from None
+  if dataclasses.asdict(base_cfg) != dataclasses.asdict(read_model_config(workdir)):
+    raise UserError(f"{workdir}: its LoRA base {base} now describes another model: was it replaced?")
+  steps = ckpt_lib.Checkpointer(base, create=False)
+  try:
+    available = steps.all_steps()
+  finally:
+    steps.close()
+  if step not in available:
+    raise UserError(
+      f"{workdir} holds LoRA adapters of {base} step {step}, which is gone (its checkpoints: {available}): "
+      "restore it, or train the adapters again"
+    )
+  spec = model_spec(lm_factory(base_cfg), mesh)
+  params, _ = load_params(base, spec, mesh, step)
+  lora_lib.check_base_fingerprint(workdir, record, params)
+  return params

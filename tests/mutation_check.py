@@ -583,6 +583,22 @@ MUTANTS: tuple[Mutant, ...] = (
     (f"{T_HF} -k 'imported_logits and mistral'",),
     "an nn.Linear [out, in] weight read as [in, out] (square q_proj hides it from shape checks)",
   ),
+  Mutant(
+    "lora_merge_without_scale",
+    "llm_jax/lora.py",
+    "(weight.astype(jnp.float32) + lora.scale * delta.reshape(weight.shape))",
+    "(weight.astype(jnp.float32) + delta.reshape(weight.shape))",
+    ("tests/test_lora.py -k merged_weights",),
+    "merged LoRA weights that forget alpha/rank: export and generation differ from the trained adapter model",
+  ),
+  Mutant(
+    "lora_base_trained",
+    "llm_jax/lora.py",
+    "frozen = {p for p in paths if p not in adapters and any(p[: len(q)] == q for q in prefixes)}",
+    "frozen = {p for p in paths if p not in adapters and any(p[: len(q)] == q for q in prefixes) and False}",
+    ("tests/test_lora.py -k init_equals",),
+    "LoRA that trains (and saves) the whole base instead of only the adapters",
+  ),
 )
 
 

@@ -6,6 +6,12 @@ warmup + cosine decay, global-norm clipping and a weight-decay mask, gradient ac
 step with donated state, periodic evaluation, progress lines, metrics, NaN stops, Orbax checkpoints (every N
 steps, at the end, on SIGTERM) and exact resumption.
 
+LoRA (llm_jax/lora.py): a model spec with frozen parameters (a transformer's base weights) is trained on its
+trainable part only: the step differentiates, clips and updates the adapters (and any head) alone, the optimizer
+state holds only their moments, and the frozen base is a separate argument of the jitted step that is never
+donated or copied. Checkpoints hold the trainable part; the base is the stage's to provide (its `initial_params`),
+on a fresh start and on resume alike.
+
 A loss function has the signature `loss_fn(model, batch, rng) -> (loss_sum, metric_sums)`: the loss summed
 over the batch's examples (tokens, pairs, ...) and a dict of summed metrics that includes "weight", the
 number of examples counted. The loop divides by the total weight of the whole (accumulated) batch, so a batch
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -33,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm_jax import checkpoint as ckpt_lib
+from llm_jax import lora as lora_lib
 from llm_jax import perf, sharding
 from llm_jax.errors import UserError
 from llm_jax.metrics import MetricWriter
@@ -96,13 +104,13 @@ def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientT
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, state: ModelSpec, mesh: Mesh):
-  """Optimizer moments take their parameter's sharding; counters are replicated."""
-  abstract_opt = jax.eval_shape(optimizer.init, state.abstract_params)
+  """Optimizer moments take their (trainable) parameter's sharding; counters are replicated."""
+  abstract_opt = jax.eval_shape(optimizer.init, state.split(state.abstract_params)[0])
   return optax.tree_map_params(
     optimizer,
     lambda _, s: s,
     abstract_opt,
-    state.param_shardings,
+    state.split(state.param_shardings)[0],
     transform_non_params=lambda _: sharding.replicated(mesh),
   )
 
@@ -126,6 +134,17 @@ class OnMesh:
       return self.jitted.lower(*args, **kwargs)
 
 
+class TrainStep(OnMesh):
+  """`step(params, opt_state, batch, step_number, frozen={})`: `params` are the trainable parameters, `frozen`
+  the rest (a LoRA model's base; {} when everything trains)."""
+
+  def __call__(self, params, opt_state, batch, step_number, frozen=None):
+    return super().__call__(params, opt_state, batch, step_number, {} if frozen is None else frozen)
+
+  def lower(self, params, opt_state, batch, step_number, frozen=None):
+    return super().lower(params, opt_state, batch, step_number, {} if frozen is None else frozen)
+
+
 def make_train_step(
   state: ModelSpec,
   loss_fn: LossFn,
@@ -136,16 +155,20 @@ def make_train_step(
   grad_accum: int,
   seed: int,
 ):
-  """One optimizer update on a global batch, split into `grad_accum` microbatches scanned inside the jit."""
+  """One optimizer update on a global batch, split into `grad_accum` microbatches scanned inside the jit.
 
-  def sum_grads(params, batch, rng):
-    def loss_of(p):
-      return loss_fn(state.merge(p), batch, rng)
+  Gradients, clipping and the update concern the trainable parameters only (`state.split`); the frozen ones
+  are the step's last argument, not donated."""
+  trainable_shardings, frozen_shardings = state.split(state.param_shardings)
 
-    (loss_sum, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-    return grads, {"loss": loss_sum, **sums}
+  def step(params, opt_state, batch, step_number, frozen):
+    def sum_grads(params, batch, rng):
+      def loss_of(p):
+        return loss_fn(state.merge(state.join(p, frozen)), batch, rng)
 
-  def step(params, opt_state, batch, step_number):
+      (loss_sum, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+      return grads, {"loss": loss_sum, **sums}
+
     rng = jax.random.fold_in(jax.random.key(seed), step_number)
     if grad_accum == 1:
       grads, sums = sum_grads(params, batch, rng)
@@ -175,12 +198,12 @@ def make_train_step(
     metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
-  return OnMesh(
+  return TrainStep(
     jax.jit(
       step,
       donate_argnums=(0, 1),
-      in_shardings=(state.param_shardings, opt_shardings, batch_shardings, sharding.replicated(mesh)),
-      out_shardings=(state.param_shardings, opt_shardings, sharding.replicated(mesh)),
+      in_shardings=(trainable_shardings, opt_shardings, batch_shardings, sharding.replicated(mesh), frozen_shardings),
+      out_shardings=(trainable_shardings, opt_shardings, sharding.replicated(mesh)),
     ),
     mesh,
   )
@@ -251,15 +274,16 @@ class Optimization:
   optimizer: optax.GradientTransformation
   opt_shardings: Any
   abstract_opt_state: Any  # ShapeDtypeStructs carrying the shardings (for restoring and AOT compilation).
-  train_step: OnMesh
+  train_step: TrainStep
 
 
 def make_optimization(
   config: ml_collections.ConfigDict, spec: ModelSpec, loss_fn: LossFn, mesh: Mesh, batch_shardings
 ) -> Optimization:
-  optimizer = make_optimizer(config, spec.abstract_params)
+  trainable = spec.split(spec.abstract_params)[0]
+  optimizer = make_optimizer(config, trainable)
   opt_shardings = opt_state_shardings(optimizer, spec, mesh)
-  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, spec.abstract_params), opt_shardings)
+  abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, trainable), opt_shardings)
   train_step = make_train_step(
     spec, loss_fn, optimizer, mesh, opt_shardings, batch_shardings, config.grad_accum, config.seed
   )
@@ -304,15 +328,24 @@ class Trainer:
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     self.writer = MetricWriter(workdir)
     self.stage_state = dict(stage_state or {})
+    if self.spec.frozen and initial_params is None:
+      raise ValueError("a model with frozen (LoRA base) parameters needs `initial_params` to provide them")
+    self.initial_params = initial_params
+    self.frozen: Any = {}  # The parameters that are not trained (a LoRA model's base); {} without LoRA.
     self.start = self._restore()
     if self.start is None:
       self.start = 0
       params = initial_params(self.spec) if initial_params else init_params(model_factory, self.spec, config.seed)
-      self.params = jax.device_put(params, self.spec.param_shardings)
+      self.trainable, self.frozen = self.spec.split(jax.device_put(params, self.spec.param_shardings))
       self.opt_state = jax.jit(self.optimization.optimizer.init, out_shardings=self.optimization.opt_shardings)(
-        self.params
+        self.trainable
       )
     self.last_update = -1  # Index of the latest optimizer update (its learning rate is logged).
+
+  @property
+  def params(self):
+    """All the model's parameters: the trained ones and the frozen base (the same arrays, not copies)."""
+    return self.spec.join(self.trainable, self.frozen)
 
   def _split(self, tree):
     if self.params_key is None:
@@ -322,7 +355,8 @@ class Trainer:
   def _restore(self) -> int | None:
     """Resumes from the newest checkpoint that restores (newer unreadable ones are moved aside: this run saves
     those steps again); None on a fresh start."""
-    abstract_params, abstract_extra = self._split(self.spec.abstract_params)
+    self._check_lora_checkpoints()
+    abstract_params, abstract_extra = self._split(self.spec.split(self.spec.abstract_params)[0])
     start, restored = self.checkpointer.restore_latest(
       abstract_params,
       self.optimization.abstract_opt_state,
@@ -332,25 +366,39 @@ class Trainer:
     )
     if start is None:
       return None
-    self.params = restored["params"]
+    self.trainable = restored["params"]
     if self.params_key is not None:
-      self.params = {self.params_key: self.params, **restored.get("extra", {})}
+      self.trainable = {self.params_key: self.trainable, **restored.get("extra", {})}
+    if self.spec.frozen:  # The base is not in the checkpoint: the stage provides it, as on a fresh start.
+      lora_lib.check_same_base(self.checkpointer.directory, restored["meta"]["lora"], self.meta["lora"])
+      params = jax.device_put(self.initial_params(self.spec), self.spec.param_shardings)
+      self.frozen = self.spec.split(params)[1]
     self.opt_state = restored["opt_state"]
     self.stage_state.update(restored["meta"].get("stage_state", {}))
     logging.info("resumed from %s/%d", self.checkpointer.directory, start)
     print(f"resuming from step {start} ({self.checkpointer.directory})", flush=True)
     return start
 
+  def _check_lora_checkpoints(self) -> None:
+    """A workdir's checkpoints and this run agree on LoRA (else their trees differ, and a restore would take
+    every checkpoint for damaged)."""
+    meta = ckpt_lib.workdir_meta(os.path.dirname(self.checkpointer.directory))
+    if meta is None or bool(meta.get("lora")) == bool(self.spec.frozen):
+      return
+    saved = "LoRA adapters" if meta.get("lora") else "fully fine-tuned parameters"
+    wanted = "LoRA (lora.rank > 0)" if self.spec.frozen else "full fine-tuning (lora.rank = 0)"
+    raise UserError(f"{self.checkpointer.directory} holds {saved}, and this run is {wanted}: use a new workdir")
+
   def update(self, batch: Batch, update_index: int) -> dict[str, jax.Array]:
     """One optimizer update (`update_index` counts updates from 0: the schedule and the step's rng use it)."""
-    self.params, self.opt_state, metrics = self.optimization.train_step(
-      self.params, self.opt_state, batch, jnp.int32(update_index)
+    self.trainable, self.opt_state, metrics = self.optimization.train_step(
+      self.trainable, self.opt_state, batch, jnp.int32(update_index), self.frozen
     )
     self.last_update = update_index
     return metrics
 
   def save(self, step: int) -> None:
-    params, extra = self._split(self.params)
+    params, extra = self._split(self.trainable)
     meta = {**self.meta, "step": step, "config": self.config.to_dict(), "stage_state": self.stage_state}
     self.checkpointer.save(step, params, self.opt_state, self.data_iter, meta, extra=extra)
 

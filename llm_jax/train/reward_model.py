@@ -28,12 +28,21 @@ import numpy as np
 from flax import nnx
 
 from llm_jax import chat as chat_lib
-from llm_jax import checkpoint as ckpt_lib
 from llm_jax.data import text
 from llm_jax.data.jsonl import held_out_split, read_jsonl
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig
-from llm_jax.modeling import ModelSpec, build_model, init_params, load_model, read_model_config, read_stage_config
+from llm_jax.model import LoraConfig, ModelConfig
+from llm_jax.modeling import (
+  ModelSpec,
+  build_model,
+  init_params,
+  lm_factory,
+  load_model,
+  load_params,
+  model_spec,
+  read_model_config,
+  read_stage_config,
+)
 from llm_jax.sequences import positions_from_segments, right_pad
 from llm_jax.tokenizer import Tokenizer
 from llm_jax.train import loop, stage
@@ -63,8 +72,10 @@ class RewardModel(nnx.Module):
   `sequence_scores` gives the reward of whole sequences.
   """
 
-  def __init__(self, cfg: ModelConfig, likelihood_feature: bool = False, *, rngs: nnx.Rngs):
-    self.transformer = build_model(cfg, rngs)
+  def __init__(
+    self, cfg: ModelConfig, likelihood_feature: bool = False, *, rngs: nnx.Rngs, lora: LoraConfig | None = None
+  ):
+    self.transformer = build_model(cfg, rngs, lora)
     self.head = ScalarHead(cfg, rngs=rngs)
     self.likelihood_feature = likelihood_feature
     self.likelihood_weight = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=(), eager_sharding=False)
@@ -211,7 +222,10 @@ def load_reward_model(workdir: str, mesh, step: int | None = None) -> tuple[Mode
   model_cfg = read_model_config(workdir)
   likelihood_feature = read_stage_config(workdir).get("likelihood_feature", False)
   state, params, meta = load_model(
-    workdir, mesh, step, model_factory=lambda rngs: RewardModel(model_cfg, likelihood_feature, rngs=rngs)
+    workdir,
+    mesh,
+    step,
+    model_factory=lambda lora: lambda rngs: RewardModel(model_cfg, likelihood_feature, rngs=rngs, lora=lora),
   )
   if meta.get("stage") != "reward_model":
     raise UserError(f"{workdir}: a {meta.get('stage')!r} checkpoint, not a reward model")
@@ -236,12 +250,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
     flush=True,
   )
 
-  factory = lambda rngs: RewardModel(model_cfg, config.likelihood_feature, rngs=rngs)
+  lora = stage.lora_start(config, model_cfg, mesh)  # None: the whole backbone trains.
+  factory = lambda rngs: RewardModel(model_cfg, config.likelihood_feature, rngs=rngs, lora=lora and lora.lora)
 
   def initial_params(state: ModelSpec):
+    if lora is not None:  # Adapters and the zero head train; the backbone is the frozen SFT model.
+      return lora.initial_params(factory, state, config.seed)
     params = init_params(factory, state, config.seed)
-    backbone, _ = ckpt_lib.restore_params(config.init_from, state.abstract_params["transformer"])
-    return {**params, "transformer": backbone}
+    backbone_spec = model_spec(lm_factory(model_cfg), mesh)
+    return {**params, "transformer": load_params(config.init_from, backbone_spec, mesh)[0]}
 
   pid, count = jax.process_index(), jax.process_count()
   special_ids = tuple(sorted(tokenizer.special_ids))
@@ -258,5 +275,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
     flops_per_token=model_cfg.train_flops_per_token(config.seq_len),
     initial_params=initial_params,
     eval_at_start=True,
-    meta={"stage": "reward_model", "model": dataclasses.asdict(model_cfg), "init_from": config.init_from},
+    meta={
+      "stage": "reward_model",
+      "model": dataclasses.asdict(model_cfg),
+      "init_from": config.init_from,
+      **({"lora": lora.record} if lora else {}),
+    },
   )

@@ -21,6 +21,9 @@ algorithm's paper (`kl_settings`). β is fixed, or adapted toward `target_kl` (Z
 and tokens after <|end|>/<eos> are masked everywhere. The value model is a separate network initialized from
 the reward model (`value_init="reward_model"`) or a scalar head on the policy's own hidden states
 (`value_init="policy_head"`).
+
+With `config.lora.rank` > 0 the policy (and PPO's value network) train LoRA adapters on frozen bases; the
+reference policy is the policy's base without the adapters (the same arrays: no second copy).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ from llm_jax import sharding
 from llm_jax.data.jsonl import read_jsonl
 from llm_jax.errors import UserError
 from llm_jax.inference.sampler import Sampler, SamplingConfig, bucket
-from llm_jax.model import ModelConfig
-from llm_jax.modeling import ModelSpec, build_model, init_params, load_model
+from llm_jax.model import LoraConfig, ModelConfig
+from llm_jax.modeling import ModelSpec, build_model, init_params, lm_factory, load_model, model_spec
 from llm_jax.sequences import positions_from_segments, prompt_response_rows, response_log_probs
 from llm_jax.tokenizer import Tokenizer
 from llm_jax.train import loop, stage
@@ -52,11 +55,11 @@ from llm_jax.train.reward_model import RewardModel, ScalarHead, load_reward_mode
 class ActorCritic(nnx.Module):
   """The trained parameters: the policy, and for PPO its value function (a network or a head)."""
 
-  def __init__(self, cfg: ModelConfig, value: str, *, rngs: nnx.Rngs):
-    self.policy = build_model(cfg, rngs)
+  def __init__(self, cfg: ModelConfig, value: str, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
+    self.policy = build_model(cfg, rngs, lora)
     self.value_mode = value
     if value == "reward_model":
-      self.value = RewardModel(cfg, rngs=rngs)
+      self.value = RewardModel(cfg, rngs=rngs, lora=lora)  # With LoRA: adapters on the frozen reward model.
     elif value == "policy_head":
       self.value_head = ScalarHead(cfg, rngs=rngs)
 
@@ -483,6 +486,19 @@ class RolloutIteration:
     return row
 
 
+def lora_initial_params(spec: ModelSpec, factory, seed: int, base, value_mode: str, rm_params) -> dict:
+  """LoRA: fresh adapters on frozen bases, no copies. The policy's base is the SFT model (also the reference);
+  PPO's value network is the reward model's backbone (the scorer's own arrays) with adapters, its head starting
+  from the reward model's (the policy's base when a rule replaces the reward model)."""
+  trainable = init_params(factory, spec, seed, trainable_only=True)
+  frozen = {"policy": base}
+  if value_mode == "reward_model":
+    frozen["value"] = {"transformer": base if rm_params is None else rm_params["transformer"]}
+    if rm_params is not None:  # Copies: the trained part is donated at every update.
+      trainable["value"].update({k: jax.tree.map(jnp.copy, v) for k, v in rm_params.items() if k != "transformer"})
+  return spec.join(trainable, spec.split(spec.join({}, frozen))[1])
+
+
 def run(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -505,8 +521,12 @@ def run(
 
   # The policy (+ value), the frozen reference and the frozen reward model.
   value_mode = config.value_init if ALGORITHMS[config.algorithm].critic else "none"
-  factory = lambda rngs: ActorCritic(model_cfg, value_mode, rngs=rngs)
-  ref_state, ref_params, _ = load_model(config.init_from, mesh)
+  lora = stage.lora_start(config, model_cfg, mesh)
+  factory = lambda rngs: ActorCritic(model_cfg, value_mode, rngs=rngs, lora=lora and lora.lora)
+  if lora is None:
+    ref_state, ref_params, _ = load_model(config.init_from, mesh)
+  else:  # The reference is the frozen base itself, without the adapters: no second copy of the weights.
+    ref_state, ref_params = model_spec(lm_factory(model_cfg), mesh), lora.base
   if reward_fn is None:
     rm_state, rm_params, _ = load_reward_model(config.reward_model, mesh)
     special_ids = tuple(sorted(tokenizer.special_ids))
@@ -520,6 +540,8 @@ def run(
     reward = lambda params, batch: batch["rule_scores"]
 
   def initial_params(spec: ModelSpec):
+    if lora is not None:
+      return lora_initial_params(spec, factory, config.seed, lora.base, value_mode, rm_params)
     params = init_params(factory, spec, config.seed)
     params = {**params, "policy": jax.tree.map(jnp.copy, ref_params)}  # A copy: updates donate their inputs.
     if value_mode == "reward_model" and rm_params is not None:
@@ -540,6 +562,7 @@ def run(
       "algorithm": config.algorithm,
       "model": dataclasses.asdict(model_cfg),
       "init_from": config.init_from,
+      **({"lora": lora.record} if lora else {}),
     },
     initial_params=initial_params,
     params_key="policy",
@@ -550,7 +573,7 @@ def run(
     rl,
     trainer,
     prompts,
-    Sampler(ref_state.graphdef, None, mesh, model_cfg=model_cfg),
+    Sampler(model_spec(lm_factory(model_cfg, lora and lora.lora), mesh).graphdef, None, mesh, model_cfg=model_cfg),
     tokenizer,
     make_scorer(rl, trainer.spec, ref_state, reward),
     ref_params,

@@ -3,7 +3,8 @@
 The stage contributes its data (chats rendered with the one chat template, packed without splitting a chat)
 and its evaluation (greedy answers on held-out chats, exact match, through the inference sampler). Its loss is
 pretraining's next-token loss: the chat's training mask is the `loss_mask`. Parameters come from the
-`init_from` workdir; the optimizer starts fresh; the tokenizer is copied along.
+`init_from` workdir; the optimizer starts fresh; the tokenizer is copied along. With `config.lora.rank` > 0 only
+LoRA adapters train on the frozen init_from model (llm_jax/lora.py).
 
 Over-long chats (more than seq_len + 1 tokens) are truncated (`data.overlong="truncate"`: the start of the
 chat is kept, so what is trained on still sees its prompt) or dropped (`"drop"`); both are counted and
@@ -19,12 +20,11 @@ import ml_collections
 import numpy as np
 
 from llm_jax import chat as chat_lib
-from llm_jax import checkpoint as ckpt_lib
 from llm_jax.data import text
 from llm_jax.data.jsonl import held_out_split
 from llm_jax.errors import UserError
 from llm_jax.inference.sampler import Sampler, SamplingConfig
-from llm_jax.modeling import lm_factory, model_spec
+from llm_jax.modeling import lm_factory, load_params, model_spec
 from llm_jax.sequences import next_token_loss
 from llm_jax.tokenizer import Tokenizer
 from llm_jax.train import loop, stage
@@ -114,7 +114,10 @@ def exact_match_eval(sampler: Sampler, tokenizer: Tokenizer, chats, max_answer_t
   return evaluate
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.TrainResult:
+def run(
+  config: ml_collections.ConfigDict, workdir: str, devices=None, stop_after: int | None = None
+) -> loop.TrainResult:
+  """SFT on `devices` (default: all); `stop_after=N` stops after N steps, as a preemption would."""
   devices = jax.devices() if devices is None else devices
   model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "pretraining (or SFT)", stage_name="sft")
   data = prepare(config, tokenizer)
@@ -124,9 +127,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
     flush=True,
   )
 
-  factory = lm_factory(model_cfg)
+  lora = stage.lora_start(config, model_cfg, mesh)  # None: full fine-tuning.
+  factory = lm_factory(model_cfg, lora and lora.lora)
   state = model_spec(factory, mesh)
-  sampler = Sampler(state.graphdef, None, mesh, model_cfg=model_cfg)
+  sampler = Sampler(state.graphdef, None, mesh, model_cfg=model_cfg)  # With LoRA: decodes through the adapters.
+  if lora is not None:
+    initial_params = lambda s: lora.initial_params(factory, s, config.seed)
+  else:
+    initial_params = lambda s: load_params(config.init_from, s, mesh)[0]
   eval_chats = data.eval_chats[: config.exact_match_examples] if config.exact_match_examples else data.eval_chats
   pid, count = jax.process_index(), jax.process_count()
   return loop.train(
@@ -139,9 +147,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
     eval_data=text.eval_batches(data.eval_rows, config.batch_size, config.eval_batches, pid, count),
     tokens_per_step=config.batch_size * config.seq_len,
     flops_per_token=model_cfg.train_flops_per_token(config.seq_len),
-    initial_params=lambda s: ckpt_lib.restore_params(config.init_from, s.abstract_params)[0],
+    initial_params=initial_params,
     extra_eval=exact_match_eval(sampler, tokenizer, eval_chats, config.max_answer_tokens),
     eval_at_start=True,
+    stop_after=stop_after,
     tokenizer=tokenizer,
     model_cfg=model_cfg,
     meta={
@@ -149,5 +158,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
       "model": dataclasses.asdict(model_cfg),
       "init_from": config.init_from,
       "data_report": data.report,
+      **({"lora": lora.record} if lora else {}),
     },
   )

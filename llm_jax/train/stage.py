@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -12,11 +13,21 @@ from jax.sharding import Mesh
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
+from llm_jax import lora as lora_lib
 from llm_jax import sharding
 from llm_jax.errors import UserError
 from llm_jax.files import write_atomically
-from llm_jax.model import ModelConfig
-from llm_jax.modeling import check_model_matches, read_model_config
+from llm_jax.model import LoraConfig, ModelConfig
+from llm_jax.modeling import (
+  ModelFactory,
+  ModelSpec,
+  check_model_matches,
+  init_params,
+  lm_factory,
+  load_params,
+  model_spec,
+  read_model_config,
+)
 from llm_jax.tokenizer import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -129,6 +140,7 @@ def continue_from(
     check_same_tokenizer(config.reward_model, "reward_model", config.init_from, "init_from")
   if validate_training:
     config_lib.validate_training_config(config, len(devices), jax.process_count(), model_cfg=model_cfg)
+  lora_lib.from_config(config)  # A bad lora.* field fails before anything is written.
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   tokenizer = load_tokenizer(config.init_from)
   make_workdir(workdir)
@@ -138,3 +150,27 @@ def continue_from(
   if jax.process_index() == 0:
     tokenizer.save(workdir)
   return model_cfg, mesh, tokenizer
+
+
+@dataclasses.dataclass
+class LoraStart:
+  """A LoRA stage's starting point: the adapters' config, the base language model's parameters (the init_from
+  workdir's, merged if that is a LoRA workdir itself) and the checkpoint meta that names the base."""
+
+  lora: LoraConfig
+  base: Any
+  record: dict  # The checkpoint meta's "lora" entry.
+
+  def initial_params(self, factory: ModelFactory, spec: ModelSpec, seed: int) -> Any:
+    """Fresh adapters (and any head) from `seed`; every transformer with adapters starts from the base."""
+    trainable = init_params(factory, spec, seed, trainable_only=True)
+    return spec.join(trainable, lora_lib.place_base(self.base, spec.frozen, spec.lora_prefixes))
+
+
+def lora_start(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) -> LoraStart | None:
+  """`config.lora` (None when rank is 0) with the base model of `config.init_from` loaded onto `mesh`."""
+  lora = lora_lib.from_config(config)
+  if lora is None:
+    return None
+  base, meta = load_params(config.init_from, model_spec(lm_factory(model_cfg), mesh), mesh)
+  return LoraStart(lora, base, lora_lib.base_record(lora, config.init_from, meta["step"], base))
