@@ -1,4 +1,4 @@
-"""The inspector (llm_jax/inference/inspection.py, experiments/inspect.py): captured attention ≡ a NumPy attention
+"""The inspector (llm_jax/inference/inspection.py, experiments/inspect_model.py): captured attention ≡ a NumPy attention
 from the layer inputs (GQA, RoPE), logit lens ≡ the model's logits at the last layer, top-k ≡ softmax(logits / T),
 the chosen tokens ≡ the sampler's and generate.py's, and the JSON behind every figure."""
 
@@ -176,9 +176,15 @@ def test_cli_picks_the_tokens_generate_py_picks(workdir, tmp_path):
   )
   generated = run("generate")
   assert generated.returncode == 0, generated.stderr
-  inspected = run("inspect", f"--output={tmp_path}/out", "--checkpoint=2", "--top_k_shown=3")
+  inspected = run("inspect_model", f"--output={tmp_path}/out", "--checkpoint=2", "--top_k_shown=3")
   assert inspected.returncode == 0, inspected.stderr
   result = json.loads((tmp_path / "out" / "inspect.json").read_text())
   assert generated.stdout == "Where is the cat?\n" + result["answer"] + "\n"
   assert result["checkpoint"] == 2 and result["stage"] == "pretrain" and len(result["steps"][0]["top"]) == 3
   assert f"answer: {json.dumps(result['answer'])}" in inspected.stdout and "logit lens" in inspected.stdout
+
+
+def test_no_tool_shadows_a_standard_library_module():
+  """`python experiments/X.py` puts experiments/ first on the import path: an inspect.py there breaks every tool."""
+  tools = {f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".py")}
+  assert not tools & sys.stdlib_module_names

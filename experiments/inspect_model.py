@@ -1,25 +1,22 @@
 """Inspect how a checkpoint goes from a prompt to each next token: tokens, each step's top choices, attention at the
 key step, the logit lens. Writes OUTPUT/INSPECT.md, OUTPUT/inspect.json and PNG figures; prints a compact view.
 
-  python experiments/inspect.py --workdir=DIR --prompt="Where is the capital of China?" --chat \
+  python experiments/inspect_model.py --workdir=DIR --prompt="Where is the capital of China?" --chat \
     --temperature=0 --output=DIR/inspect [--checkpoint=STEP] [--max_new_tokens=64] [--top_k_shown=5] [--step=N]
 
 Flags and defaults are generate.py's (the same flags pick the same tokens): `--temperature=0` is greedy, `--chat`
 sends the prompt as a user turn. `--checkpoint` is a step of --workdir, or WORKDIR/checkpoints/STEP alone.
 `--step=N` inspects answer step N instead of the key step (llm_jax/inference/inspection.py says which that is).
-Runtime: seconds for the project's models (one generation and one forward pass).
+Runtime: seconds for the project's models (one generation and one forward pass). Not named inspect.py: a script's
+folder comes first on the import path, so experiments/inspect.py would replace the standard library's `inspect`
+for every tool in experiments/.
 """
 
 import os
-import sys
 
-# This file shares its name with the standard library's `inspect`: drop its folder from the import path before
-# anything imports that module (python puts a script's folder first).
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from llm_jax import cli  # noqa: E402
+from llm_jax import cli
 
 flags.DEFINE_string("workdir", "", "A training workdir of any stage (its latest checkpoint unless --checkpoint).")
 flags.DEFINE_string("checkpoint", "", "A step of --workdir, or one checkpoint: WORKDIR/checkpoints/STEP.")
