@@ -374,8 +374,14 @@ class KVCache:
 
 
 def attention(
-  q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_B1LS: jax.Array, *, kv_heads_first: bool = False
-) -> jax.Array:
+  q_BLNH: jax.Array,
+  k_BSKH: jax.Array,
+  v_BSKH: jax.Array,
+  mask_B1LS: jax.Array,
+  *,
+  kv_heads_first: bool = False,
+  return_probs: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Masked softmax attention; K < N heads is grouped-query attention (each K/V head serves N/K queries).
 
   The same math as `jax.nn.dot_product_attention(implementation="xla")` (float32 softmax), written out because
@@ -386,11 +392,14 @@ def attention(
   [B, L, K, N/K, H], so each matmul reads the cache in place: no repeated K/V and no transposed copy of the
   cache per step. On [B, S, K, H] (training, prefill) the K/V heads are repeated to N instead: with long L
   that is faster on CPU (measured ~1.5x on the fwd+bwd for baby_char/tiny/small shapes).
+
+  `return_probs` (inspection, [B, S, K, H] only): also return the attention weights, float32 [B, N, L, S].
   """
   b, l, n, h = q_BLNH.shape
   q_BLNH = q_BLNH * jnp.asarray(1 / math.sqrt(h), q_BLNH.dtype)
   bias = lambda mask: jnp.where(mask, 0.0, -0.7 * float(jnp.finfo(jnp.float32).max))
   if kv_heads_first:
+    assert not return_probs, "attention weights are captured in full forward passes only (no KV cache)"
     k = k_BSKH.shape[1]
     q_BLKGH = q_BLNH.reshape(b, l, k, n // k, h)
     logits_BKGLS = jnp.einsum("blkgh,bksh->bkgls", q_BLKGH, k_BSKH, preferred_element_type=jnp.float32)
@@ -407,7 +416,10 @@ def attention(
   exp_BNLS = jnp.exp(logits_BNLS - jax.lax.stop_gradient(jnp.max(logits_BNLS, axis=-1, keepdims=True)))
   out_BLNH = jnp.einsum("bnls,bsnh->blnh", exp_BNLS.astype(v_BSKH.dtype), v_BSKH)
   sum_BLN = jnp.einsum("bnls->bln", exp_BNLS)
-  return (out_BLNH / sum_BLN[..., None]).astype(v_BSKH.dtype)
+  out_BLNH = (out_BLNH / sum_BLN[..., None]).astype(v_BSKH.dtype)
+  if return_probs:
+    return out_BLNH, exp_BNLS / sum_BLN.transpose(0, 2, 1)[..., None]
+  return out_BLNH
 
 
 class Attention(nnx.Module):
@@ -432,9 +444,19 @@ class Attention(nnx.Module):
     self.lora_o = _lora(lora, "o", self.wo_NHD, 2, rngs, cfg.dtype)
 
   def __call__(
-    self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array, cache: KVCache | None = None, layer=0
+    self,
+    x_BLD: jax.Array,
+    positions_BL: jax.Array,
+    segment_ids_BL: jax.Array,
+    cache: KVCache | None = None,
+    layer=0,
+    capture: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
-    """Self-attention over the L new tokens, plus the cached ones when decoding with a `cache`."""
+    """Self-attention over the L new tokens, plus the cached ones when decoding with a `cache`.
+
+    `capture` (a static switch, inspection only): the written-out `attention()` whatever `attention_impl`, and its
+    weights [B, N, L, S] returned third.
+    """
     cfg, dt = self.cfg, self.cfg.dtype
     b, l, d = x_BLD.shape
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -466,7 +488,9 @@ class Attention(nnx.Module):
       k_BSKH, v_BSKH = cache.k_LBKSH[layer].astype(dt), cache.v_LBKSH[layer].astype(dt)
       kv_positions_BS, kv_segment_ids_BS = cache.positions_BS, cache.segment_ids_BS
     mask = attention_mask(segment_ids_BL, kv_segment_ids_BS, positions_BL, kv_positions_BS)
-    if cfg.attention_impl == "xla":
+    if capture:
+      out_BLNH, probs_BNLS = attention(q_BLNH, k_BSKH, v_BSKH, mask, kv_heads_first=kv_heads_first, return_probs=True)
+    elif cfg.attention_impl == "xla":
       out_BLNH = attention(q_BLNH, k_BSKH, v_BSKH, mask, kv_heads_first=kv_heads_first)
     else:  # jax's fused kernels (cuDNN on GPUs), on [B, S, K, H].
       if kv_heads_first:
@@ -479,6 +503,8 @@ class Attention(nnx.Module):
     out_BLD = out_BLD.reshape(b, l, d)
     if cfg.use_bias:
       out_BLD = out_BLD + self.bias_o_D[...].astype(dt)
+    if capture:
+      return out_BLD, cache, probs_BNLS
     return out_BLD, cache
 
 
@@ -530,17 +556,42 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs, lora=lora)
 
   def __call__(
-    self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array, cache: KVCache | None = None, layer=0
+    self,
+    x_BLD: jax.Array,
+    positions_BL: jax.Array,
+    segment_ids_BL: jax.Array,
+    cache: KVCache | None = None,
+    layer=0,
+    capture: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
-    attn_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL, cache, layer)
+    """`capture`: the attention weights [B, N, L, S] returned third (`Attention`)."""
+    attn_BLD, cache, *probs = self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL, cache, layer, capture)
     x_BLD = x_BLD + attn_BLD
-    return x_BLD + self.mlp(self.mlp_norm(x_BLD)), cache
+    return x_BLD + self.mlp(self.mlp_norm(x_BLD)), cache, *probs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Internals:
+  """What one forward pass computed on the way to its logits (`Transformer.forward_with_internals`)."""
+
+  residual_stream: jax.Array  # [num_layers + 1, B, L, D]: the embeddings, then the stream after each block.
+  attention_probs: jax.Array  # [num_layers, B, N, L, S] float32: each layer's attention weights (rows sum to 1).
 
 
 _REMAT_POLICIES = {
   "full": None,  # Save nothing: recompute the whole block.
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep matmul outputs.
 }
+
+
+def _one_document(tokens_BL, positions_BL, segment_ids_BL):
+  """Positions and segment ids; without them each row is one document (no padding)."""
+  if positions_BL is None:
+    positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+  if segment_ids_BL is None:
+    segment_ids_BL = jnp.ones_like(tokens_BL)
+  return positions_BL, segment_ids_BL
 
 
 class Transformer(nnx.Module):
@@ -577,11 +628,20 @@ class Transformer(nnx.Module):
     self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None
   ) -> jax.Array:
     """Final-norm hidden states [B, L, D]. Without segment ids the row is one document (no padding)."""
-    if positions_BL is None:
-      positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-    if segment_ids_BL is None:
-      segment_ids_BL = jnp.ones_like(tokens_BL)
-    return self._layers(tokens_BL, positions_BL, segment_ids_BL, None)[0]
+    return self._layers(tokens_BL, *_one_document(tokens_BL, positions_BL, segment_ids_BL), None)[0]
+
+  def forward_with_internals(
+    self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None
+  ) -> tuple[jax.Array, Internals]:
+    """`__call__`'s logits and, from the same forward pass, the residual stream and attention weights.
+
+    For inspection (llm_jax/inference/inspection.py): training and decoding never capture, and their code is
+    unchanged by it (a static switch). The written-out attention is used whatever `attention_impl`.
+    """
+    h_BLD, _, internals = self._layers(
+      tokens_BL, *_one_document(tokens_BL, positions_BL, segment_ids_BL), None, capture=True
+    )
+    return self.logits(h_BLD), internals
 
   def backbone_with_cache(
     self, tokens_BL: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array, cache: KVCache
@@ -594,32 +654,42 @@ class Transformer(nnx.Module):
     h_BLD, cache = self._layers(tokens_BL, positions_BL, segment_ids_BL, cache)
     return h_BLD, dataclasses.replace(cache, index=cache.index + tokens_BL.shape[1])
 
-  def _layers(self, tokens_BL, positions_BL, segment_ids_BL, cache):
+  def _layers(self, tokens_BL, positions_BL, segment_ids_BL, cache, capture: bool = False):
+    """(final-norm hidden states, cache), and `Internals` third when `capture`."""
     cfg = self.cfg
     x_BLD = self.embed(tokens_BL)
     if cfg.position == "learned":
       x_BLD = x_BLD + self.pos_embed(positions_BL)
     x_BLD = batch_sharded(x_BLD)
+    embedded_BLD = x_BLD
 
     def run_block(block: Block, x_BLD: jax.Array, cache, layer):
-      return block(x_BLD, positions_BL, segment_ids_BL, cache, layer)
+      return block(x_BLD, positions_BL, segment_ids_BL, cache, layer, capture)
 
     if cfg.remat != "none" and cache is None:
       run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat])
 
     if cfg.scan_layers:
-
-      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      # Per-layer outputs (stacked by the scan) only when capturing: (residual stream, attention weights).
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: "layers"})
       def run_stack(block: Block, carry):
         x_BLD, cache, layer = carry
-        x_BLD, cache = run_block(block, x_BLD, cache, layer)
-        return x_BLD, cache, layer + 1
+        x_BLD, cache, *probs = run_block(block, x_BLD, cache, layer)
+        return (x_BLD, cache, layer + 1), ((x_BLD, *probs) if capture else ())
 
-      x_BLD, cache, _ = run_stack(self.blocks, (x_BLD, cache, jnp.int32(0)))
+      (x_BLD, cache, _), per_layer = run_stack(self.blocks, (x_BLD, cache, jnp.int32(0)))
     else:
+      outputs = []
       for layer, block in enumerate(self.blocks):
-        x_BLD, cache = run_block(block, x_BLD, cache, layer)
-    return batch_sharded(self.final_norm(x_BLD)), cache
+        x_BLD, cache, *probs = run_block(block, x_BLD, cache, layer)
+        if capture:
+          outputs.append((x_BLD, *probs))
+      per_layer = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs) if capture else ()
+    h_BLD = batch_sharded(self.final_norm(x_BLD))
+    if not capture:
+      return h_BLD, cache
+    residual, probs = per_layer
+    return h_BLD, cache, Internals(jnp.concatenate([embedded_BLD[None], residual]), probs)
 
   def logits(self, h_BLD: jax.Array) -> jax.Array:
     """The LM head: hidden states → float32 logits [B, L, V]."""

@@ -67,6 +67,14 @@ def test_every_stage_shows_its_learning_signal(pipeline):
     assert math.isfinite(results[key]), key
   report = open(os.path.join(workdir, "REPORT.md")).read()
   assert "Where is the capital of China?" in report and len(os.listdir(os.path.join(workdir, "plots"))) == 6
+  # The report ends with the seed question inspected on each model, its figures beside it.
+  section = report.split("## How each model picks its tokens")[1]
+  for label, name in end_to_end.INSPECTED:
+    inspected = json.loads(open(os.path.join(workdir, "inspect", name, "inspect.json")).read())
+    assert f"| {label} | {json.dumps(inspected['answer'], ensure_ascii=False)} |" in section
+    for figure in ("steps.png", "logit_lens.png"):
+      assert f"(inspect/{name}/{figure})" in section and os.path.exists(os.path.join(workdir, "inspect", name, figure))
+  assert inspected["answer"].strip() == results["answer"]  # The RLHF model's greedy answer, as the report prints it.
 
 
 def test_evaluate_writes_the_documented_fields(pipeline, tmp_path):

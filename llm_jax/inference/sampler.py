@@ -121,6 +121,23 @@ def bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (n - 1).bit_length())
 
 
+def text_prompts(
+  tokenizer: Tokenizer, prompts: Sequence[str], sampling: SamplingConfig, chat: bool
+) -> tuple[list[list[int]], SamplingConfig]:
+  """The token prompts and sampling settings `Sampler.complete` generates text prompts with (the inspector too).
+
+  Plain: the tokenizer's default ids (BOS where it adds one), stopping at its stop ids. `chat`: each prompt a user
+  turn in the chat template, stopping at the end of the turn, with role and control tokens banned.
+  """
+  if chat:
+    token_prompts = [
+      chat_lib.render(tokenizer, [chat_lib.Message("user", p)], generation_prompt=True)[0] for p in prompts
+    ]
+    return token_prompts, chat_lib.chat_sampling(sampling, tokenizer)
+  token_prompts = [tokenizer.encode_default(p) for p in prompts]
+  return token_prompts, dataclasses.replace(sampling, stop_ids=tuple(sorted({*sampling.stop_ids, *tokenizer.stop_ids})))
+
+
 class Sampler:
   """Generates from a model whose parameters are sharded on `mesh` (see `llm_jax.modeling.ModelSpec`).
 
@@ -343,13 +360,6 @@ class Sampler:
         shown.extend(new_tokens)
         stream(tokenizer.decode(shown)[len(before) :])
 
-    if chat:
-      token_prompts = [
-        chat_lib.render(tokenizer, [chat_lib.Message("user", p)], generation_prompt=True)[0] for p in prompts
-      ]
-      sampling = chat_lib.chat_sampling(sampling, tokenizer)
-    else:
-      token_prompts = [tokenizer.encode_default(p) for p in prompts]
-      sampling = dataclasses.replace(sampling, stop_ids=tuple(sorted({*sampling.stop_ids, *tokenizer.stop_ids})))
+    token_prompts, sampling = text_prompts(tokenizer, prompts, sampling, chat)
     result = self.generate(token_prompts, sampling, key, stream=on_tokens)
     return [tokenizer.decode(tokens) for tokens in result.tokens]

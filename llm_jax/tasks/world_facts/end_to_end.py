@@ -6,7 +6,9 @@ only reloads a finished one. The report (REPORT.md, plots/*.png, results.json) s
 - pretraining teaches grammar and facts (loss), but the base model does not answer questions;
 - SFT teaches the answer format on train countries; held-out countries are answered from pretraining alone;
 - the reward model learns the gold judge's preferences from ranked pairs (held-out pair accuracy);
-- RLHF moves the SFT policy toward complete answers (gold win-rate against SFT), at a stated KL.
+- RLHF moves the SFT policy toward complete answers (gold win-rate against SFT), at a stated KL;
+- at the end, the seed question through the base, SFT and RLHF models, token by token (inspect/: top choices,
+  attention, logit lens; llm_jax/inference/inspection.py). It only reads the models: results.json is unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 import ml_collections
 
 from llm_jax import evaluation, sharding
+from llm_jax.inference import inspection
 from llm_jax.inference.loading import load_sampler
 from llm_jax.metrics import read_metrics
 from llm_jax.modeling import load_model
@@ -123,7 +126,24 @@ def plot(dirs: dict[str, str], out_dir: str) -> list[str]:
   return paths
 
 
-def write_report(workdir: str, results: dict, plots: list[str], seconds: float) -> str:
+INSPECTED = (("base (pretrained)", "pretrain"), ("SFT", "sft"), ("RLHF", "rlhf"))
+
+
+def inspect_seed_question(dirs: dict[str, str], mesh, out_dir: str) -> dict[str, dict]:
+  """The seed question through each model as the report's answers are produced (greedy, chat), written to
+  out_dir/NAME/ (INSPECT.md, inspect.json, figures). Seconds: one generation and one forward pass per model."""
+  inspections = {}
+  for _, name in INSPECTED:
+    inspections[name] = inspection.inspect_workdir(
+      dirs[name], mesh, prompt=QUESTION, chat=True, sampling=evaluation.ANSWER, key=jax.random.key(0)
+    )
+    inspection.write(inspections[name], os.path.join(out_dir, name))
+  return inspections
+
+
+def write_report(
+  workdir: str, results: dict, plots: list[str], seconds: float, inspections: dict[str, dict] | None = None
+) -> str:
   table = [("base (pretrained)", "pretrain"), ("SFT", "sft"), ("RLHF", "rlhf")]
   lines = [
     "# World-facts experiment",
@@ -160,6 +180,18 @@ def write_report(workdir: str, results: dict, plots: list[str], seconds: float) 
     "",
   ]
   lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
+  if inspections:
+    lines += [
+      "",
+      f"## How each model picks its tokens: {QUESTION}",
+      "",
+      "Greedy, as the answers above; each number is from the model's own forward pass (token by token: "
+      + ", ".join(f"[{label}](inspect/{name}/INSPECT.md)" for label, name in INSPECTED)
+      + "). Probabilities are the softmax of the logits with role tokens banned, as the sampler draws; the logit "
+      "lens reads the residual stream after each layer through the final norm and the LM head.",
+      "",
+      *inspection.comparison_markdown([(label, inspections[name], f"inspect/{name}") for label, name in INSPECTED]),
+    ]
   path = os.path.join(workdir, "REPORT.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -191,7 +223,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print("\n", flush=True)
   results["answer"] = answer.strip()
   plots = plot(dirs, os.path.join(workdir, "plots"))
-  report = write_report(workdir, results, plots, time.perf_counter() - start)
+  print("=== inspection: the seed question token by token", flush=True)
+  inspections = inspect_seed_question(dirs, mesh, os.path.join(workdir, "inspect"))
+  report = write_report(workdir, results, plots, time.perf_counter() - start, inspections)
   print(open(report).read().split("![")[0], flush=True)
   print(f"report: {report}", flush=True)
   return results

@@ -1,0 +1,190 @@
+"""The inspector (llm_jax/inference/inspection.py, experiments/inspect_model.py): captured attention ≡ a NumPy attention
+from the layer inputs (GQA, RoPE), logit lens ≡ the model's logits at the last layer, top-k ≡ softmax(logits / T),
+the chosen tokens ≡ the sampler's and generate.py's, and the JSON behind every figure."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llm_jax import modeling, sharding
+from llm_jax.errors import UserError
+from llm_jax.inference import inspection
+from llm_jax.inference.sampler import Sampler, SamplingConfig
+from llm_jax.model import PRESETS, Transformer
+from llm_jax.tokenizer import ByteTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = PRESETS["tiny"]  # RoPE, RMSNorm, SwiGLU, 4 query heads sharing 2 K/V heads.
+
+
+def numpy_rope(x, positions, theta):
+  h = x.shape[-1]
+  angle = np.asarray(positions, np.float64)[..., None] * (1.0 / theta ** (np.arange(0, h, 2) / h))
+  cos, sin = (f(np.concatenate([angle, angle], -1))[:, :, None, :] for f in (np.cos, np.sin))
+  return x * cos + np.concatenate([-x[..., h // 2 :], x[..., : h // 2]], -1) * sin
+
+
+def peaked(cfg, seed=0):
+  """(graphdef, params) with larger weights than the init: peaked attention and predictions."""
+  graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+  return graphdef, jax.tree.map(lambda a: a * 4.0 if a.ndim > 1 else a, nnx.to_pure_dict(state))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_captured_attention_equals_numpy_attention_and_last_lens_row_the_logits(scan):
+  graphdef, params = peaked(TINY)
+  if scan:  # The same parameters stacked for the scanned model.
+    scanned_graphdef = nnx.split(Transformer(dataclasses.replace(TINY, scan_layers=True), rngs=nnx.Rngs(0)))[0]
+    params = dict(params, blocks=jax.tree.map(lambda *layers: jnp.stack(layers), *params["blocks"].values()))
+    graphdef = scanned_graphdef
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 13), 8, 264))
+
+  @jax.jit
+  def run(params, tokens):
+    model = nnx.merge(graphdef, params)
+    logits, internals = model.forward_with_internals(tokens)
+    return logits, internals, model(tokens), inspection.logit_lens(model, internals.residual_stream)
+
+  logits, internals, plain_logits, lens = run(params, tokens)
+  np.testing.assert_array_equal(logits, plain_logits)  # Capturing changes nothing in the logits...
+  # ...and the last layer's lens is the model's head (on a [layers + 1, ...] batch: float32 rounding apart).
+  np.testing.assert_allclose(lens[-1], plain_logits, rtol=1e-5, atol=1e-5)
+  assert internals.residual_stream.shape == (TINY.num_layers + 1, 2, 13, TINY.d_model)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  blocks = [jax.tree.map(lambda a: a[i], p["blocks"]) for i in range(TINY.num_layers)] if scan else p["blocks"]
+  np.testing.assert_allclose(internals.residual_stream[0], p["embed"]["embedding"][tokens], rtol=1e-6)
+  positions = np.broadcast_to(np.arange(13), (2, 13))
+  for layer in range(TINY.num_layers):
+    x = np.asarray(internals.residual_stream[layer], np.float64)  # The layer's input.
+    block = blocks[layer]
+    h = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + TINY.norm_eps) * block["attn_norm"]["scale"]
+    q, k = (np.einsum("bld,dnh->blnh", h, block["attn"][w]) for w in ("wq_DNH", "wk_DKH"))
+    q, k = numpy_rope(q, positions, TINY.rope_theta), numpy_rope(k, positions, TINY.rope_theta)
+    k = np.repeat(k, TINY.num_heads // TINY.num_kv_heads, axis=2)  # Query head j reads K/V head j // 2.
+    scores = np.einsum("blnh,bsnh->bnls", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(np.tril(np.ones((13, 13), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    got = np.asarray(internals.attention_probs[layer])
+    assert got.max() > 0.9  # Peaked: a wrong head mapping or rotation would show.
+    np.testing.assert_allclose(got, probs, atol=2e-5, err_msg=f"layer {layer}")
+    assert np.all(np.triu(got, 1) == 0)  # The future gets exactly nothing.
+
+
+def _inspect(prompt, chat, sampling, **kwargs):
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  factory = lambda rngs: Transformer(dataclasses.replace(TINY, vocab_size=264), rngs=rngs)
+  spec = modeling.model_spec(factory, mesh)
+  params = jax.tree.map(lambda a: a * 4.0 if a.ndim > 1 else a, modeling.init_params(factory, spec, seed=0))
+  tokenizer = ByteTokenizer()
+  sampler = Sampler(spec.graphdef, params, mesh)
+  inspect = lambda **kw: inspection.inspect(
+    spec.graphdef, params, mesh, tokenizer, prompt, chat=chat, sampling=sampling, sampler=sampler, **kwargs, **kw
+  )
+  return inspect(), spec.merge(params), sampler, tokenizer, inspect
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_steps_are_the_samplers_tokens_with_softmax_top_k(chat, tmp_path):
+  temperature = 0.0 if chat else 0.7
+  sampling = SamplingConfig(max_new_tokens=8, temperature=temperature)
+  key = jax.random.key(3)
+  result, model, sampler, tokenizer, again = _inspect("the cat", chat, sampling, key=key, top_k_shown=4)
+  chosen = [s["id"] for s in result["steps"]]
+  assert tokenizer.decode(chosen) == sampler.complete(tokenizer, ["the cat"], sampling, key, chat=chat)[0]
+  prompt = [t["id"] for t in result["prompt_tokens"]]
+  logits = np.asarray(model(jnp.asarray([prompt + chosen]))[0], np.float64)
+  banned = result["sampling"]["banned_ids"]
+  assert bool(banned) == chat  # Chat mode bans role tokens as the sampler does.
+  for t, step in enumerate(result["steps"]):
+    row = logits[len(prompt) - 1 + t] / (temperature or 1.0)
+    row[banned] = -np.inf
+    probs = np.exp(row - row.max())
+    probs /= probs.sum()
+    top = np.argsort(-probs)[:4]
+    assert [c["id"] for c in step["top"]] == top.tolist()
+    np.testing.assert_allclose([c["prob"] for c in step["top"]], probs[top], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(step["prob"], probs[step["id"]], rtol=1e-4)
+    np.testing.assert_allclose(step["sampler_prob"], probs[step["id"]], rtol=1e-3)  # No top-k/top-p here.
+    nonzero = probs[probs > 0]
+    np.testing.assert_allclose(step["entropy"], -np.sum(nonzero * np.log(nonzero)), rtol=1e-4, atol=1e-6)
+    assert step["rank"] == 1 + int(np.sum(probs > probs[step["id"]]))
+    if temperature == 0:
+      assert step["rank"] == 1  # Greedy: the argmax of the full forward pass.
+    np.testing.assert_allclose(step["lens"]["prob"][-1], step["prob"], rtol=1e-5)
+    assert step["lens"]["rank"][-1] == step["rank"]
+  if "\ufffd" not in result["answer"]:  # (A random model's bytes may not be UTF-8.)
+    assert "".join(s["piece"] for s in result["steps"] if not s["special"]) == result["answer"]
+  # Every number behind the figures is in the JSON, which round-trips.
+  paths = inspection.write(result, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted(["INSPECT.md", "inspect.json", *inspection.FIGURES])
+  assert json.loads((tmp_path / "inspect.json").read_text()) == result and len(paths) == 7
+  weights = np.asarray(result["attention"]["weights"])
+  query = result["attention"]["query_position"]
+  assert weights.shape == (TINY.num_layers, TINY.num_heads, query + 1) == (2, 4, len(result["attention"]["context"]))
+  np.testing.assert_allclose(weights.sum(-1), 1, rtol=1e-5)
+  np.testing.assert_allclose(result["attention"]["head_mean"], weights.mean(1), rtol=1e-6)
+  assert all(len(s["lens"]["rank"]) == TINY.num_layers + 1 for s in result["steps"])
+  with pytest.raises(UserError, match="--step=8: the answer has 8 step"):
+    again(step=8)
+
+
+def test_key_step_is_the_first_new_word():
+  pieces = ["The", " capital", " of", " China", " is", " Be", "ijing", ".", "<|end|>"]
+  special = [False] * 8 + [True]
+  probs = [0.9, 0.9, 0.9, 0.9, 0.9, 0.8, 0.99, 0.95, 0.9]
+  assert inspection.key_step("Where is the capital of China?", pieces, special, probs)[0] == 5
+  chars = list("The capital of China is Beijing.")
+  assert inspection.key_step("Where is the capital of China?", chars, [False] * len(chars), [0.5] * len(chars))[0] == 24
+  # Every word copied from the prompt: the least likely content token.
+  assert inspection.key_step("the cat", ["the", " cat", "<eos>"], [False, False, True], [0.9, 0.3, 0.1])[0] == 1
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import pretrain as pretrain_config
+
+  from llm_jax.train import pretrain
+
+  tmp = tmp_path_factory.mktemp("inspect")
+  (tmp / "corpus.txt").write_text("the cat sat on the mat. " * 200)
+  config = pretrain_config.get_config()
+  config.model, config.data.path, config.data.tokenizer = "tiny", str(tmp / "corpus.txt"), "char"
+  config.steps, config.warmup_steps, config.batch_size, config.seq_len = 2, 0, 8, 32
+  pretrain.run(config, str(tmp / "run"), devices=jax.devices()[:1])
+  return str(tmp / "run")
+
+
+def test_cli_picks_the_tokens_generate_py_picks(workdir, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+  common = [f"--workdir={workdir}", "--prompt=Where is the cat?", "--chat", "--temperature=0", "--max_new_tokens=10"]
+  run = lambda tool, *args: subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", f"{tool}.py"), *common, *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  generated = run("generate")
+  assert generated.returncode == 0, generated.stderr
+  inspected = run("inspect_model", f"--output={tmp_path}/out", "--checkpoint=2", "--top_k_shown=3")
+  assert inspected.returncode == 0, inspected.stderr
+  result = json.loads((tmp_path / "out" / "inspect.json").read_text())
+  assert generated.stdout == "Where is the cat?\n" + result["answer"] + "\n"
+  assert result["checkpoint"] == 2 and result["stage"] == "pretrain" and len(result["steps"][0]["top"]) == 3
+  assert f"answer: {json.dumps(result['answer'])}" in inspected.stdout and "logit lens" in inspected.stdout
+
+
+def test_no_tool_shadows_a_standard_library_module():
+  """`python experiments/X.py` puts experiments/ first on the import path: an inspect.py there breaks every tool."""
+  tools = {f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".py")}
+  assert not tools & sys.stdlib_module_names
