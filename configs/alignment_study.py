@@ -34,8 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.group_size = 4  # GRPO/RLOO: answers per prompt (prompts per iteration shrink to keep answers equal).
 
   config.dpo = _config_file("dpo")
+  # About as many updates as each RL run makes (30 iterations × 2 epochs × 2 minibatches), at the same rate.
   config.dpo.steps = 100
   config.dpo.batch_size = 16
+  config.dpo.learning_rate = 5e-5
+  config.dpo.warmup_steps = 10
   config.dpo.eval_every = 50
 
   # Over-optimisation: a long PPO run with a weak KL penalty, evaluated by the gold judge every `every` iterations.
