@@ -255,7 +255,7 @@ def reference_log_probs(
         f"{path}: this workdir was trained against reference log-probs of another model, data or tokenizer "
         f"(fields {changed} differ); use a new workdir"
       )
-  spec, params, _ = load_model(config.init_from, mesh, init_step, lm_factory(model_cfg))
+  spec, params, _ = load_model(config.init_from, mesh, init_step)  # A LoRA workdir comes back merged.
   arrays = compute_reference_log_probs(spec, params, splits, mesh, config.batch_size // config.grad_accum)
   del params  # No reference model in memory while training.
   if jax.process_index() == 0:
