@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llm_jax import checkpoint as ckpt_lib
 from llm_jax import modeling, sharding
 from llm_jax.errors import UserError
 from llm_jax.inference import inspection
-from llm_jax.inference.sampler import Sampler, SamplingConfig
+from llm_jax.inference.sampler import Sampler, SamplingConfig, text_prompts
 from llm_jax.model import PRESETS, Transformer
 from llm_jax.tokenizer import ByteTokenizer
 
@@ -164,24 +165,21 @@ def test_key_step_is_the_first_new_word():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A pretrained tiny char model, its config the same as test_dpo.py's base workdir (only the text differs): the
-  persistent compilation cache then serves both modules' train and eval steps."""
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import pretrain as pretrain_config
-
-  from llm_jax.train import pretrain
-
-  tmp = tmp_path_factory.mktemp("inspect")
-  (tmp / "corpus.txt").write_text("the cat sat on the mat. " * 200)
-  config = pretrain_config.get_config()
-  config.model, config.data.path, config.data.tokenizer = "tiny", str(tmp / "corpus.txt"), "char"
-  config.steps, config.warmup_steps, config.batch_size, config.seq_len = 2, 0, 8, 32
-  pretrain.run(config, str(tmp / "run"), devices=jax.devices()[:1])
-  return str(tmp / "run")
+def workdir(tiny, tmp_path_factory):
+  """A pretrain workdir as the stage leaves one (config, tokenizer, checkpoint 2 with its meta) holding the `tiny`
+  model: written by the project's checkpointer without an optimizer state, as an imported model is (no training:
+  its compiles would be most of this module's time, and what the tools read is the same)."""
+  path = tmp_path_factory.mktemp("inspect") / "run"
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps({"config": {}, "model": dataclasses.asdict(TINY)}))
+  ByteTokenizer().save(str(path))
+  checkpointer = ckpt_lib.Checkpointer(str(path))
+  checkpointer.save(2, tiny["params"], None, None, {"stage": "pretrain", "step": 2, "model": dataclasses.asdict(TINY)})
+  checkpointer.close()
+  return str(path)
 
 
-def test_cli_picks_the_tokens_generate_py_picks(workdir, tmp_path):
+def test_cli_picks_the_tokens_generate_py_picks(workdir, tiny, tmp_path):
   """`python experiments/inspect.py` (a file named like the standard library's inspect, which jax imports) runs,
   and picks generate.py's tokens: one process each."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
@@ -200,7 +198,13 @@ def test_cli_picks_the_tokens_generate_py_picks(workdir, tmp_path):
   result = json.loads((tmp_path / "out" / "inspect.json").read_text())
   assert generated.stdout == "Where is the cat?\n" + result["answer"] + "\n"
   assert result["checkpoint"] == 2 and result["stage"] == "pretrain" and len(result["steps"][0]["top"]) == 3
-  assert f"answer: {json.dumps(result['answer'])}" in inspected.stdout and "logit lens" in inspected.stdout
+  assert f"answer: {inspection._quote(result['answer'])}" in inspected.stdout and "logit lens" in inspected.stdout
+  # The ids too (a random model's bytes need not be UTF-8, so equal text could hide different invalid bytes).
+  sampling = SamplingConfig(max_new_tokens=10, temperature=0.0)
+  (prompt,), sampling = text_prompts(ByteTokenizer(), ["Where is the cat?"], sampling, True)
+  assert [t["id"] for t in result["prompt_tokens"]] == prompt
+  expected = tiny["sampler"].generate([prompt], sampling, jax.random.key(0)).tokens[0]
+  assert [s["id"] for s in result["steps"]] == list(expected)
 
 
 def test_import_inspect_from_experiments_is_the_standard_library():
