@@ -2,9 +2,11 @@
 
     python tests/cli_cases.py '[["generate", ["--workdir=W", "--prompt=hi"]], ...]'
 
-prints a JSON list of {tool, args, code, stderr}. The stack is imported once (~3 s); each case then runs in a
-forked child, exactly as its own process would (fresh absl flags, sys.argv, exit status, stderr), in a fraction
-of a second. Nothing has touched a JAX backend before the fork: each child starts its own.
+prints a JSON list of {tool, args, code, stdout, stderr}. The stack is imported once (~3 s); each case then runs in
+a forked child, exactly as its own process would (fresh absl flags, sys.argv, exit status, output), in a fraction
+of a second. Nothing has touched a JAX backend before the fork: each child starts its own. As for
+`python experiments/TOOL.py`, experiments/ comes first on the import path before anything is imported, so the stack
+meets experiments/inspect.py where it imports the standard library's `inspect`, as every tool's process does.
 """
 
 import json
@@ -18,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(cases):
+  sys.path[0] = os.path.join(ROOT, "experiments")  # The script's folder, as `python experiments/TOOL.py` has it.
   import flax.nnx  # noqa: F401  (the slow imports, once: the children inherit them)
   import grain  # noqa: F401
   import jax  # noqa: F401
@@ -29,13 +32,13 @@ def main(cases):
 
   results = []
   for tool, args in cases:
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
       pid = os.fork()
       if pid == 0:  # The child: `python experiments/TOOL.py ARGS...`.
         code = 1
         try:
           os.dup2(err.fileno(), 2)
-          os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+          os.dup2(out.fileno(), 1)
           path = os.path.join(ROOT, "experiments", f"{tool}.py")
           sys.argv = [path] + list(args)
           runpy.run_path(path, run_name="__main__")
@@ -45,15 +48,18 @@ def main(cases):
         except BaseException:  # noqa: BLE001  (a traceback is what the test looks for)
           traceback.print_exc()
         finally:
+          sys.stdout.flush()
           sys.stderr.flush()
           os._exit(code)
       _, status = os.waitpid(pid, 0)
+      out.seek(0)
       err.seek(0)
       results.append(
         {
           "tool": tool,
           "args": list(args),
           "code": os.waitstatus_to_exitcode(status),
+          "stdout": out.read().decode(errors="replace"),
           "stderr": err.read().decode(errors="replace"),
         }
       )

@@ -1,6 +1,7 @@
 """Every command-line tool as a new user meets it: a bad flag, a missing or malformed file, a workdir of the wrong
 kind ends with one line `error: ...` on stderr and exit status 2, and leaves existing workdirs untouched."""
 
+import ast
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ TINY = dataclasses.replace(PRESETS["tiny"], vocab_size=320)
 
 
 def run_cases(cases):
-  """[(tool, args)] → [{code, stderr}], all in one subprocess (tests/cli_cases.py)."""
+  """[(tool, args)] → [{code, stdout, stderr}], all in one subprocess (tests/cli_cases.py)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
   proc = subprocess.run(
     [sys.executable, os.path.join(ROOT, "tests", "cli_cases.py"), json.dumps(cases)],
@@ -191,35 +192,35 @@ def test_every_tool_reports_bad_input_in_one_line(workdirs):
       "--pairs: for reward models",
     ),
     (
-      "inspect_model",
+      "inspect",
       [f"--workdir={w['not_a_workdir']}", "--prompt=hi", f"--output={w['tmp']}/o"],
       "is not an llm_jax workdir",
     ),
     (
-      "inspect_model",
+      "inspect",
       [f"--workdir={w['reward_model']}", "--prompt=hi", f"--output={w['tmp']}/o"],
       "is a reward-model workdir",
     ),
-    ("inspect_model", [f"--workdir={w['pretrain']}", "--prompt=hi"], "--output is required"),
-    ("inspect_model", [f"--workdir={w['pretrain']}", "--prompt=hi", f"--output={w['file']}"], "is not a directory"),
-    ("inspect_model", [f"--workdir={w['pretrain']}", "--prompt= ", f"--output={w['tmp']}/o"], "--prompt is empty"),
+    ("inspect", [f"--workdir={w['pretrain']}", "--prompt=hi"], "--output is required"),
+    ("inspect", [f"--workdir={w['pretrain']}", "--prompt=hi", f"--output={w['file']}"], "is not a directory"),
+    ("inspect", [f"--workdir={w['pretrain']}", "--prompt= ", f"--output={w['tmp']}/o"], "--prompt is empty"),
     (
-      "inspect_model",
+      "inspect",
       [f"--workdir={w['pretrain']}", "--prompt=hi", "--top_k_shown=0", f"--output={w['tmp']}/o"],
       "--top_k_shown=0 must be >= 1",
     ),
     (
-      "inspect_model",
+      "inspect",
       [f"--workdir={w['pretrain']}", "--prompt=hi", "--max_new_tokens=0", f"--output={w['tmp']}/o"],
       "max_new_tokens=0 must be >= 1",
     ),
     (
-      "inspect_model",
+      "inspect",
       [f"--workdir={w['pretrain']}", f"--checkpoint={w['sft']}/checkpoints/1", "--prompt=hi", f"--output={w['tmp']}/o"],
       "is not a checkpoint of --workdir",
     ),
     (
-      "inspect_model",
+      "inspect",
       [f"--workdir={w['pretrain']}", "--checkpoint=9", "--prompt=hi", f"--output={w['tmp']}/o"],
       "checkpoints/9: no such checkpoint",
     ),
@@ -230,3 +231,21 @@ def test_every_tool_reports_bad_input_in_one_line(workdirs):
   before = snapshot(w["tmp"])
   assert_one_line_errors(cases, run_cases([(tool, args) for tool, args, _ in cases]))
   assert snapshot(w["tmp"]) == before  # No workdir, checkpoint or file was created, changed or removed.
+
+
+def test_every_tool_starts():
+  """`python experiments/TOOL.py --help` for every tool: absl prints the usage (the tool's docstring) and exits 1,
+  with nothing on stderr. The stack is imported with experiments/ first on the import path, as in each tool's own
+  process: experiments/inspect.py must stand in for the standard library's `inspect` that jax and flax import."""
+  experiments = os.path.join(ROOT, "experiments")
+  tools = sorted(f[:-3] for f in os.listdir(experiments) if f.endswith(".py"))
+  assert {"inspect", "generate", "pretrain"} <= set(tools)
+  wrong = []
+  for tool, result in zip(tools, run_cases([(tool, ["--help"]) for tool in tools])):
+    with open(os.path.join(experiments, f"{tool}.py")) as f:
+      usage = ast.get_docstring(ast.parse(f.read())).splitlines()[0]
+    if not (result["code"] == 1 and not result["stderr"] and result["stdout"].startswith(usage)):
+      wrong.append(
+        f"{tool}: exit {result['code']}, stdout {result['stdout'][:200]!r}, stderr {result['stderr'][-600:]!r}"
+      )
+  assert not wrong, "\n".join(wrong)

@@ -1,6 +1,7 @@
-"""The inspector (llm_jax/inference/inspection.py, experiments/inspect_model.py): captured attention ≡ a NumPy attention
+"""The inspector (llm_jax/inference/inspection.py, experiments/inspect.py): captured attention ≡ a NumPy attention
 from the layer inputs (GQA, RoPE), logit lens ≡ the model's logits at the last layer, top-k ≡ softmax(logits / T),
-the chosen tokens ≡ the sampler's and generate.py's, and the JSON behind every figure."""
+the chosen tokens ≡ the sampler's and generate.py's, and the JSON behind every figure. One model (and its sampler)
+and one trained workdir serve the whole module: the cost is compiling, so each program is built once."""
 
 import dataclasses
 import json
@@ -14,15 +15,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llm_jax import checkpoint as ckpt_lib
 from llm_jax import modeling, sharding
 from llm_jax.errors import UserError
 from llm_jax.inference import inspection
-from llm_jax.inference.sampler import Sampler, SamplingConfig
+from llm_jax.inference.sampler import Sampler, SamplingConfig, text_prompts
 from llm_jax.model import PRESETS, Transformer
 from llm_jax.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = PRESETS["tiny"]  # RoPE, RMSNorm, SwiGLU, 4 query heads sharing 2 K/V heads.
+TINY = dataclasses.replace(PRESETS["tiny"], vocab_size=264)  # RoPE, RMSNorm, SwiGLU, 4 query heads on 2 K/V heads.
 
 
 def numpy_rope(x, positions, theta):
@@ -79,29 +81,43 @@ def test_captured_attention_equals_numpy_attention_and_last_lens_row_the_logits(
     assert np.all(np.triu(got, 1) == 0)  # The future gets exactly nothing.
 
 
-def _inspect(prompt, chat, sampling, **kwargs):
+@pytest.fixture(scope="module")
+def tiny():
+  """The byte-level TINY model with peaked weights, its sampler and a jitted forward, shared by the module."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  factory = lambda rngs: Transformer(dataclasses.replace(TINY, vocab_size=264), rngs=rngs)
+  factory = lambda rngs: Transformer(TINY, rngs=rngs)
   spec = modeling.model_spec(factory, mesh)
   params = jax.tree.map(lambda a: a * 4.0 if a.ndim > 1 else a, modeling.init_params(factory, spec, seed=0))
-  tokenizer = ByteTokenizer()
-  sampler = Sampler(spec.graphdef, params, mesh)
-  inspect = lambda **kw: inspection.inspect(
-    spec.graphdef, params, mesh, tokenizer, prompt, chat=chat, sampling=sampling, sampler=sampler, **kwargs, **kw
-  )
-  return inspect(), spec.merge(params), sampler, tokenizer, inspect
+  forward = jax.jit(lambda params, tokens: spec.merge(params)(tokens))
+  return dict(mesh=mesh, spec=spec, params=params, sampler=Sampler(spec.graphdef, params, mesh), forward=forward)
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_steps_are_the_samplers_tokens_with_softmax_top_k(chat, tmp_path):
+def test_steps_are_the_samplers_tokens_with_softmax_top_k(chat, tiny, tmp_path):
   temperature = 0.0 if chat else 0.7
   sampling = SamplingConfig(max_new_tokens=8, temperature=temperature)
-  key = jax.random.key(3)
-  result, model, sampler, tokenizer, again = _inspect("the cat", chat, sampling, key=key, top_k_shown=4)
+  key, tokenizer, sampler = jax.random.key(3), ByteTokenizer(), tiny["sampler"]
+  again = lambda **kw: inspection.inspect(
+    tiny["spec"].graphdef,
+    tiny["params"],
+    tiny["mesh"],
+    tokenizer,
+    "the cat",
+    chat=chat,
+    sampling=sampling,
+    key=key,
+    top_k_shown=4,
+    sampler=sampler,
+    **kw,
+  )
+  result = again()
   chosen = [s["id"] for s in result["steps"]]
   assert tokenizer.decode(chosen) == sampler.complete(tokenizer, ["the cat"], sampling, key, chat=chat)[0]
   prompt = [t["id"] for t in result["prompt_tokens"]]
-  logits = np.asarray(model(jnp.asarray([prompt + chosen]))[0], np.float64)
+  # The model's own forward pass, padded to one length for both cases (causal: the padding changes no earlier row).
+  tokens = np.zeros((1, 64), np.int32)
+  tokens[0, : len(prompt) + len(chosen)] = prompt + chosen
+  logits = np.asarray(tiny["forward"](tiny["params"], tokens)[0], np.float64)
   banned = result["sampling"]["banned_ids"]
   assert bool(banned) == chat  # Chat mode bans role tokens as the sampler does.
   for t, step in enumerate(result["steps"]):
@@ -149,22 +165,23 @@ def test_key_step_is_the_first_new_word():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import pretrain as pretrain_config
+def workdir(tiny, tmp_path_factory):
+  """A pretrain workdir as the stage leaves one (config, tokenizer, checkpoint 2 with its meta) holding the `tiny`
+  model: written by the project's checkpointer without an optimizer state, as an imported model is (no training:
+  its compiles would be most of this module's time, and what the tools read is the same)."""
+  path = tmp_path_factory.mktemp("inspect") / "run"
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps({"config": {}, "model": dataclasses.asdict(TINY)}))
+  ByteTokenizer().save(str(path))
+  checkpointer = ckpt_lib.Checkpointer(str(path))
+  checkpointer.save(2, tiny["params"], None, None, {"stage": "pretrain", "step": 2, "model": dataclasses.asdict(TINY)})
+  checkpointer.close()
+  return str(path)
 
-  from llm_jax.train import pretrain
 
-  tmp = tmp_path_factory.mktemp("inspect")
-  (tmp / "corpus.txt").write_text("the cat sat on the mat. " * 200)
-  config = pretrain_config.get_config()
-  config.model, config.data.path, config.data.tokenizer = "tiny", str(tmp / "corpus.txt"), "char"
-  config.steps, config.warmup_steps, config.batch_size, config.seq_len = 2, 0, 8, 32
-  pretrain.run(config, str(tmp / "run"), devices=jax.devices()[:1])
-  return str(tmp / "run")
-
-
-def test_cli_picks_the_tokens_generate_py_picks(workdir, tmp_path):
+def test_cli_picks_the_tokens_generate_py_picks(workdir, tiny, tmp_path):
+  """`python experiments/inspect.py` (a file named like the standard library's inspect, which jax imports) runs,
+  and picks generate.py's tokens: one process each."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
   common = [f"--workdir={workdir}", "--prompt=Where is the cat?", "--chat", "--temperature=0", "--max_new_tokens=10"]
   run = lambda tool, *args: subprocess.run(
@@ -176,15 +193,42 @@ def test_cli_picks_the_tokens_generate_py_picks(workdir, tmp_path):
   )
   generated = run("generate")
   assert generated.returncode == 0, generated.stderr
-  inspected = run("inspect_model", f"--output={tmp_path}/out", "--checkpoint=2", "--top_k_shown=3")
+  inspected = run("inspect", f"--output={tmp_path}/out", "--checkpoint=2", "--top_k_shown=3")
   assert inspected.returncode == 0, inspected.stderr
   result = json.loads((tmp_path / "out" / "inspect.json").read_text())
   assert generated.stdout == "Where is the cat?\n" + result["answer"] + "\n"
   assert result["checkpoint"] == 2 and result["stage"] == "pretrain" and len(result["steps"][0]["top"]) == 3
-  assert f"answer: {json.dumps(result['answer'])}" in inspected.stdout and "logit lens" in inspected.stdout
+  assert f"answer: {inspection._quote(result['answer'])}" in inspected.stdout and "logit lens" in inspected.stdout
+  # The ids too (a random model's bytes need not be UTF-8, so equal text could hide different invalid bytes).
+  sampling = SamplingConfig(max_new_tokens=10, temperature=0.0)
+  (prompt,), sampling = text_prompts(ByteTokenizer(), ["Where is the cat?"], sampling, True)
+  assert [t["id"] for t in result["prompt_tokens"]] == prompt
+  expected = tiny["sampler"].generate([prompt], sampling, jax.random.key(0)).tokens[0]
+  assert [s["id"] for s in result["steps"]] == list(expected)
 
 
-def test_no_tool_shadows_a_standard_library_module():
-  """`python experiments/X.py` puts experiments/ first on the import path: an inspect.py there breaks every tool."""
-  tools = {f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".py")}
-  assert not tools & sys.stdlib_module_names
+def test_import_inspect_from_experiments_is_the_standard_library():
+  """A script's folder comes first on the import path: from experiments/, `import inspect` finds
+  experiments/inspect.py, which must hand over the standard library's module (and be it for later imports)."""
+  code = """if True:
+    import importlib.machinery, os, sys, sysconfig
+    found = importlib.machinery.PathFinder.find_spec("inspect", sys.path).origin
+    assert os.path.samefile(found, "inspect.py"), found  # The tool is what the import system finds...
+    import inspect  # ...and what it returns is the standard library's module,
+    import dataclasses  # which later imports get too.
+    stdlib = os.path.join(sysconfig.get_paths()["stdlib"], "inspect.py")
+    assert os.path.samefile(inspect.__file__, stdlib), inspect.__file__
+    assert os.path.samefile(inspect.signature.__code__.co_filename, stdlib)
+    assert sys.modules["inspect"] is inspect is dataclasses.inspect
+    assert str(inspect.signature(lambda a, *b, c=1: 0)) == "(a, *b, c=1)"
+    assert "absl" not in sys.modules  # The tool did not run.
+    print("ok")
+  """
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=os.path.join(ROOT, "experiments"),
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=""),
+  )
+  assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr

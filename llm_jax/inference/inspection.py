@@ -1,4 +1,4 @@
-"""How a model goes from a prompt to each next token, read from its own forward pass (experiments/inspect_model.py).
+"""How a model goes from a prompt to each next token, read from its own forward pass (experiments/inspect.py).
 
     prompt ──tokenizer (chat: the template)──▶ ids ──Sampler.generate──▶ the answer's ids (the sampler's choices)
       └─ ONE forward pass over prompt + answer with `Transformer.forward_with_internals`: causal, so position
@@ -443,7 +443,7 @@ def markdown(result: dict, figures_dir: str = ".") -> str:
 
 
 def text_view(result: dict, top_k: int = 3) -> str:
-  """The compact view experiments/inspect_model.py prints."""
+  """The compact view experiments/inspect.py prints."""
   steps, key, attention = result["steps"], result["key_step"], result["attention"]
   layers = len(attention["head_mean"])
   prompt = " ".join(f"[{t['piece']}]" if t["special"] else _quote(t["piece"]) for t in result["prompt_tokens"])
