@@ -71,7 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   common.add_optimizer(config, steps=1000, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1)
 
   config.data = ml_collections.ConfigDict()
-  config.data.path = ""  # File(s) or glob(s), comma-separated; "" = the built-in corpus.
+  config.data.path = ""  # File(s) or glob(s), comma-separated; a prepared directory; "" = the built-in corpus.
+  # Prepared directories with weights, "DIR:W,DIR:W" (experiments/prepare_data.py); overrides data.path.
+  config.data.mixture = ""
   config.data.eval_path = ""  # Optional validation file(s); "" = the last eval_fraction of the rows.
   config.data.eval_fraction = 0.05
   config.data.tokenizer = "spm"  # "char" (bytes) or "spm" (SentencePiece BPE trained on the corpus).

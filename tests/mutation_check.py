@@ -106,7 +106,7 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "resume_without_data_iterator",
     LOOP,
-    "data_iter=self.data_iter,",
+    "data_iter=None if self._global_data_state else self.data_iter,",
     "data_iter=None,",
     (f"{T_TRAIN}::test_resume_continues_exactly",),
     "a resumed run restarts the data from the first batch",
