@@ -156,7 +156,8 @@ def main(argv):
   )
   reader = json.loads(proc.stdout.strip().splitlines()[-1])
   print(
-    f"\ncorpus {size / 1e9:.2f} GB, {rows[-1]['tokens']:,} tokens ({FLAGS.tokenizer} {tok.vocab_size}), seq_len {FLAGS.seq_len}"
+    f"\ncorpus {size / 1e9:.2f} GB, {rows[-1]['tokens']:,} tokens ({FLAGS.tokenizer} {tok.vocab_size}), "
+    f"seq_len {FLAGS.seq_len}"
   )
   print("workers  seconds  MB/s  MB/s/worker  speed-up  tokenize s  pack s  peak RSS parent/worker MB  shards GB")
   for r in rows:
@@ -166,7 +167,8 @@ def main(argv):
       f"{r['parent_rss_mb']:>12.0f} / {r['worker_rss_mb']:<10.0f}  {r['shard_gb']:.2f}"
     )
   print(
-    f"reader (1 thread): {reader['tokens_per_second'] / 1e6:.2f} M tokens/s, start-up {reader['startup_seconds']:.2f} s, "
+    f"reader (1 thread): {reader['tokens_per_second'] / 1e6:.2f} M tokens/s, "
+    f"start-up {reader['startup_seconds']:.2f} s, "
     f"peak RSS {reader['peak_rss_mb']:.0f} MB over {reader['rows']:,} rows "
     f"({reader['tokens_per_second'] / 20e3:.0f}x a v5p host's 20k tokens/s for llama_7b at 50 % MFU)"
   )
