@@ -53,7 +53,9 @@ from llm_jax.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, train_se
 METADATA_FILE = "prepared.json"
 FORMAT = "llm_jax.prepared/1"
 WORK_DIR = ".work"
-ARRAY_RECORD_OPTIONS = "group_size:1"  # One record per chunk: random access reads only that row.
+# One record per chunk: random access reads only that row. zstd: segment ids and positions compress ~2x overall
+# at 2x the write speed of ArrayRecord's default (brotli).
+ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"
 # Workers import this module: it must not import jax or grain (seconds per spawned worker), so these two are
 # copies of `text.ROW_FIELDS` and `sequences.PAD_FILL` (tests check they are equal).
 ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -216,15 +218,14 @@ class RowFormat:
   def encode(self, tokens_RT: np.ndarray, docs_RT: np.ndarray) -> list[bytes]:
     """Rows of the stream (tokens and global document ids, [rows, L + 1]) → one record each."""
     L = self.seq_len
-    seg_RT = np.where(docs_RT > 0, docs_RT - docs_RT[:, :1] + 1, 0)
-    column = np.arange(L)
+    seg_RT = np.where(docs_RT > 0, docs_RT - docs_RT[:, :1] + 1, 0).astype(np.int32)
+    column = np.arange(L, dtype=np.int32)
     starts = np.ones((len(seg_RT), L), bool)
     starts[:, 1:] = seg_RT[:, 1:L] != seg_RT[:, : L - 1]
     positions_RL = column - np.maximum.accumulate(np.where(starts, column, 0), axis=1)
-    t = tokens_RT.astype(self.token_dtype)
-    s = seg_RT.astype(self.index_dtype)
-    p = positions_RL.astype(self.index_dtype)
-    return [t[r].tobytes() + s[r].tobytes() + p[r].tobytes() for r in range(len(t))]
+    parts = [tokens_RT.astype(self.token_dtype), seg_RT.astype(self.index_dtype), positions_RL.astype(self.index_dtype)]
+    rows_RB = np.concatenate([x.view(np.uint8).reshape(len(x), -1) for x in parts], axis=1)
+    return [row.tobytes() for row in rows_RB]
 
   def decode(self, record: bytes) -> dict[str, np.ndarray]:
     """One record → the row's ROW_FIELDS, as `text.pack` gives them."""
