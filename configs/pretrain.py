@@ -21,6 +21,15 @@ in cache: 1.5x the throughput of one 16k-token batch and a fifth of the memory, 
     --config.data.path=../shared/data/tinyshakespeare.txt --config.data.tokenizer=char --config.seq_len=256 \
     --config.batch_size=64 --config.grad_accum=8 --config.steps=5000 --config.learning_rate=1e-3 --config.b2=0.99
 
+Prepared data (tokenized and packed once into ArrayRecord shards; README "Pretraining data at scale"):
+
+  python experiments/prepare_data.py --input=../shared/data/tinyshakespeare.txt --output=/tmp/shakespeare_prepared \
+    --tokenizer=char --seq_len=64 --num_shards=4
+  python experiments/pretrain.py --workdir=/tmp/shakespeare_prepared_run --config.model=baby_char \
+    --config.data.path=/tmp/shakespeare_prepared --config.seq_len=64 ...   # the baby flags above
+  # The same rows in the same order as data.path=../shared/data/tinyshakespeare.txt with data.tokenizer=char:
+  # the same losses (tests/test_prepared_data.py checks this bit for bit). data.mixture='DIR:W,DIR:W' mixes prepared dirs.
+
 Any model field can be overridden: `--config.model_overrides.num_layers=4`. `batch_size` is global (all
 devices and processes). The mesh axes multiply to the device count; -1 fills.
 
