@@ -28,7 +28,7 @@ Prepared data (tokenized and packed once into ArrayRecord shards; README "Pretra
   python experiments/pretrain.py --workdir=/tmp/shakespeare_prepared_run --config.model=baby_char \
     --config.data.path=/tmp/shakespeare_prepared --config.seq_len=64 ...   # the baby flags above
   # The same rows in the same order as data.path=../shared/data/tinyshakespeare.txt with data.tokenizer=char:
-  # the same losses (tests/test_prepared_data.py checks this bit for bit). data.mixture='DIR:W,DIR:W' mixes prepared dirs.
+  # the same losses (tests/test_prepared_data.py checks this bit for bit). data.mixture='DIR:W,DIR:W' mixes.
 
 Any model field can be overridden: `--config.model_overrides.num_layers=4`. `batch_size` is global (all
 devices and processes). The mesh axes multiply to the device count; -1 fills.

@@ -314,7 +314,7 @@ def _launch(workdir, data, steps):
     "--sample_tokens=0",
     *(f"--config.{k}={v}" for k, v in flat.items()),
   ]
-  proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
 
