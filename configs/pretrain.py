@@ -21,6 +21,15 @@ in cache: 1.5x the throughput of one 16k-token batch and a fifth of the memory, 
     --config.data.path=../shared/data/tinyshakespeare.txt --config.data.tokenizer=char --config.seq_len=256 \
     --config.batch_size=64 --config.grad_accum=8 --config.steps=5000 --config.learning_rate=1e-3 --config.b2=0.99
 
+Prepared data (tokenized and packed once into ArrayRecord shards; README "Pretraining data at scale"):
+
+  python experiments/prepare_data.py --input=../shared/data/tinyshakespeare.txt --output=/tmp/shakespeare_prepared \
+    --tokenizer=char --seq_len=64 --num_shards=4
+  python experiments/pretrain.py --workdir=/tmp/shakespeare_prepared_run --config.model=baby_char \
+    --config.data.path=/tmp/shakespeare_prepared --config.seq_len=64 ...   # the baby flags above
+  # The same rows in the same order as data.path=../shared/data/tinyshakespeare.txt with data.tokenizer=char:
+  # the same losses (tests/test_prepared_data.py checks this bit for bit). data.mixture='DIR:W,DIR:W' mixes.
+
 Any model field can be overridden: `--config.model_overrides.num_layers=4`. `batch_size` is global (all
 devices and processes). The mesh axes multiply to the device count; -1 fills.
 
@@ -71,7 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   common.add_optimizer(config, steps=1000, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1)
 
   config.data = ml_collections.ConfigDict()
-  config.data.path = ""  # File(s) or glob(s), comma-separated; "" = the built-in corpus.
+  config.data.path = ""  # File(s) or glob(s), comma-separated; a prepared directory; "" = the built-in corpus.
+  # Prepared directories with weights, "DIR:W,DIR:W" (experiments/prepare_data.py); overrides data.path.
+  config.data.mixture = ""
   config.data.eval_path = ""  # Optional validation file(s); "" = the last eval_fraction of the rows.
   config.data.eval_fraction = 0.05
   config.data.tokenizer = "spm"  # "char" (bytes) or "spm" (SentencePiece BPE trained on the corpus).

@@ -3,7 +3,8 @@
 A checkpoint `WORKDIR/checkpoints/<step>/` holds these items:
   params     the model parameters (a pure dict of arrays),
   opt_state  the optax state,
-  data_iter  the Grain iterator state (one file per process),
+  data_iter  the Grain iterator state (one file per process); prepared data (llm_jax/data/prepared.py) saves
+             none: its one global row position is `meta["data_state"]`, which any process count resumes,
   meta       JSON: step, stage, model config,
   extra      (some stages) arrays kept beside the model, e.g. RLHF's value function.
 `params` alone is what later stages (SFT, reward model, RLHF, generation) restore. Orbax writes each

@@ -106,10 +106,26 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "resume_without_data_iterator",
     LOOP,
-    "data_iter=self.data_iter,",
+    "data_iter=None if self._global_data_state else self.data_iter,",
     "data_iter=None,",
     (f"{T_TRAIN}::test_resume_continues_exactly",),
     "a resumed run restarts the data from the first batch",
+  ),
+  Mutant(
+    "prepared_position_counts_local_rows",
+    "llm_jax/data/prepared.py",
+    "self.position += self.global_batch",
+    "self.position += self.global_batch // self.process_count",
+    ("tests/test_prepared_data.py::test_global_position_resumes_with_another_process_count",),
+    "the saved data position counts one process's rows: a run resumed on other processes repeats rows",
+  ),
+  Mutant(
+    "prepared_row_misses_the_next_token",
+    "llm_jax/data/prepared.py",
+    "tokens, docs = stream.read(r0 * L, r1 * L + 1)",
+    "tokens, docs = stream.read(r0 * L, r1 * L)",
+    ("tests/test_prepared_data.py::test_prepared_rows_equal_the_in_memory_packing",),
+    "the last row of each block loses the target that crosses into the next row",
   ),
   Mutant(
     "loss_ignores_mask",

@@ -332,6 +332,8 @@ class Trainer:
       raise ValueError("a model with frozen (LoRA base) parameters needs `initial_params` to provide them")
     self.initial_params = initial_params
     self.frozen: Any = {}  # The parameters that are not trained (a LoRA model's base); {} without LoRA.
+    # Prepared data keeps one global position (in the checkpoint's meta) instead of per-process Grain states.
+    self._global_data_state = hasattr(data_iter, "global_state")
     self.start = self._restore()
     if self.start is None:
       self.start = 0
@@ -360,12 +362,19 @@ class Trainer:
     start, restored = self.checkpointer.restore_latest(
       abstract_params,
       self.optimization.abstract_opt_state,
-      data_iter=self.data_iter,
+      data_iter=None if self._global_data_state else self.data_iter,
       abstract_extra=abstract_extra,
       move_aside=True,
     )
     if start is None:
       return None
+    if self._global_data_state:  # The global row position: any process count continues the same order.
+      if "data_state" not in restored["meta"]:
+        raise UserError(
+          f"{self.checkpointer.directory}/{start}: this checkpoint holds no prepared-data position (it was "
+          "trained on other data); use a new workdir"
+        )
+      self.data_iter.set_global_state(restored["meta"]["data_state"])
     self.trainable = restored["params"]
     if self.params_key is not None:
       self.trainable = {self.params_key: self.trainable, **restored.get("extra", {})}
@@ -400,7 +409,10 @@ class Trainer:
   def save(self, step: int) -> None:
     params, extra = self._split(self.trainable)
     meta = {**self.meta, "step": step, "config": self.config.to_dict(), "stage_state": self.stage_state}
-    self.checkpointer.save(step, params, self.opt_state, self.data_iter, meta, extra=extra)
+    data_iter = self.data_iter
+    if self._global_data_state:
+      meta["data_state"], data_iter = self.data_iter.global_state(), None
+    self.checkpointer.save(step, params, self.opt_state, data_iter, meta, extra=extra)
 
   def close(self) -> None:
     self.checkpointer.close()
@@ -563,7 +575,7 @@ def train(
   mesh: Mesh,
   model_factory: ModelFactory,
   loss_fn: LossFn,
-  train_data: grain.MapDataset,
+  train_data,  # A grain.MapDataset of local batches, or a prepared.PreparedStream.
   eval_data: list[dict[str, np.ndarray]],
   tokens_per_step: int,
   flops_per_token: float,
@@ -586,12 +598,13 @@ def train(
   harness_eval = None
   if config.get("eval_tasks"):
     harness_eval = _harness_evaluation(config, mesh, tokenizer, model_cfg)  # Unknown tasks fail before compiling.
-  batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in train_data[0].items()}
-  data_iter = iter(
-    train_data.to_iter_dataset(
-      grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
-    )
-  )
+  read_options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
+  if isinstance(train_data, grain.MapDataset):
+    batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in train_data[0].items()}
+    data_iter = iter(train_data.to_iter_dataset(read_options))
+  else:  # Prepared data (llm_jax.data.prepared.PreparedStream): an iterator whose state is global.
+    batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in train_data.example().items()}
+    data_iter = train_data.iterator(read_options)
   trainer = Trainer(
     config,
     workdir,
