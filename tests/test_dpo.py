@@ -8,6 +8,7 @@ reference values, the workdir to load); a written random base instead of a pretr
 import dataclasses
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -149,6 +150,7 @@ def dpo_cfg(base_workdir, pair_files, **overrides):
 def lora_cfg(base_workdir, pair_files):
   config = dpo_cfg(base_workdir, pair_files, learning_rate=1e-2)  # Adapters start at zero: a larger step.
   config.lora.rank, config.lora.alpha, config.lora.targets = 4, 8.0, "all"
+  config.checkpoint_every = 12  # Step 12's checkpoint: where the resume test restarts.
   return config
 
 
@@ -307,18 +309,24 @@ def test_a_dpo_lora_workdir_loads_merged_for_generate_and_export(lora_run, tmp_p
 def test_lora_resume_restores_base_and_adapters_reuses_the_reference_and_continues_exactly(
   lora_run, base_workdir, pair_files, tmp_path, monkeypatch
 ):
-  """Stopped at step 12 and rerun: the base comes back from init_from, the adapters and optimizer from the
-  checkpoint, the reference values from the workdir; the per-step losses equal the uninterrupted run's."""
-  config, devices, split = lora_cfg(base_workdir, pair_files), jax.devices()[:1], str(tmp_path / "split")
-  dpo.run(config, split, devices=devices, stop_after=12)
+  """Resumed from step 12's checkpoint of the LoRA run (as a preemption after it leaves the workdir): the base
+  comes back from init_from, the adapters and optimizer from the checkpoint, the reference values from the
+  workdir; steps 13-24 give the uninterrupted run's losses."""
+  workdir, _ = lora_run
+  split = str(tmp_path / "split")
+  shutil.copytree(workdir, split, ignore=shutil.ignore_patterns("metrics.jsonl", "tensorboard"))
+  shutil.rmtree(os.path.join(split, ckpt_lib.CHECKPOINT_DIR, "24"))
+  assert sorted(os.listdir(os.path.join(split, ckpt_lib.CHECKPOINT_DIR))) == ["12"]
 
   def no_reference_model(*args, **kwargs):
     raise AssertionError("the stored reference log-probs should have been reused")
 
   monkeypatch.setattr(dpo, "compute_reference_log_probs", no_reference_model)
+  config, devices = lora_cfg(base_workdir, pair_files), jax.devices()[:1]
   dpo.run(config, split, devices=devices)
-  whole = step_losses(lora_run[0])
-  assert sorted(whole) == list(range(1, 25)) and step_losses(split) == whole
+  whole = step_losses(workdir)
+  assert sorted(whole) == list(range(1, 25))
+  assert step_losses(split) == {k: v for k, v in whole.items() if k > 12}  # Only the resumed run's rows.
   # The same workdir with other data: its checkpoints were trained against other reference values.
   other = tmp_path / "other.jsonl"
   write_pairs(other, random_words(np.random.default_rng(1), 40))
