@@ -9,6 +9,10 @@ The reference log-probs (the init_from model's) are computed once into WORKDIR/r
 resumes and reuses them. Evaluation reports the held-out preference accuracy (eval_accuracy, 0.5 at step 0),
 implicit rewards, their margin and the KL proxy, also at step 0 (where the sigmoid loss is log 2).
 
+LoRA (README "LoRA"): add --config.lora.rank=16 [--config.lora.alpha=16 --config.lora.targets=all], any loss;
+only the adapters train and are saved, the checkpoint names init_from as its base (which is also the reference
+model), and every loader (generate, export, later stages) merges them.
+
 RESULT_PLACEHOLDER
 """
 
@@ -35,5 +39,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_fraction = 0.1
   common.add_data_loading(config.data)
   common.add_mesh(config)
+  common.add_lora(config)  # --config.lora.rank=16: train LoRA adapters only (0: full fine-tuning).
   common.add_cadence(config, log_every=25, eval_every=50, eval_batches=0, checkpoint_every=100)
   return config

@@ -363,6 +363,14 @@ MUTANTS: tuple[Mutant, ...] = (
     ("tests/test_dpo.py::test_stored_reference_log_probs_equal_a_fresh_forward_pass",),
     "the answers' log-probs also sum the prompt's tokens",
   ),
+  Mutant(
+    "dpo_lora_adapters_dropped",
+    "llm_jax/train/dpo.py",
+    "factory = lm_factory(model_cfg, lora and lora.lora)",
+    "factory = lm_factory(model_cfg)",
+    ("tests/test_dpo.py::test_dpo_with_lora_trains_only_adapters_on_the_bit_identical_base",),
+    "DPO with config.lora builds the policy without adapters: it trains (and saves) a freshly initialised model",
+  ),
   # ---- the reward model (llm_jax/train/reward_model.py) ----
   Mutant(
     "reward_reads_first_token",

@@ -261,21 +261,37 @@ def test_a_missing_or_replaced_base_is_one_line(lora_run, tmp_path):
     modeling.load_model(copy, one_device_mesh(), step=12)
 
 
+def preempted_copy(workdir: str, copy: str, keep_step: int) -> str:
+  """`workdir` as a run preempted just after its checkpoint `keep_step` leaves it: later checkpoints gone, no
+  metrics (so every row read afterwards was written by the resumed run). One rerun instead of an interrupted
+  run plus its resumption."""
+  import shutil
+
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("metrics.jsonl", "tensorboard"))
+  checkpoints = os.path.join(copy, ckpt_lib.CHECKPOINT_DIR)
+  later = [d for d in os.listdir(checkpoints) if d.isdigit() and int(d) > keep_step]
+  assert later and os.path.isdir(os.path.join(checkpoints, str(keep_step)))
+  for d in later:
+    shutil.rmtree(os.path.join(checkpoints, d))
+  return copy
+
+
 def test_a_resumed_lora_run_equals_an_uninterrupted_one(lora_run, chats, tmp_path):
+  """Resumed from step 4's checkpoint (the base from init_from, the adapters and optimizer from the checkpoint):
+  steps 5-12 give the uninterrupted run's losses."""
   from llm_jax.metrics import read_metrics
 
   base, workdir, _ = lora_run
-  interrupted = str(tmp_path / "interrupted")
-  sft.run(lora_sft_config(base, chats), interrupted, devices=jax.devices()[:1], stop_after=5)
-  sft.run(lora_sft_config(base, chats), interrupted, devices=jax.devices()[:1])
+  resumed_dir = preempted_copy(workdir, str(tmp_path / "interrupted"), keep_step=4)
+  sft.run(lora_sft_config(base, chats), resumed_dir, devices=jax.devices()[:1])
   loss = lambda w: {r["step"]: r["loss"] for r in read_metrics(w) if "loss" in r and r["step"] > 0}
-  uninterrupted, resumed = loss(workdir), loss(interrupted)  # The interrupted run also logged its last step, 5.
-  assert list(uninterrupted) == [4, 8, 12] and {k: resumed[k] for k in uninterrupted} == uninterrupted
+  uninterrupted, resumed = loss(workdir), loss(resumed_dir)
+  assert list(uninterrupted) == [4, 8, 12] and resumed == {8: uninterrupted[8], 12: uninterrupted[12]}
   # Full fine-tuning into a LoRA workdir is refused (the trees differ), not mistaken for damaged checkpoints.
   config = lora_sft_config(base, chats)
   config.lora.rank = 0
   with pytest.raises(UserError, match="holds LoRA adapters"):
-    sft.run(config, interrupted, devices=jax.devices()[:1])
+    sft.run(config, resumed_dir, devices=jax.devices()[:1])
 
 
 def test_rl_with_lora_uses_the_base_as_reference_and_saves_adapters(lora_run, tmp_path):

@@ -25,6 +25,11 @@ the sequence-level k1 estimate of KL(π_ref ‖ π) if the answers were samples 
 pairs). Positive: the policy has moved probability away from the data's answers (DPO typically lowers both
 log-probs, the rejected faster); off-policy pairs make it a proxy only, and it can go negative. SimPO has no
 reference: no kl_proxy.
+
+LoRA (`config.lora.rank` > 0, llm_jax/lora.py), as SFT does it: only adapters over the frozen `init_from` model
+train and are saved, the checkpoint meta names that base, a resumed run gets the base back from `init_from`, and
+every loader merges the adapters. The reference model is that base without adapters: the reference values are
+computed from the base already loaded for training (no second copy, no second load).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from llm_jax.data.jsonl import held_out_split
 from llm_jax.errors import UserError
 from llm_jax.files import write_atomically
 from llm_jax.model import ModelConfig
-from llm_jax.modeling import ModelFactory, ModelSpec, lm_factory, load_model, read_model_config
+from llm_jax.modeling import ModelFactory, ModelSpec, lm_factory, load_model, load_params, model_spec, read_model_config
 from llm_jax.sequences import positions_from_segments
 from llm_jax.tokenizer import Tokenizer, load_tokenizer
 from llm_jax.train import loop, stage
@@ -237,11 +242,19 @@ def _read_reference(path: str) -> tuple[dict[str, Any] | None, dict[str, np.ndar
 
 
 def reference_log_probs(
-  config, workdir: str, mesh, model_cfg: ModelConfig, tokenizer: Tokenizer, init_step: int, splits: dict[str, dict]
+  config,
+  workdir: str,
+  mesh,
+  model_cfg: ModelConfig,
+  tokenizer: Tokenizer,
+  init_step: int,
+  splits: dict[str, dict],
+  init_params: Any = None,
 ) -> dict[str, np.ndarray]:
   """The stored reference values if their fingerprint matches; else computed now with the `init_from` model
   (then dropped) and stored. A mismatch in a workdir that already has checkpoints is a UserError: those
-  checkpoints were trained against other reference values."""
+  checkpoints were trained against other reference values. `init_params`: the `init_from` model's parameters
+  if the caller holds them already (LoRA's frozen base), instead of loading them again."""
   path = os.path.join(workdir, REFERENCE_FILE)
   fingerprint = reference_fingerprint(config, tokenizer, init_step, splits)
   if os.path.exists(path):
@@ -255,7 +268,10 @@ def reference_log_probs(
         f"{path}: this workdir was trained against reference log-probs of another model, data or tokenizer "
         f"(fields {changed} differ); use a new workdir"
       )
-  spec, params, _ = load_model(config.init_from, mesh, init_step)  # A LoRA workdir comes back merged.
+  if init_params is None:
+    spec, params, _ = load_model(config.init_from, mesh, init_step)  # Merged, if init_from is a LoRA workdir.
+  else:
+    spec, params = model_spec(lm_factory(model_cfg), mesh), init_params
   arrays = compute_reference_log_probs(spec, params, splits, mesh, config.batch_size // config.grad_accum)
   del params  # No reference model in memory while training.
   if jax.process_index() == 0:
@@ -270,10 +286,15 @@ def reference_log_probs(
 # The stage.
 
 
-def policy_model(config, model_cfg: ModelConfig) -> tuple[ModelFactory, Callable[[ModelSpec], Any]]:
-  """The trained model's factory and its initial parameters (the `init_from` model): the one place a
-  parameter-efficient variant (LoRA adapters over a frozen base) plugs in."""
-  return lm_factory(model_cfg), lambda spec: ckpt_lib.restore_params(config.init_from, spec.abstract_params)[0]
+def policy_model(
+  config, model_cfg: ModelConfig, mesh, lora: stage.LoraStart | None
+) -> tuple[ModelFactory, Callable[[ModelSpec], Any]]:
+  """The trained model's factory and its initial parameters: the `init_from` model (merged, if that is a LoRA
+  workdir), or with `lora` fresh adapters on that model as the frozen base (as SFT does)."""
+  factory = lm_factory(model_cfg, lora and lora.lora)
+  if lora is not None:
+    return factory, lambda spec: lora.initial_params(factory, spec, config.seed)
+  return factory, lambda spec: load_params(config.init_from, spec, mesh)[0]
 
 
 def validate_dpo_config(config: ml_collections.ConfigDict) -> None:
@@ -333,14 +354,16 @@ def run(
   model_cfg, mesh, tokenizer = stage.continue_from(config, workdir, devices, "SFT", stage_name="dpo")
 
   settings = LossSettings(config.loss, config.beta, config.label_smoothing, config.simpo_gamma)
+  lora = stage.lora_start(config, model_cfg, mesh)  # None: full fine-tuning.
   if config.loss != "simpo":
     splits = {"train": train_rows, "eval": eval_rows}
-    reference = reference_log_probs(config, workdir, mesh, model_cfg, tokenizer, init_meta["step"], splits)
+    base = lora and lora.base  # The reference IS LoRA's frozen base: computed from it, not loaded twice.
+    reference = reference_log_probs(config, workdir, mesh, model_cfg, tokenizer, init_meta["step"], splits, base)
     for name, rows in splits.items():
       for side in SIDES:
         rows[f"{side}_ref_logp"] = reference[f"{name}_{side}"]
 
-  factory, initial_params = policy_model(config, model_cfg)
+  factory, initial_params = policy_model(config, model_cfg, mesh, lora)
   pid, count = jax.process_index(), jax.process_count()
   return loop.train(
     config,
@@ -363,5 +386,6 @@ def run(
       "init_from": config.init_from,
       "init_step": init_meta["step"],
       "loss": config.loss,
+      **({"lora": lora.record} if lora else {}),
     },
   )
