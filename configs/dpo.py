@@ -13,7 +13,10 @@ LoRA (README "LoRA"): add --config.lora.rank=16 [--config.lora.alpha=16 --config
 only the adapters train and are saved, the checkpoint names init_from as its base (which is also the reference
 model), and every loader (generate, export, later stages) merges them.
 
-RESULT_PLACEHOLDER
+Expected (measured on the end-to-end experiment's pairs from its SFT model, as the alignment study runs it:
+--config.steps=100 --config.learning_rate=5e-5 --config.warmup_steps=10, seed 0): held-out preference accuracy
+0.50 → 0.80 (step 50) → 0.82 (step 100), eval loss 0.693 → 0.502, about 2 min on 2 busy CPU cores. Both answers
+lose likelihood (held-out log π(chosen) −2.66 → −4.30 nats) and greedy answers get worse: README "Alignment study".
 """
 
 import ml_collections

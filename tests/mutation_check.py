@@ -7,7 +7,7 @@ code (llm_jax/, tests/, configs/, experiments/) into a temporary directory, appl
 working tree is never modified), and runs only the tests named for it. A failing test kills the mutant; a
 mutant whose tests all pass survived, and the test suite has a hole.
 
-    python tests/mutation_check.py                    # all 35 mutants: ~3.5 min on 2 CPU cores, warm cache
+    python tests/mutation_check.py                    # every mutant (69): ~10 min on 2 CPU cores, warm cache
     python tests/mutation_check.py --baseline         # first runs the named tests unmodified (+3-7 min)
     python tests/mutation_check.py --only lr_logged_off_by_one,causal_mask_strict
     python tests/mutation_check.py --list
