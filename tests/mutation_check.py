@@ -7,7 +7,7 @@ code (llm_jax/, tests/, configs/, experiments/) into a temporary directory, appl
 working tree is never modified), and runs only the tests named for it. A failing test kills the mutant; a
 mutant whose tests all pass survived, and the test suite has a hole.
 
-    python tests/mutation_check.py                    # every mutant (69): ~10 min on 2 CPU cores, warm cache
+    python tests/mutation_check.py                    # every mutant (73): ~10 min on 2 CPU cores, warm cache
     python tests/mutation_check.py --baseline         # first runs the named tests unmodified (+3-7 min)
     python tests/mutation_check.py --only lr_logged_off_by_one,causal_mask_strict
     python tests/mutation_check.py --list
@@ -622,6 +622,38 @@ MUTANTS: tuple[Mutant, ...] = (
     "frozen = {p for p in paths if p not in adapters and any(p[: len(q)] == q for q in prefixes) and False}",
     ("tests/test_lora.py -k init_equals",),
     "LoRA that trains (and saves) the whole base instead of only the adapters",
+  ),
+  Mutant(
+    "lens_without_final_norm",
+    "llm_jax/inference/inspection.py",
+    "return model.logits(model.final_norm(residual_XD))",
+    "return model.logits(residual_XD)",
+    ("tests/test_inspect.py -k numpy_attention",),
+    "the logit lens reads the residual stream without the final norm (the last row is no longer the logits)",
+  ),
+  Mutant(
+    "inspect_probs_without_temperature",
+    "llm_jax/inference/inspection.py",
+    "log_probs_XV = jax.nn.log_softmax(restrict_logits(logits_XV, temperature, banned))",
+    "log_probs_XV = jax.nn.log_softmax(restrict_logits(logits_XV, 1.0, banned))",
+    ("tests/test_inspect.py -k softmax_top_k",),
+    "the inspector's probabilities ignore the sampling temperature",
+  ),
+  Mutant(
+    "inspect_rank_off_by_one",
+    "llm_jax/inference/inspection.py",
+    "rank_X = 1 + jnp.sum(log_probs_XV > chosen_log_prob_X[:, None], axis=-1)",
+    "rank_X = jnp.sum(log_probs_XV > chosen_log_prob_X[:, None], axis=-1)",
+    ("tests/test_inspect.py -k softmax_top_k",),
+    "the chosen token's rank counts from 0",
+  ),
+  Mutant(
+    "study_spread_ddof_0",
+    "llm_jax/tasks/world_facts/alignment_study.py",
+    "float(values.std(ddof=1))",
+    "float(values.std(ddof=0))",
+    ("tests/test_end_to_end.py -k mean_and_spread",),
+    "the study's spread over seeds as a population std (ddof 0)",
   ),
 )
 
