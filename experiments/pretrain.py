@@ -37,8 +37,13 @@ def main(argv):
     if FLAGS.sample_tokens:
       sampler = Sampler(result.state.graphdef, result.params, result.mesh)
       sampling = SamplingConfig(max_new_tokens=FLAGS.sample_tokens, temperature=0.8)
+      # Illustrative samples: a short-context model (e.g. nanoGPT's 64-token baby) continues as far as it can.
       completions = sampler.complete(
-        load_tokenizer(FLAGS.workdir), FLAGS.sample_prompt, sampling, jax.random.key(FLAGS.config.seed)
+        load_tokenizer(FLAGS.workdir),
+        FLAGS.sample_prompt,
+        sampling,
+        jax.random.key(FLAGS.config.seed),
+        allow_context_cut=True,
       )
       for prompt, completion in zip(FLAGS.sample_prompt, completions):
         if jax.process_index() == 0:

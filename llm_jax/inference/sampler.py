@@ -343,12 +343,14 @@ class Sampler:
     key: jax.Array,
     stream: Callable[[str], None] | None = None,
     chat: bool = False,
+    allow_context_cut: bool = False,
   ) -> list[str]:
     """Text in, text out: each prompt (tokenized as the model's tokenizer does by default: BOS where it adds one)
     continued until a stop id (the tokenizer's, and `sampling.stop_ids`). `stream` gets row 0's text.
 
     `chat=True` sends each prompt as a user turn in the model's chat template and returns the assistant's answer
-    (decoding also stops at the end-of-turn token).
+    (decoding also stops at the end-of-turn token). `allow_context_cut`: as in `generate` (fewer new tokens where
+    the prompt leaves less room in the model's context, instead of an error).
     """
     if stream is None:
       on_tokens = None
@@ -361,5 +363,5 @@ class Sampler:
         stream(tokenizer.decode(shown)[len(before) :])
 
     token_prompts, sampling = text_prompts(tokenizer, prompts, sampling, chat)
-    result = self.generate(token_prompts, sampling, key, stream=on_tokens)
+    result = self.generate(token_prompts, sampling, key, stream=on_tokens, allow_context_cut=allow_context_cut)
     return [tokenizer.decode(tokens) for tokens in result.tokens]
