@@ -341,9 +341,10 @@ def _compile_decoding(
   prefill = jax.jit(sampler.prefill, static_argnames=("cache_length",))
   prompts = jax.ShapeDtypeStruct((decode_batch, prompt_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
   try:
-    compiled_prefill, report = _compile(
-      "prefill", lambda: prefill.lower(state.abstract_params, prompts, prompts, cache_length=cache_len)
-    )
+    with jax.set_mesh(mesh):  # As Sampler.generate traces it: the attention kernel follows the mesh's platform.
+      compiled_prefill, report = _compile(
+        "prefill", lambda: prefill.lower(state.abstract_params, prompts, prompts, cache_length=cache_len)
+      )
   except Exception as e:
     logging.exception("prefill did not compile")
     compiled_prefill, report = (
