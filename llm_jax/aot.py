@@ -19,7 +19,8 @@ Per-device "peak" = arguments + outputs − aliased (donated buffers reused for 
 what must fit in HBM (XLA's own estimate; the runtime adds a little for itself, so aim below ~95 %).
 
 FLOPs: XLA's count for the compiled train step (`compiled.cost_analysis()["flops"]`, per device; it cannot see
-inside Pallas kernels, so with splash the attention matmuls are missing from it) beside the model estimate
+inside Pallas kernels, so with splash the attention matmuls are missing from it, and it counts a while loop's
+body once, so a scanned layer stack counts one layer) beside the model estimate
 `ModelConfig.train_flops_per_token(seq_len) × tokens per step` (6·N + 12·layers·heads·head_dim·seq, no causal
 discount), and the step time that estimate gives at 40 % and 50 % MFU of the chips' data-sheet bf16 peak.
 """
