@@ -54,6 +54,20 @@ moments, bf16 compute):
   Decoding 256 prompts × (1024 + 1024 new) on the same mesh: prefill 18.5 GiB, decode loop 8.7 GiB (measured
   with scan_layers=False, before decoding scanned models was fixed).
 
+  Long context, llama_7b on v5p-128 (v5p:4x4x4), fsdp=64, remat=full, train step only (--decode=false),
+  attention_impl=auto = splash for a TPU topology (llm_jax/attention_kernels.py) vs the written-out xla attention:
+
+  python experiments/aot_compile.py --config.model=llama_7b --topology=v5p:4x4x4 --config.mesh.data=1 \
+    --config.mesh.fsdp=-1 --config.mesh.tensor=1 --config.seq_len=8192 --config.batch_size=64 \
+    --config.model_overrides.max_seq_len=8192 --config.model_overrides.attention_impl=splash --decode=false
+
+  seq 8k, batch 64 (8,192 tokens/chip), splash    7.96 GiB  fits  (compile 1386 s on a loaded 2-core box)
+    FLOPs/step: model 2.8e16; XLA 1.22e15 (counts the scanned layer body once and nothing inside Pallas
+    kernels, so it is no MFU basis); expected step time 2.38 s at 40 % MFU, 1.9 s at 50 % (459 TFLOP/s/chip).
+  seq 8k xla, 32k and 128k (xla and splash): not measured yet (compiles of 20+ min each on this shared box did
+  not finish in the session; commands as above with seq_len/max_seq_len 32768 or 131072).
+  Rows with context parallelism (the `sequence` mesh axis) come from issue 17 part B (branch seqpar).
+
   70B class (measured before the activations were pinned; Llama-2-70B shape: --config.model=llama_7b
   --config.model_overrides.num_layers=80
   --config.model_overrides.d_model=8192 --config.model_overrides.num_heads=64 --config.model_overrides.num_kv_heads=8

@@ -6,7 +6,8 @@
 
 The mesh, batch, sequence length, grad_accum and model (`--config.model_overrides.remat=...`) come from the
 config exactly as for training; nothing is allocated or run. Prints a table (compile seconds; argument, output,
-aliased, temporary and peak bytes per device) and a FITS / DOES NOT FIT line; exit status 0 either way, 1 if a
+aliased, temporary and peak bytes per device), a FITS / DOES NOT FIT line, the train step's FLOPs (XLA's count and
+the model estimate) and its expected step time at 40 / 50 % MFU; exit status 0 either way, 1 if a
 step did not compile (a bug: its error is in the table and the traceback in the log), 2 for a mistake (a mesh that
 does not match the topology's chip count, an unknown topology, no libtpu).
 `--lora_rank=16` compiles the LoRA fine-tuning step instead (adapters only trained; configs/sft.py's docstring).

@@ -17,6 +17,12 @@ Compiled here:
 
 Per-device "peak" = arguments + outputs − aliased (donated buffers reused for outputs) + temporaries; that is
 what must fit in HBM (XLA's own estimate; the runtime adds a little for itself, so aim below ~95 %).
+
+FLOPs: XLA's count for the compiled train step (`compiled.cost_analysis()["flops"]`, per device; it cannot see
+inside Pallas kernels, so with splash the attention matmuls are missing from it, and it counts a while loop's
+body once, so a scanned layer stack counts one layer) beside the model estimate
+`ModelConfig.train_flops_per_token(seq_len) × tokens per step` (6·N + 12·layers·heads·head_dim·seq, no causal
+discount), and the step time that estimate gives at 40 % and 50 % MFU of the chips' data-sheet bf16 peak.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class StepReport:
   code_bytes: int
   note: str = ""  # Why it does not fit when the compiler itself refused (out of HBM).
   error: str = ""  # The step did not compile for another reason (a bug): the message.
+  xla_flops: float = 0.0  # Per device, XLA's cost analysis of the compiled step (0: not available).
 
   @property
   def peak_bytes(self) -> int:
@@ -82,6 +89,8 @@ class Report:
   num_params: int
   description: str
   steps: list[StepReport]
+  model_flops_per_step: float = 0.0  # Global train step: ModelConfig.train_flops_per_token × tokens.
+  peak_flops_per_device: float | None = None  # Data-sheet bf16 peak of the device kind (llm_jax.perf).
 
   def fits(self, step: StepReport) -> bool:
     return not step.note and not step.error and step.peak_bytes <= self.hbm_bytes
@@ -126,7 +135,30 @@ class Report:
         f"{self.hbm_bytes / GiB:.0f} GiB per device "
         f"(largest: {worst.name}, {worst.peak_bytes / GiB:.2f} GiB)"
       )
+    lines += self.flops_lines()
     return "\n".join(lines)
+
+  def flops_lines(self) -> list[str]:
+    """The train step's FLOPs (XLA's count and the model estimate) and its step time at 40 % and 50 % MFU."""
+    train = next((s for s in self.steps if s.name == "train" and not s.error and not s.note), None)
+    if train is None or not self.model_flops_per_step:
+      return []
+    xla = (
+      f"XLA {train.xla_flops:.3g} per device × {self.num_devices} = {train.xla_flops * self.num_devices:.3g} "
+      "(without FLOPs inside Pallas kernels: splash declares none)"
+      if train.xla_flops
+      else "XLA: no cost analysis"
+    )
+    lines = [
+      f"train FLOPs per step: {xla}; model (6·N + 12·layers·N_heads·H·seq per token) {self.model_flops_per_step:.3g}"
+    ]
+    if self.peak_flops_per_device:
+      at = lambda mfu: self.model_flops_per_step / (mfu * self.peak_flops_per_device * self.num_devices)
+      lines.append(
+        f"expected step time at 40 % / 50 % MFU: {at(0.4):.3g} s / {at(0.5):.3g} s "
+        f"({self.peak_flops_per_device / 1e12:.0f} TFLOP/s bf16 per device × {self.num_devices})"
+      )
+    return lines
 
 
 def _first_line(e: BaseException) -> str:
@@ -189,6 +221,12 @@ def _compile(name: str, lowered_fn) -> tuple[Any, StepReport]:
     )
   seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
+  try:
+    cost = compiled.cost_analysis()  # A dict; a list of one dict per executable in older jax versions.
+  except NotImplementedError:
+    cost = None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
   return compiled, StepReport(
     name,
     seconds,
@@ -197,6 +235,7 @@ def _compile(name: str, lowered_fn) -> tuple[Any, StepReport]:
     int(m.alias_size_in_bytes),
     int(m.temp_size_in_bytes),
     int(m.generated_code_size_in_bytes),
+    xla_flops=float((cost or {}).get("flops", 0.0)),
   )
 
 
@@ -243,7 +282,7 @@ def _compile_all(
   import jax
   import jax.numpy as jnp
 
-  from llm_jax import sharding
+  from llm_jax import attention_kernels, perf, sharding
   from llm_jax.modeling import lm_factory, model_spec
 
   if not (train or decode):
@@ -278,7 +317,8 @@ def _compile_all(
   tokens_per_device = config.batch_size * config.seq_len // len(devices)
   description = (
     f"train batch {config.batch_size} × {config.seq_len} tokens ({tokens_per_device:,} per device), "
-    f"grad_accum {config.grad_accum}, remat {model_cfg.remat}, scan_layers {model_cfg.scan_layers}, "
+    f"grad_accum {config.grad_accum}, remat {model_cfg.remat}, scan_layers {model_cfg.scan_layers}, attention "
+    f"{attention_kernels.resolve(model_cfg.attention_impl, model_cfg.dtype, devices[0].platform)}, "
     f"{model_cfg.dtype} compute / {model_cfg.param_dtype} params"
   )
   if lora:
@@ -297,6 +337,11 @@ def _compile_all(
     num_params=model_cfg.num_params(),
     description=description,
     steps=steps,
+    # LoRA skips the frozen weights' gradients: 6·N does not describe it.
+    model_flops_per_step=0.0
+    if lora or not train
+    else model_cfg.train_flops_per_token(config.seq_len) * config.batch_size * config.seq_len,
+    peak_flops_per_device=perf.datasheet_peak_flops(device_kind),
   )
 
 
@@ -341,9 +386,10 @@ def _compile_decoding(
   prefill = jax.jit(sampler.prefill, static_argnames=("cache_length",))
   prompts = jax.ShapeDtypeStruct((decode_batch, prompt_len), jnp.int32, sharding=sharding.batch_sharding(mesh))
   try:
-    compiled_prefill, report = _compile(
-      "prefill", lambda: prefill.lower(state.abstract_params, prompts, prompts, cache_length=cache_len)
-    )
+    with jax.set_mesh(mesh):  # As Sampler.generate traces it: the attention kernel follows the mesh's platform.
+      compiled_prefill, report = _compile(
+        "prefill", lambda: prefill.lower(state.abstract_params, prompts, prompts, cache_length=cache_len)
+      )
   except Exception as e:
     logging.exception("prefill did not compile")
     compiled_prefill, report = (

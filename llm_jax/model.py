@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llm_jax import attention_kernels
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -59,7 +61,9 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"  # Compute dtype of activations and matmuls.
   param_dtype: str = "float32"  # Storage dtype of parameters (and so of the optimizer state).
-  attention_impl: Literal["xla", "cudnn", "auto"] = "xla"  # "xla": attention(); else jax.nn.dot_product_attention.
+  # "auto": splash on TPU, cuDNN on GPU (bf16/fp16), "xla" (the written-out attention()) otherwise; each can be
+  # forced. Full forward passes only: the decode step is always attention(). llm_jax/attention_kernels.py.
+  attention_impl: Literal["auto", "xla", "cudnn", "splash"] = "auto"
   remat: Literal["none", "full", "dots"] = "none"  # Recompute each block in the backward pass.
   scan_layers: bool = False  # One stacked block run by a scan: compile time independent of depth.
   init_std: float = 0.02
@@ -487,17 +491,18 @@ class Attention(nnx.Module):
     else:  # Decoding: the cache's own heads-first layout, [B, K, S, H], read in place.
       k_BSKH, v_BSKH = cache.k_LBKSH[layer].astype(dt), cache.v_LBKSH[layer].astype(dt)
       kv_positions_BS, kv_segment_ids_BS = cache.positions_BS, cache.segment_ids_BS
-    mask = attention_mask(segment_ids_BL, kv_segment_ids_BS, positions_BL, kv_positions_BS)
-    if capture:
-      out_BLNH, probs_BNLS = attention(q_BLNH, k_BSKH, v_BSKH, mask, kv_heads_first=kv_heads_first, return_probs=True)
-    elif cfg.attention_impl == "xla":
-      out_BLNH = attention(q_BLNH, k_BSKH, v_BSKH, mask, kv_heads_first=kv_heads_first)
-    else:  # jax's fused kernels (cuDNN on GPUs), on [B, S, K, H].
-      if kv_heads_first:
-        k_BSKH, v_BSKH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
-      out_BLNH = jax.nn.dot_product_attention(
-        q_BLNH, k_BSKH, v_BSKH, mask=mask, implementation=None if cfg.attention_impl == "auto" else "cudnn"
-      )
+    # Decided at trace time from the mesh's platform; the decode step reads the cache in place with attention().
+    impl = "xla" if capture or kv_heads_first else attention_kernels.resolve(cfg.attention_impl, dt)
+    if impl == "splash":  # Causal by index + segment ids: the same mask for real tokens (attention_kernels).
+      out_BLNH = attention_kernels.splash_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL)
+    else:
+      mask = attention_mask(segment_ids_BL, kv_segment_ids_BS, positions_BL, kv_positions_BS)
+      if capture:
+        out_BLNH, probs_BNLS = attention(q_BLNH, k_BSKH, v_BSKH, mask, kv_heads_first=kv_heads_first, return_probs=True)
+      elif impl == "xla":
+        out_BLNH = attention(q_BLNH, k_BSKH, v_BSKH, mask, kv_heads_first=kv_heads_first)
+      else:  # cuDNN's fused kernel on [B, S, K, H] with the dense mask.
+        out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask, implementation="cudnn")
     out_TE = out_BLNH.reshape(b * l, n * h)
     out_BLD = _with_lora(out_TE @ self.wo_NHD[...].astype(dt).reshape(n * h, d), out_TE, self.lora_o, self.lora)
     out_BLD = out_BLD.reshape(b, l, d)

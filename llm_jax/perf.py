@@ -38,9 +38,13 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n**3 / best
 
 
-def peak_flops_per_device() -> float:
-  kind = jax.local_devices()[0].device_kind
+def datasheet_peak_flops(device_kind: str) -> float | None:
+  """The data-sheet bf16 peak of an accelerator `device_kind` ("TPU v5", "NVIDIA H100 80GB HBM3"), else None."""
   for prefix, flops in _ACCELERATOR_PEAKS.items():
-    if kind.startswith(prefix):
+    if device_kind.startswith(prefix):
       return flops
-  return measured_matmul_flops()
+  return None
+
+
+def peak_flops_per_device() -> float:
+  return datasheet_peak_flops(jax.local_devices()[0].device_kind) or measured_matmul_flops()

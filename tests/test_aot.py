@@ -12,6 +12,7 @@ import pytest
 
 from llm_jax import aot
 from llm_jax.errors import UserError
+from llm_jax.model import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -42,6 +43,22 @@ def test_aot_on_cpu_devices_reports_memory():
   assert all(report.fits(s) for s in report.steps)
   table = report.table()
   assert "FITS: every step fits" in table and "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in table
+  assert "attention xla" in report.description  # "auto" on CPU devices.
+  # FLOPs: XLA's per-device count of the compiled step, and the model estimate for the global batch.
+  model_cfg = PRESETS["tiny"]
+  assert report.model_flops_per_step == model_cfg.train_flops_per_token(64) * 8 * 64
+  assert 0.2 < train.xla_flops * report.num_devices / report.model_flops_per_step < 5, table
+  assert "train FLOPs per step: XLA" in table
+
+
+def test_expected_step_time_at_an_mfu_is_model_flops_over_the_chips_peak():
+  step = aot.StepReport("train", 1.0, 1, 1, 0, 1, 1, xla_flops=2e12)
+  report = aot.Report("v5p:2x2x1", "TPU v5", 4, 1, 95 * aot.GiB, {}, "m", 1, "", [step], 8e15, 459e12)
+  assert report.flops_lines() == [
+    "train FLOPs per step: XLA 2e+12 per device × 4 = 8e+12 (without FLOPs inside Pallas kernels: splash declares "
+    "none); model (6·N + 12·layers·N_heads·H·seq per token) 8e+15",
+    "expected step time at 40 % / 50 % MFU: 10.9 s / 8.71 s (459 TFLOP/s bf16 per device × 4)",
+  ]
 
 
 @needs_libtpu
@@ -51,6 +68,7 @@ def test_aot_tiny_for_v5p_topology():
   assert report.hbm_bytes == 95 * aot.GiB
   assert [s.name for s in report.steps] == ["train", "prefill", "decode"]
   assert all(report.fits(s) and s.argument_bytes > 0 for s in report.steps), report.table()
+  assert "attention splash" in report.description  # "auto" for TPU devices, though this machine has none.
   print(report.table())
 
 

@@ -298,7 +298,8 @@ class Sampler:
     tokens, segments = left_pad(rows, prompt_len)
     tokens, segments = (jax.device_put(x, sharding.batch_sharding(self.mesh)) for x in (tokens, segments))
     prefill, decode = self._jitted
-    state = prefill(self.params, tokens, segments, cache_length=cache_length)
+    with jax.set_mesh(self.mesh):  # Traced under the mesh: a fused attention kernel (splash) shards by it.
+      state = prefill(self.params, tokens, segments, cache_length=cache_length)
     if stop_when is not None:
       if stream is not None:
         raise ValueError("stream and stop_when cannot be combined")
