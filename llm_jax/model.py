@@ -22,6 +22,7 @@ computes exactly the base model. Merging (llm_jax/lora.py) folds the adapter int
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -599,6 +600,28 @@ def _one_document(tokens_BL, positions_BL, segment_ids_BL):
   return positions_BL, segment_ids_BL
 
 
+def _tracing() -> bool:
+  """Whether a transformation (jit, grad, vmap, scan, ...) is tracing the caller."""
+  clean = getattr(jax._src.core, "trace_state_clean", None)  # No public equivalent; if it moves: always trace.
+  return clean is None or not clean()
+
+
+def _compiled_when_eager(method):
+  """An eager call of a model method runs as one compiled call (cached per input shapes) instead of op by op.
+
+  Op-by-op dispatch compiles each of a forward pass's hundreds of primitives again for every new input shape:
+  seconds per call on a CPU (a 2-layer model's forward on a busy 2-core box: ~20 s eager, ~3 s compiled). Inside
+  jit, grad, vmap or scan (the training and decoding steps) the method runs as written.
+  """
+  compiled = nnx.jit(method)
+
+  @functools.wraps(method)
+  def call(self, *args, **kwargs):
+    return (method if _tracing() else compiled)(self, *args, **kwargs)
+
+  return call
+
+
 class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
     self.cfg, self.lora = cfg, lora
@@ -629,12 +652,14 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, cfg.param_dtype)
 
+  @_compiled_when_eager
   def backbone(
     self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None
   ) -> jax.Array:
     """Final-norm hidden states [B, L, D]. Without segment ids the row is one document (no padding)."""
     return self._layers(tokens_BL, *_one_document(tokens_BL, positions_BL, segment_ids_BL), None)[0]
 
+  @_compiled_when_eager
   def forward_with_internals(
     self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None
   ) -> tuple[jax.Array, Internals]:
@@ -648,6 +673,7 @@ class Transformer(nnx.Module):
     )
     return self.logits(h_BLD), internals
 
+  @_compiled_when_eager
   def backbone_with_cache(
     self, tokens_BL: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array, cache: KVCache
   ) -> tuple[jax.Array, KVCache]:
@@ -704,6 +730,7 @@ class Transformer(nnx.Module):
       logits_BLV = h_BLD @ self.lm_head_DV[...].astype(self.cfg.dtype)
     return batch_sharded(logits_BLV.astype(jnp.float32))
 
+  @_compiled_when_eager
   def __call__(
     self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None
   ) -> jax.Array:
