@@ -71,7 +71,7 @@ def test_aot_llama_1b_for_v5p_topology():
 
 @needs_libtpu
 def test_mesh_not_matching_the_topology_is_a_user_error():
-  with pytest.raises(UserError, match="data.fsdp.tensor = 4 but there are 8 devices"):
+  with pytest.raises(UserError, match="data.fsdp.sequence.tensor = 4 but there are 8 devices"):
     aot.compile_for_topology(config(mesh=(1, 4, 1)), "v5p:2x2x2")
 
 
