@@ -77,6 +77,20 @@ moments, bf16 compute):
     v5p-512 (v5p:8x8x4, 256 chips), fsdp=64 × tensor=4, batch 256             61.7 GiB  fits
     v5p-512, fsdp=64 × tensor=4, batch 256, grad_accum=4                       21.6 GiB  fits
   (f32 params + AdamW moments alone are 12 bytes × 69 B = 828 GB: 6.0 GiB per chip on 128 chips.)
+
+Long context with context parallelism (`mesh.sequence`: each row's tokens split over it, keys/values all-gathered
+for attention), the written-out XLA attention, llama_7b with remat=full, on v5p-128 (16 hosts of 4 chips: each
+host feeds whole rows, so data*fsdp is a multiple of 16 and sequence*tensor <= 4), --decode=false:
+
+  python experiments/aot_compile.py --config.model=llama_7b --topology=v5p:4x4x4 --decode=false \
+    --config.seq_len=32768 --config.model_overrides.max_seq_len=32768 --config.batch_size=16 \
+    --config.mesh.data=1 --config.mesh.fsdp=16 --config.mesh.sequence=4 --config.mesh.tensor=1
+
+    32k, batch 16, fsdp=16 × sequence=4 (8,192 tokens/chip)       64.4 GiB  fits   (~4 min to compile)
+    32k, batch 16, fsdp=16 × tensor=4 (no context parallelism)     75.7 GiB  fits   (~5 min)
+    128k, batch 16, fsdp=16 × sequence=4 (32,768 tokens/chip)    802.0 GiB  does not fit (compiler: temporaries)
+  The written-out attention's scores, [rows, heads, L / sequence, L] in f32 per layer, dominate: 32 GiB per chip at
+  32k, 512 GiB at 128k. 128k needs the fused kernels (attention_impl; issue 17 part A), not more chips.
 """
 
 import ml_collections

@@ -10,6 +10,7 @@ aliased, temporary and peak bytes per device), a FITS / DOES NOT FIT line, the t
 the model estimate) and its expected step time at 40 / 50 % MFU; exit status 0 either way, 1 if a
 step did not compile (a bug: its error is in the table and the traceback in the log), 2 for a mistake (a mesh that
 does not match the topology's chip count, an unknown topology, no libtpu).
+`--config.mesh.sequence=N` compiles context parallelism (tokens split over N chips; configs/pretrain.py's rows).
 `--lora_rank=16` compiles the LoRA fine-tuning step instead (adapters only trained; configs/sft.py's docstring).
 See llm_jax/aot.py and configs/pretrain.py's docstring for measured settings.
 """

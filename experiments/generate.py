@@ -54,7 +54,7 @@ def main(argv):
     for i, prompt in enumerate(prompts):
       if not prompt.strip():
         raise UserError(f"prompt {i} is empty")
-    mesh = cli.mesh_from_flags()
+    mesh = cli.mesh_from_flags(decodes=True)
     sampler, tokenizer, meta = load_sampler(workdir, mesh, step)
     if FLAGS.chat:
       chat_lib.check_chat_format(tokenizer)  # One line before anything is printed.

@@ -55,7 +55,7 @@ def main(argv):
       log_samples=FLAGS.log_samples,
       seed=FLAGS.seed,
       bootstrap_iters=FLAGS.bootstrap_iters,
-      mesh_axes=(FLAGS.mesh_data, FLAGS.mesh_fsdp, FLAGS.mesh_tensor),
+      mesh_axes=cli.mesh_flag_values(decodes=True)[:3],
     )
 
   cli.run(run)

@@ -301,7 +301,7 @@ def _compile_all(
       raise UserError(
         f"need 0 < prompt_len={prompt_len} < cache_len={cache_len} <= model.max_seq_len={model_cfg.max_seq_len}"
       )
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  mesh = sharding.mesh_from_config(config.mesh, devices)
   if decode and decode_batch % sharding.num_batch_shards(mesh):
     raise UserError(
       f"decode_batch={decode_batch} must be divisible by mesh.data*mesh.fsdp = {sharding.num_batch_shards(mesh)}"
@@ -355,11 +355,9 @@ def _compile_train_step(config: ml_collections.ConfigDict, state, mesh, step_num
   from llm_jax.train import loop
 
   example = text.pack([[8, 9, 10]], 4, bos_id=None, eos_id=0)  # The row fields and dtypes pretraining feeds the step.
-  batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
-  abstract_batch = {
-    k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), v.dtype, sharding=batch_shardings[k])
-    for k, v in example.items()
-  }
+  shape = (config.batch_size, config.seq_len)
+  batch_shardings = {k: sharding.token_sharding(mesh, shape) for k in example}  # Tokens split on "sequence".
+  abstract_batch = {k: jax.ShapeDtypeStruct(shape, v.dtype, sharding=batch_shardings[k]) for k, v in example.items()}
   optimization = loop.make_optimization(config, state, next_token_loss, mesh, batch_shardings)
   trainable, frozen = state.split(state.abstract_params)  # LoRA: the base is a separate, non-donated argument.
   _, report = _compile(

@@ -20,16 +20,33 @@ flags.DEFINE_integer("process_id", -1, "This process's index (or JAX_PROCESS_ID)
 
 
 def define_mesh_flags(what: str = "the batch and parameters") -> None:
-  """--mesh_data/--mesh_fsdp/--mesh_tensor for the tools that load a model (generate, convert_hf, lm_eval)."""
+  """--mesh_data/--mesh_fsdp/--mesh_sequence/--mesh_tensor for the tools that load a model (generate, convert_hf,
+  lm_eval, inspect)."""
   flags.DEFINE_integer("mesh_data", -1, f"Mesh axes for {what} (-1 fills).")
   flags.DEFINE_integer("mesh_fsdp", 1, "")
+  flags.DEFINE_integer(
+    "mesh_sequence", 1, "Context parallelism: each row's tokens split over this axis (not for decoding tools)."
+  )
   flags.DEFINE_integer("mesh_tensor", 1, "")
 
 
-def mesh_from_flags():
+def mesh_flag_values(decodes: bool = False) -> tuple[int, int, int, int]:
+  """(data, fsdp, tensor, sequence) from the flags. A tool that decodes refuses --mesh_sequence > 1: the KV-cache
+  sampler never splits the sequence, so those chips would only repeat the others' work."""
+  values = flags.FLAGS.mesh_data, flags.FLAGS.mesh_fsdp, flags.FLAGS.mesh_tensor, flags.FLAGS.mesh_sequence
+  if decodes and values[3] != 1:
+    raise UserError(
+      f"--mesh_sequence={values[3]}: decoding does not split the sequence (context parallelism is for training); "
+      "use --mesh_sequence=1"
+    )
+  return values
+
+
+def mesh_from_flags(decodes: bool = False):
   from llm_jax import sharding  # Imports jax: after absl has parsed flags.
 
-  return sharding.make_mesh(flags.FLAGS.mesh_data, flags.FLAGS.mesh_fsdp, flags.FLAGS.mesh_tensor)
+  data, fsdp, tensor, sequence = mesh_flag_values(decodes)
+  return sharding.make_mesh(data, fsdp, tensor, sequence=sequence)
 
 
 def run(main: Callable[[], object]) -> None:

@@ -77,8 +77,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
 
 def validate_training_config(
   config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, model_cfg: ModelConfig | None = None
-) -> tuple[ModelConfig, tuple[int, int, int]]:
-  """Checks every training field that does not need the data; returns the model config and mesh shape.
+) -> tuple[ModelConfig, tuple[int, int, int, int]]:
+  """Checks every training field that does not need the data; returns the model config and mesh shape (in
+  `sharding.MESH_AXES` order: data, fsdp, sequence, tensor).
 
   The model is `config.model` with its overrides, or `model_cfg` for stages that continue an earlier model.
   """
@@ -120,8 +121,14 @@ def validate_training_config(
   if not 0 <= config.data.eval_fraction < 1:
     raise UserError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1)")
   validate_harness_eval(config)
-  shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+  shape = sharding.config_mesh_shape(config.mesh, num_devices)
   shards = shape[0] * shape[1]
+  sequence = shape[sharding.MESH_AXES.index("sequence")]
+  if config.seq_len % sequence:
+    raise UserError(
+      f"seq_len={config.seq_len} must be divisible by mesh.sequence={sequence} (context parallelism splits each "
+      "row's tokens evenly over the sequence axis)"
+    )
   if config.batch_size % (shards * config.grad_accum):
     raise UserError(
       f"batch_size={config.batch_size} must be divisible by mesh.data*mesh.fsdp*grad_accum = "
@@ -166,8 +173,9 @@ def add_optimizer(
 
 
 def add_mesh(config: ml_collections.ConfigDict) -> None:
-  """Mesh axes data × fsdp × tensor; they multiply to the device count, -1 fills."""
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  """Mesh axes data × fsdp × sequence × tensor; they multiply to the device count, -1 fills. `sequence` > 1 is
+  context parallelism (each row's tokens split over it; seq_len must be divisible by it; training only)."""
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
 
 
 def add_lora(config: ml_collections.ConfigDict, targets: str = "all") -> None:

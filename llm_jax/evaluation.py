@@ -123,7 +123,7 @@ def perplexity(
   rows = text.pack_documents(tokenizer.encode_batch(documents), tokenizer, seq_len)
   batch_size = max(batch_size, sharding.num_batch_shards(mesh))
   batch_size += -batch_size % sharding.num_batch_shards(mesh)
-  batch_shardings = {k: sharding.batch_sharding(mesh, 2) for k in rows}
+  batch_shardings = {k: sharding.token_sharding(mesh, v.shape) for k, v in rows.items()}
   eval_step = loop.make_eval_step(state, next_token_loss, mesh, batch_shardings)
   result = loop.evaluate(eval_step, params, text.eval_batches(rows, batch_size), mesh)
   return {"loss": result["eval_loss"], "perplexity": result["eval_perplexity"]}

@@ -242,17 +242,57 @@ def _logical(initializer, names: tuple[str | None, ...]):
   return nnx.with_partitioning(initializer, names, eager_sharding=False)
 
 
+_BATCH_AXES = ("data", "fsdp")  # llm_jax.sharding.BATCH_AXES (not imported: the model stays mesh-agnostic).
+_SEQUENCE_AXIS = "sequence"  # llm_jax.sharding.SEQUENCE_AXIS: context parallelism.
+
+
+def _pin(x: jax.Array, length_axis: str | None, rest) -> jax.Array:
+  """x [B, L, ...] constrained to rows over the batch axes, L over `length_axis`, the other dims `rest` — when
+  traced under a mesh that has those axes (`jax.set_mesh`; see the train step) and they divide. Else x as is."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(_BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  if x.shape[0] % math.prod(mesh.shape[a] for a in _BATCH_AXES):
+    return x
+  if x.ndim < 2:
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(_BATCH_AXES))
+  if length_axis not in mesh.axis_names or mesh.shape[length_axis] == 1 or x.shape[1] % mesh.shape[length_axis]:
+    length_axis = None
+  return jax.lax.with_sharding_constraint(
+    x, jax.sharding.PartitionSpec(_BATCH_AXES, length_axis, *([rest] * (x.ndim - 2)))
+  )
+
+
+def _sequence_shards() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty or _SEQUENCE_AXIS not in mesh.axis_names else mesh.shape[_SEQUENCE_AXIS]
+
+
 def batch_sharded(x: jax.Array) -> jax.Array:
-  """Pins an activation to the batch sharding when traced under a mesh (`jax.set_mesh`; see the train step).
+  """Pins an activation [B, L, ...] to rows over ("data", "fsdp") and L over "sequence" (context parallelism; L
+  replicated where "sequence" does not divide it, e.g. decoding's L = 1), the rest replicated. A no-op with no mesh.
 
   Without it XLA may keep FSDP activations sharded like the weights and compute the LM head on the whole
-  global batch on every chip (measured: 31 GiB of llama_7b's 34 GiB per v5p chip). A no-op with no mesh.
+  global batch on every chip (measured: 31 GiB of llama_7b's 34 GiB per v5p chip).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = ("data", "fsdp")  # llm_jax.sharding.BATCH_AXES (not imported: the model stays mesh-agnostic).
-  if mesh.empty or not set(axes) <= set(mesh.axis_names) or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1))))
+  return _pin(x, _SEQUENCE_AXIS, None)
+
+
+def sequence_gathered(x_BS: jax.Array) -> jax.Array:
+  """Context parallelism's attention: keys/values (or their segment ids/positions) [B, S, ...] all-gathered along
+  "sequence", the head dims left to XLA (tensor parallelism). A no-op unless mesh.sequence > 1.
+
+  All-gathered K/V rather than ring attention: it is a single collective XLA can overlap with the Q/K/V
+  projections, and numerically the plain attention; the full K/V per chip, 2·S·K·H per row and layer, is small
+  next to the activations with GQA (llama_7b at 128k: 2 GiB bf16 per layer-row, recomputed under remat), and
+  ring attention only pays when it does not fit. MaxText's default context parallelism is an all-gather too.
+  """
+  return x_BS if _sequence_shards() == 1 else _pin(x_BS, None, jax.sharding.PartitionSpec.UNCONSTRAINED)
+
+
+def sequence_sharded(x_BL: jax.Array) -> jax.Array:
+  """Queries [B, L, ...] kept split along "sequence" (each chip attends for its own tokens), head dims free."""
+  return x_BL if _sequence_shards() == 1 else _pin(x_BL, _SEQUENCE_AXIS, jax.sharding.PartitionSpec.UNCONSTRAINED)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float, dtype) -> nnx.Param:
@@ -488,7 +528,12 @@ class Attention(nnx.Module):
     if not kv_heads_first:
       # Training, or a prefill into a cache of exactly the prompt's length (it then holds just these tokens):
       # attend to the new keys/values themselves.
-      k_BSKH, v_BSKH, kv_positions_BS, kv_segment_ids_BS = k_BLKH, v_BLKH, positions_BL, segment_ids_BL
+      # Context parallelism (mesh.sequence > 1): queries stay split along the sequence, keys/values and their
+      # positions/segment ids are all-gathered (RoPE was applied shard-locally from each token's own position).
+      q_BLNH = sequence_sharded(q_BLNH)
+      k_BSKH, v_BSKH, kv_positions_BS, kv_segment_ids_BS = (
+        sequence_gathered(x) for x in (k_BLKH, v_BLKH, positions_BL, segment_ids_BL)
+      )
     else:  # Decoding: the cache's own heads-first layout, [B, K, S, H], read in place.
       k_BSKH, v_BSKH = cache.k_LBKSH[layer].astype(dt), cache.v_LBKSH[layer].astype(dt)
       kv_positions_BS, kv_segment_ids_BS = cache.positions_BS, cache.segment_ids_BS

@@ -1,12 +1,22 @@
 """All sharding decisions in one place: the mesh, the logical-axis rules, and batch placement.
 
-The mesh has three named axes:
-  data    pure data parallelism (parameters replicated),
-  fsdp    data parallelism with parameters and optimizer state sharded on their "embed" dimension,
-  tensor  Megatron-style tensor parallelism over heads, MLP width and vocabulary.
-Batches are split over ("data", "fsdp"). Parameters say which logical axes they have (see model.py);
-`LOGICAL_RULES` maps each logical axis to a mesh axis. Everything else follows from `jax.jit` with these
+The mesh has four named axes, outermost first:
+  data      pure data parallelism (parameters replicated),
+  fsdp      data parallelism with parameters and optimizer state sharded on their "embed" dimension,
+  sequence  context parallelism: each row's tokens split along the sequence (activations [B, L, ...] have L
+            sharded); attention all-gathers keys and values along it (model.py: `sequence_gathered`),
+  tensor    Megatron-style tensor parallelism over heads, MLP width and vocabulary.
+Batch rows are split over ("data", "fsdp"), their tokens over "sequence" (`token_sharding`). Parameters say which
+logical axes they have (see model.py); `LOGICAL_RULES` maps each logical axis to a mesh axis (no parameter is
+sharded on "sequence": it holds whole replicas, like "data"). Everything else follows from `jax.jit` with these
 shardings: XLA inserts the all-gathers and reduce-scatters.
+
+Axis order: tensor is innermost because its collectives (an all-reduce per matmul) are the most frequent and
+latency-bound, so its devices should be nearest (jax.make_mesh lays the last axis on the closest chips); sequence
+comes next (one K/V all-gather per layer, larger but overlappable), then the data axes whose gradient
+reduce-scatters happen once per step.
+
+Decoding (the KV-cache sampler) does not shard the sequence: it refuses a mesh with sequence > 1.
 """
 
 from __future__ import annotations
@@ -23,11 +33,13 @@ from jax.sharding import PartitionSpec as P
 
 from llm_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
 
 LOGICAL_RULES: dict[str | None, str | tuple[str, ...] | None] = {
   "batch": BATCH_AXES,
+  "length": SEQUENCE_AXIS,
   "vocab": "tensor",
   "embed": "fsdp",
   "mlp": "tensor",
@@ -39,9 +51,12 @@ LOGICAL_RULES: dict[str | None, str | tuple[str, ...] | None] = {
 }
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-  """Resolves one `-1` axis to "the rest of the devices"; checks the product equals `num_devices`."""
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int, sequence: int = 1) -> tuple[int, int, int, int]:
+  """Resolves one `-1` axis to "the rest of the devices"; checks the product equals `num_devices`.
+
+  Returns the sizes in mesh order (MESH_AXES): (data, fsdp, sequence, tensor).
+  """
+  sizes = {"data": data, "fsdp": fsdp, "sequence": sequence, "tensor": tensor}
   fill = [name for name, size in sizes.items() if size == -1]
   if len(fill) > 1:
     raise UserError(f"mesh: at most one axis may be -1, got {sizes}")
@@ -55,17 +70,41 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
     sizes[fill[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
     raise UserError(
-      f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} but there are {num_devices} devices "
+      f"mesh: data*fsdp*sequence*tensor = {math.prod(sizes.values())} but there are {num_devices} devices "
       f"({sizes}); use -1 for one axis to fill"
     )
-  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+  return tuple(sizes[a] for a in MESH_AXES)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, sequence: int = 1) -> Mesh:
+  """The mesh over `devices` (default: all); positional arguments keep the historical (data, fsdp, tensor) order."""
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  shape = mesh_shape(data, fsdp, tensor, len(devices), sequence)
   # Auto axes: jit propagates shardings (Explicit axes make sharded nnx.Embed lookups a type error).
-  return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def config_mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int, int]:
+  """`mesh_shape` for a config's `mesh` block; a block without `sequence` (older configs) means 1."""
+  return mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, num_devices, mesh_config.get("sequence", 1))
+
+
+def mesh_from_config(mesh_config, devices=None) -> Mesh:
+  """`make_mesh` for a config's `mesh` block (data, fsdp, tensor and, optionally, sequence)."""
+  return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices, mesh_config.get("sequence", 1))
+
+
+def sequence_shards(mesh: Mesh) -> int:
+  return mesh.shape.get(SEQUENCE_AXIS, 1)
+
+
+def refuse_sequence_sharding(mesh: Mesh, what: str) -> None:
+  """A UserError for the paths that do not shard the sequence (decoding with a KV cache)."""
+  if sequence_shards(mesh) > 1:
+    raise UserError(
+      f"{what} does not shard the sequence: mesh.sequence={sequence_shards(mesh)} must be 1 "
+      "(context parallelism is for training and full forward passes)"
+    )
 
 
 def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -102,6 +141,18 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def token_spec(mesh: Mesh, shape: tuple[int, ...]) -> P:
+  """[B, L, ...]: rows over ("data", "fsdp"), tokens over "sequence" where it divides L (else replicated)."""
+  if len(shape) < 2 or sequence_shards(mesh) == 1 or shape[1] % sequence_shards(mesh):
+    return P(BATCH_AXES, *([None] * (len(shape) - 1)))
+  return P(BATCH_AXES, SEQUENCE_AXIS, *([None] * (len(shape) - 2)))
+
+
+def token_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+  """Where a batch field [B, L, ...] lives: `token_spec`. The same as `batch_sharding` when mesh.sequence is 1."""
+  return NamedSharding(mesh, token_spec(mesh, tuple(shape)))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -111,8 +162,13 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's rows into global arrays sharded on the batch axes (process order = row order)."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local_batch.items()}
+  """Assembles each process's rows into global arrays (process order = row order), rows sharded on the batch axes
+  and tokens on "sequence" (`token_sharding`). Each process feeds whole rows: its devices hold whole sequence
+  groups, as the mesh puts "sequence" inside the batch axes and config validation makes every process hold whole
+  batch shards."""
+  return {
+    k: jax.make_array_from_process_local_data(token_sharding(mesh, np.shape(v)), v) for k, v in local_batch.items()
+  }
 
 
 def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:

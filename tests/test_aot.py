@@ -26,23 +26,28 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
-def config(model="tiny", batch=8, seq=64, mesh=(2, 2, 2), **overrides):
+def config(model="tiny", batch=8, seq=64, mesh=(2, 2, 2), sequence=1, **overrides):
   c = pretrain_config.get_config()
   c.model, c.batch_size, c.seq_len = model, batch, seq
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  c.mesh.sequence = sequence
   for key, value in overrides.items():
     c.model_overrides[key] = value
   return c
 
 
-def test_aot_on_cpu_devices_reports_memory():
-  report = aot.compile_for_topology(config(), "cpu", devices=jax.devices(), hbm_gib=1)
+# One mesh with every axis above 1 (context parallelism included): each AOT compile costs tens of seconds.
+@pytest.mark.parametrize("mesh, sequence", [((1, 2, 2), 2)])
+def test_aot_on_cpu_devices_reports_memory(mesh, sequence):
+  report = aot.compile_for_topology(config(mesh=mesh, sequence=sequence), "cpu", devices=jax.devices(), hbm_gib=1)
   assert [s.name for s in report.steps] == ["train", "prefill", "decode"]
   train = report.steps[0]
   assert train.argument_bytes > 0 and train.peak_bytes > 0
   assert all(report.fits(s) for s in report.steps)
   table = report.table()
-  assert "FITS: every step fits" in table and "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in table
+  data, fsdp, tensor = mesh
+  shown = f"mesh {{'data': {data}, 'fsdp': {fsdp}, 'sequence': {sequence}, 'tensor': {tensor}}}"
+  assert "FITS: every step fits" in table and shown in table
   assert "attention xla" in report.description  # "auto" on CPU devices.
   # FLOPs: XLA's per-device count of the compiled step, and the model estimate for the global batch.
   model_cfg = PRESETS["tiny"]
@@ -89,7 +94,7 @@ def test_aot_llama_1b_for_v5p_topology():
 
 @needs_libtpu
 def test_mesh_not_matching_the_topology_is_a_user_error():
-  with pytest.raises(UserError, match="data.fsdp.tensor = 4 but there are 8 devices"):
+  with pytest.raises(UserError, match="data.fsdp.sequence.tensor = 4 but there are 8 devices"):
     aot.compile_for_topology(config(mesh=(1, 4, 1)), "v5p:2x2x2")
 
 

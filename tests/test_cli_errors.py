@@ -176,6 +176,11 @@ def test_every_tool_reports_bad_input_in_one_line(workdirs):
     ),
     ("generate", [f"--workdir={w['pretrain']}", "--max_new_tokens=abc"], "flag --max_new_tokens=abc"),
     (
+      "generate",
+      [f"--workdir={w['pretrain']}", "--prompt=hi", "--mesh_sequence=2"],
+      "--mesh_sequence=2: decoding does not split the sequence",
+    ),
+    (
       "evaluate",
       [f"--workdir={w['pretrain']}", f"--reference={w['tmp']}/missing", f"--output={w['tmp']}/o.json"],
       "is not an llm_jax workdir",

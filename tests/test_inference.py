@@ -24,7 +24,8 @@ GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_ids=())
 
 
 def make_sampler(cfg, devices=None, mesh_shape=(-1, 1, 1)):
-  mesh = sharding.make_mesh(*mesh_shape, devices=devices or jax.devices()[:1])
+  data, fsdp, tensor, *sequence = mesh_shape  # (data, fsdp, tensor[, sequence])
+  mesh = sharding.make_mesh(data, fsdp, tensor, devices or jax.devices()[:1], sequence=sequence[0] if sequence else 1)
   factory = lambda rngs: Transformer(cfg, rngs=rngs)
   state = modeling.model_spec(factory, mesh)
   params = modeling.init_params(factory, state, seed=0)
@@ -157,7 +158,8 @@ def test_rows_stop_at_their_stop_token_and_are_padded_after():
   assert len(stopped[1]) <= 4
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2), (8, 1, 1)])
+# (2, 1, 2, 2): a training mesh with context parallelism; the sampler runs replicated over its sequence axis.
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2), (8, 1, 1), (2, 1, 2, 2)])
 def test_sharded_decode_equals_one_device(mesh_shape):
   cfg = dataclasses.replace(TINY, num_kv_heads=2)
   one, _ = make_sampler(cfg)

@@ -49,6 +49,35 @@ def test_packed_document_equals_document_alone(name):
     np.testing.assert_allclose(logits[:, start : start + len(doc)], alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_axes", [dict(data=2, sequence=4), dict(fsdp=2, sequence=2, tensor=2)])
+def test_context_parallel_forward_splits_tokens_and_equals_one_device(mesh_axes):
+  """mesh.sequence > 1: logits come out split along the sequence, keys/values are all-gathered (the compiled
+  forward has an all-gather), and packed documents that cross shard boundaries see exactly their own past."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from llm_jax import sharding
+
+  mesh = sharding.make_mesh(**{"data": 1, **mesh_axes})
+  model = make(TINY)
+  rng = np.random.default_rng(0)
+  lengths = [(9, 14, 5, 4), (3, 11, 7, 11)]  # 32 tokens a row; shards of 8 or 16 cut every document but one.
+  tokens = rng.integers(8, 264, (4, 32))
+  segments = np.stack([np.repeat(np.arange(1, 5), n) for n in lengths * 2])
+  segments[0, -4:] = 0  # Padding.
+  positions = np.stack([np.concatenate([np.arange(n) for n in row]) for row in lengths * 2])
+  expected = model(*map(jnp.asarray, (tokens, positions, segments)))
+  placed = [jax.device_put(x, sharding.token_sharding(mesh, x.shape)) for x in (tokens, positions, segments)]
+  forward = jax.jit(lambda m, t, p, s: m(t, p, s))
+  with jax.set_mesh(mesh):
+    logits = forward(model, *placed)
+    hlo = forward.lower(model, *placed).compile().as_text()
+  assert logits.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "sequence", None)), 3)
+  assert not logits.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None, None)), 3)
+  assert "all-gather" in hlo
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5)
+
+
 def reference_attention(x, wq, wk, wv, wo, mask):
   """Plain multi-head attention in NumPy (one K/V head per query head)."""
   q, k, v = (np.einsum("bld,dnh->bnlh", x, w) for w in (wq, wk, wv))

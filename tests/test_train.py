@@ -2,6 +2,7 @@
 the optimizer's arithmetic (gradient normalization, learning-rate schedule, weight-decay mask)."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,48 @@ def test_mesh_invariance_8_devices_equals_1(corpus, tmp_path):
     a, b = losses(str(tmp_path / "one"), key), losses(str(tmp_path / "eight"), key)
     assert len(a) == 3
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=1e-5, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def short_documents(tmp_path_factory):
+  """Single sentences (23–26 characters + BOS/EOS) packed into rows of 32: every row holds several documents."""
+  from conftest import SENTENCES
+
+  path = tmp_path_factory.mktemp("short_documents") / "corpus.jsonl"
+  rng = np.random.default_rng(0)
+  with open(path, "w") as f:
+    for _ in range(300):
+      f.write(json.dumps({"text": str(rng.choice(SENTENCES))}) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(short_documents, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("one_device"))
+  pretrain.run(tiny_config(short_documents, steps=3), workdir, devices=jax.devices()[:1])
+  return workdir
+
+
+@pytest.mark.parametrize(
+  "mesh", [{"mesh.data": 2, "mesh.sequence": 4}, {"mesh.fsdp": 2, "mesh.sequence": 2, "mesh.tensor": 2}]
+)
+def test_context_parallelism_equals_1_device(short_documents, one_device_run, tmp_path, mesh):
+  """mesh.sequence splits each 32-token row into 8- or 16-token shards (RoPE, GQA, packed documents crossing
+  shard boundaries): the same losses and gradient norms as one device."""
+  workdir = str(tmp_path / "run")
+  result = pretrain.run(tiny_config(short_documents, steps=3, **{"mesh.data": 1, **mesh}), workdir)
+  assert result.mesh.shape["sequence"] == mesh["mesh.sequence"]
+  for key in ("loss", "grad_norm"):
+    a, b = losses(one_device_run, key), losses(workdir, key)
+    assert len(a) == 3
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=1e-5, err_msg=key)
+
+
+def test_seq_len_not_divisible_by_mesh_sequence_is_a_user_error(corpus, tmp_path):
+  config = tiny_config(corpus, seq_len=36, **{"mesh.sequence": 8})
+  with pytest.raises(UserError, match=r"^seq_len=36 must be divisible by mesh.sequence=8 "):
+    pretrain.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # Refused before anything was written.
 
 
 def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
@@ -259,7 +302,8 @@ def test_truncated_checkpoint_is_a_clear_error(corpus, tmp_path):
   [
     ("model_overrides.num_heads=5", "num_heads=5 must divide model.d_model=64"),
     ("model_overrides.num_kv_heads=3", "num_kv_heads=3 must divide model.num_heads=4"),
-    ("mesh.data=3", "mesh: data.fsdp.tensor = 3 but there are 8 devices"),
+    ("mesh.data=3", "mesh: data.fsdp.sequence.tensor = 3 but there are 8 devices"),
+    ("mesh.sequence=3", r"mesh: .* cannot fill 8 devices \(8 is not a multiple of 3\)"),
     ("seq_len=4096", "seq_len=4096 exceeds model.max_seq_len=128"),
     ("batch_size=12", "batch_size=12 must be divisible by mesh.data.mesh.fsdp.grad_accum = 8.1"),
     ("model=gpt5", "model='gpt5': unknown preset"),

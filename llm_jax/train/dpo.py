@@ -214,7 +214,7 @@ def compute_reference_log_probs(
     return logp_B
 
   any_rows = next(iter(splits.values()))
-  batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(any_rows[k])) for k in keys}
+  batch_shardings = {k: sharding.token_sharding(mesh, np.shape(any_rows[k])) for k in keys}
   step = loop.OnMesh(
     jax.jit(forward, in_shardings=(spec.param_shardings, batch_shardings), out_shardings=sharding.replicated(mesh)),
     mesh,

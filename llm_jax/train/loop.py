@@ -173,11 +173,11 @@ def make_train_step(
     if grad_accum == 1:
       grads, sums = sum_grads(params, batch, rng)
     else:
-      # Microbatch j takes rows j, j+A, j+2A, ...: each device keeps its own rows (no data movement).
+      # Microbatch j takes rows j, j+A, j+2A, ...: each device keeps its own rows and tokens (no data movement).
       def split(x):
         x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(
-          x, NamedSharding(mesh, P(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2))))
+          x, NamedSharding(mesh, P(None, *sharding.token_spec(mesh, x.shape[1:])))
         )
 
       micro = jax.tree.map(split, batch)
@@ -600,10 +600,10 @@ def train(
     harness_eval = _harness_evaluation(config, mesh, tokenizer, model_cfg)  # Unknown tasks fail before compiling.
   read_options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
   if isinstance(train_data, grain.MapDataset):
-    batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in train_data[0].items()}
+    batch_shardings = {k: sharding.token_sharding(mesh, np.shape(v)) for k, v in train_data[0].items()}
     data_iter = iter(train_data.to_iter_dataset(read_options))
   else:  # Prepared data (llm_jax.data.prepared.PreparedStream): an iterator whose state is global.
-    batch_shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in train_data.example().items()}
+    batch_shardings = {k: sharding.token_sharding(mesh, np.shape(v)) for k, v in train_data.example().items()}
     data_iter = train_data.iterator(read_options)
   trainer = Trainer(
     config,

@@ -120,7 +120,7 @@ def run(
   """Pretrains on `devices` (default: all). `stop_after=N` stops after N steps, as a preemption would."""
   devices = jax.devices() if devices is None else devices
   config_lib.validate_training_config(config, len(devices), jax.process_count())
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  mesh = sharding.mesh_from_config(config.mesh, devices)
   stage.make_workdir(workdir)
   stage.check_workdir_stage(workdir, "pretrain")
   streaming = uses_prepared_data(config)

@@ -336,7 +336,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   rollout = config.prompts_per_iteration * (1 if ALGORITHMS[config.algorithm].critic else config.group_size)
   if rollout % config.minibatch_size:
     raise UserError(f"minibatch_size={config.minibatch_size} must divide the rollout batch ({rollout})")
-  shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+  shape = sharding.config_mesh_shape(config.mesh, num_devices)
+  if shape[sharding.MESH_AXES.index("sequence")] > 1:  # Checked before anything is written.
+    raise UserError(
+      f"mesh.sequence={config.mesh.sequence}: RLHF samples its rollouts with the KV-cache sampler, which does not "
+      "shard the sequence; use mesh.sequence=1"
+    )
   if config.minibatch_size % (config.grad_accum * shape[0] * shape[1]):
     raise UserError(
       f"minibatch_size={config.minibatch_size} must be divisible by grad_accum*mesh.data*mesh.fsdp "

@@ -141,7 +141,7 @@ def continue_from(
   if validate_training:
     config_lib.validate_training_config(config, len(devices), jax.process_count(), model_cfg=model_cfg)
   lora_lib.from_config(config)  # A bad lora.* field fails before anything is written.
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  mesh = sharding.mesh_from_config(config.mesh, devices)
   tokenizer = load_tokenizer(config.init_from)
   make_workdir(workdir)
   if stage_name:
