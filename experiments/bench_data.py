@@ -18,6 +18,8 @@ import time
 
 from absl import app, flags
 
+from llm_jax.errors import UserError
+
 flags.DEFINE_float("gb", 0.2, "GB of generated text.")
 flags.DEFINE_string("workers", "1,2", "Worker counts to time preparation with (the speed-up is from the first).")
 flags.DEFINE_integer("seq_len", 1024, "Row length.")
@@ -26,9 +28,16 @@ flags.DEFINE_integer("vocab_size", 4096, "For spm.")
 flags.DEFINE_float("chunk_mb", 8.0, "Input MB per tokenizing task.")
 flags.DEFINE_integer("num_shards", 16, "Shards.")
 flags.DEFINE_integer("read_batches", 400, "Batches of 8 rows to time the reader on.")
-flags.DEFINE_string("tmp", "/tmp/llm_jax_bench_data", "Scratch directory (deleted at the end).")
-flags.DEFINE_string("mode", "bench", "bench | read (internal: the reader, in its own process for its own RSS).")
-flags.DEFINE_string("data", "", "For --mode=read.")
+flags.DEFINE_string("tmp", "/tmp/llm_jax_bench_data", "Scratch directory (deleted at the end unless --keep).")
+flags.DEFINE_bool("keep", False, "Keep --tmp (the corpus and prepared_N/) to rerun the reader with --mode=read.")
+flags.DEFINE_string("mode", "bench", "bench | read: only the reader, on --data (a prepared directory).")
+flags.DEFINE_string("data", "", "For --mode=read: a prepared directory (experiments/prepare_data.py).")
+flags.DEFINE_integer("read_threads", 0, "Reader: grain ReadOptions num_threads (0 = read in the main thread).")
+flags.DEFINE_integer("prefetch", 16, "Reader: grain ReadOptions prefetch_buffer_size, with --read_threads > 0.")
+flags.DEFINE_integer("core", -1, "Reader: the one core every reader thread is pinned to (-1: the last allowed).")
+flags.DEFINE_enum(
+  "cache", "as_is", ["cold", "warm", "as_is"], "Reader: shards' page cache: dropped, read once, untouched."
+)
 FLAGS = flags.FLAGS
 
 
@@ -56,32 +65,102 @@ def generate(path: str, gb: float, seed: int = 0) -> int:
   return written
 
 
+def pin_to_one_core(core: int) -> int:
+  """Pins every thread of this process (and the threads it starts later) to one core; returns that core."""
+  allowed = sorted(os.sched_getaffinity(0))
+  core = allowed[-1] if core < 0 else core
+  if core not in allowed:
+    raise UserError(f"--core={core}: not one of this process's cores {allowed}")
+  for tid in os.listdir("/proc/self/task"):
+    os.sched_setaffinity(int(tid), {core})
+  return core
+
+
+def page_cache(paths: list[str], action: str) -> float:
+  """Fraction of the files' bytes resident in the page cache, after `action`: "cold" drops them
+  (POSIX_FADV_DONTNEED: clean pages, no root needed), "warm" reads them once, "as_is" does nothing."""
+  for path in paths:
+    if action == "cold":
+      fd = os.open(path, os.O_RDONLY)
+      try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      finally:
+        os.close(fd)
+    elif action == "warm":
+      with open(path, "rb", buffering=0) as f:
+        while f.read(16 << 20):
+          pass
+  if not shutil.which("fincore"):
+    return float("nan")
+  out = subprocess.run(
+    ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *paths],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  resident = [tuple(map(int, line.split())) for line in out.splitlines() if line.strip()]
+  return sum(r for r, _ in resident) / max(1, sum(s for _, s in resident))
+
+
+def proc_io() -> dict[str, int]:
+  """This process's I/O counters: read_bytes (from storage, not the page cache), syscr (read syscalls)."""
+  with open("/proc/self/io") as f:
+    return {k: int(v) for k, v in (line.split(": ") for line in f)}
+
+
 def read_mode() -> None:
-  """Reads --read_batches global batches of 8 through the training stream on one thread; prints JSON."""
+  """Reads --read_batches global batches of 8 rows through the training stream (global shuffle) on ONE core
+  with --read_threads Grain threads, the shards' page cache as --cache says; prints one JSON line."""
+  core = pin_to_one_core(FLAGS.core)
   import grain
 
   from llm_jax.data import prepared
 
+  data = prepared.PreparedData(FLAGS.data)
+  shards = [os.path.join(FLAGS.data, s["file"]) for s in data.metadata["shards"]]
+  resident = page_cache(shards, FLAGS.cache)
+  io0 = proc_io()
   t0 = time.perf_counter()
   data = prepared.PreparedData(FLAGS.data)
   n_train, _ = data.split(0.0005)
   stream = prepared.PreparedStream([data], [1.0], [n_train], 8, 0)
-  it = stream.iterator(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  options = grain.ReadOptions(
+    num_threads=FLAGS.read_threads, prefetch_buffer_size=FLAGS.prefetch if FLAGS.read_threads else 0
+  )
+  it = stream.iterator(options)
   next(it)
   startup = time.perf_counter() - t0
+  pin_to_one_core(core)  # Grain's threads, started by the first batch.
+  io1 = proc_io()
+  cpu1 = time.process_time()  # Every thread's CPU time: the busy box's other jobs are not counted.
   t1 = time.perf_counter()
-  tokens = 0
+  tokens = rows = 0
   for _ in range(FLAGS.read_batches):
-    tokens += next(it)["inputs"].size
+    batch = next(it)["inputs"]
+    tokens, rows = tokens + batch.size, rows + len(batch)
   seconds = time.perf_counter() - t1
+  cpu_seconds = time.process_time() - cpu1
+  io2 = proc_io()
+  threads = len(os.listdir("/proc/self/task"))
   it.close()
   print(
     json.dumps(
       dict(
         tokens_per_second=tokens / seconds,
+        tokens_per_cpu_second=tokens / cpu_seconds,
+        cpu_share=cpu_seconds / seconds,
         startup_seconds=startup,
         peak_rss_mb=prepared.peak_rss_mb(),
         rows=data.num_rows,
+        cache=FLAGS.cache,
+        resident_before=resident,
+        read_threads=FLAGS.read_threads,
+        core=core,
+        threads=threads,
+        startup_read_mb=(io1["read_bytes"] - io0["read_bytes"]) / 1e6,
+        storage_kb_per_row=(io2["read_bytes"] - io1["read_bytes"]) / 1e3 / rows,
+        read_syscalls_per_row=(io2["syscr"] - io1["syscr"]) / rows,
+        ms_per_row=seconds * 1e3 / rows,
       )
     )
   )
@@ -90,7 +169,13 @@ def read_mode() -> None:
 def main(argv):
   del argv
   if FLAGS.mode == "read":
-    return read_mode()
+    try:
+      if not FLAGS.data:
+        raise UserError("--mode=read: give --data=DIR, a prepared directory")
+      return read_mode()
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
   from llm_jax.data import prepared
 
   os.makedirs(FLAGS.tmp, exist_ok=True)
@@ -172,7 +257,10 @@ def main(argv):
     f"peak RSS {reader['peak_rss_mb']:.0f} MB over {reader['rows']:,} rows "
     f"({reader['tokens_per_second'] / 20e3:.0f}x a v5p host's 20k tokens/s for llama_7b at 50 % MFU)"
   )
-  shutil.rmtree(FLAGS.tmp, ignore_errors=True)
+  if FLAGS.keep:
+    print(f"kept {FLAGS.tmp}: python {sys.argv[0]} --mode=read --data={data}")
+  else:
+    shutil.rmtree(FLAGS.tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
