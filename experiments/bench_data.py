@@ -32,7 +32,9 @@ flags.DEFINE_string("tmp", "/tmp/llm_jax_bench_data", "Scratch directory (delete
 flags.DEFINE_bool("keep", False, "Keep --tmp (the corpus and prepared_N/) to rerun the reader with --mode=read.")
 flags.DEFINE_string("mode", "bench", "bench | read: only the reader, on --data (a prepared directory).")
 flags.DEFINE_string("data", "", "For --mode=read: a prepared directory (experiments/prepare_data.py).")
-flags.DEFINE_integer("read_threads", 0, "Reader: grain ReadOptions num_threads (0 = read in the main thread).")
+flags.DEFINE_integer(
+  "read_threads", 16, "Reader: grain ReadOptions num_threads (0 = in the main thread); --mode=bench times 0 and this."
+)
 flags.DEFINE_integer("prefetch", 16, "Reader: grain ReadOptions prefetch_buffer_size, with --read_threads > 0.")
 flags.DEFINE_integer("core", -1, "Reader: the one core every reader thread is pinned to (-1: the last allowed).")
 flags.DEFINE_enum(
@@ -83,6 +85,7 @@ def page_cache(paths: list[str], action: str) -> float:
     if action == "cold":
       fd = os.open(path, os.O_RDONLY)
       try:
+        os.fsync(fd)  # Dirty pages (a shard just written) are not dropped.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
       finally:
         os.close(fd)
@@ -143,27 +146,48 @@ def read_mode() -> None:
   io2 = proc_io()
   threads = len(os.listdir("/proc/self/task"))
   it.close()
-  print(
-    json.dumps(
-      dict(
-        tokens_per_second=tokens / seconds,
-        tokens_per_cpu_second=tokens / cpu_seconds,
-        cpu_share=cpu_seconds / seconds,
-        startup_seconds=startup,
-        peak_rss_mb=prepared.peak_rss_mb(),
-        rows=data.num_rows,
-        cache=FLAGS.cache,
-        resident_before=resident,
-        read_threads=FLAGS.read_threads,
-        core=core,
-        threads=threads,
-        startup_read_mb=(io1["read_bytes"] - io0["read_bytes"]) / 1e6,
-        storage_kb_per_row=(io2["read_bytes"] - io1["read_bytes"]) / 1e3 / rows,
-        read_syscalls_per_row=(io2["syscr"] - io1["syscr"]) / rows,
-        ms_per_row=seconds * 1e3 / rows,
-      )
-    )
+  result = dict(
+    tokens_per_second=tokens / seconds,
+    tokens_per_cpu_second=tokens / cpu_seconds,
+    cpu_share=cpu_seconds / seconds,
+    startup_seconds=startup,
+    peak_rss_mb=prepared.peak_rss_mb(),
+    rows=data.num_rows,
+    cache=FLAGS.cache,
+    resident_before=resident,
+    read_threads=FLAGS.read_threads,
+    core=core,
+    threads=threads,
+    startup_read_mb=(io1["read_bytes"] - io0["read_bytes"]) / 1e6,
+    storage_kb_per_row=(io2["read_bytes"] - io1["read_bytes"]) / 1e3 / rows,
+    read_syscalls_per_row=(io2["syscr"] - io1["syscr"]) / rows,
+    ms_per_row=seconds * 1e3 / rows,
   )
+  print_readers([result])
+  print(json.dumps(result))
+
+
+def read_in_subprocess(data: str, cache: str, threads: int) -> dict:
+  """One reader run in its own process (its own RSS, its own pinned core)."""
+  command = [sys.executable, os.path.abspath(__file__), "--mode=read", f"--data={data}", f"--cache={cache}"]
+  command += [f"--read_threads={threads}", f"--read_batches={FLAGS.read_batches}", f"--prefetch={FLAGS.prefetch}"]
+  proc = subprocess.run(command, capture_output=True, text=True, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_readers(readers: list[dict]) -> None:
+  print(
+    f"reader: global shuffle, batches of 8 rows, {readers[0]['rows']:,} rows, one core "
+    "(M tokens/s of CPU time = on a core of its own; x = times a v5p host's 20k tokens/s for llama_7b at 50 % MFU)"
+  )
+  print("cache  threads  M tokens/s  (x)   M tokens/CPU-s  core share  ms/row  storage KB/row  start-up s  peak RSS MB")
+  for r in readers:
+    print(
+      f"{r['cache']:<5}  {r['read_threads']:>7}  {r['tokens_per_second'] / 1e6:>10.2f}  "
+      f"({r['tokens_per_second'] / 20e3:>3.0f})  {r['tokens_per_cpu_second'] / 1e6:>14.2f}  {r['cpu_share']:>10.2f}  "
+      f"{r['ms_per_row']:>6.3f}  {r['storage_kb_per_row']:>14.1f}  {r['startup_seconds']:>10.2f}  "
+      f"{r['peak_rss_mb']:>11.0f}"
+    )
 
 
 def main(argv):
@@ -227,19 +251,9 @@ def main(argv):
     )
     print(json.dumps(rows[-1]), flush=True)
   data = os.path.join(FLAGS.tmp, f"prepared_{FLAGS.workers.split(',')[-1]}")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.abspath(__file__),
-      "--mode=read",
-      f"--data={data}",
-      f"--read_batches={FLAGS.read_batches}",
-    ],
-    capture_output=True,
-    text=True,
-    check=True,
-  )
-  reader = json.loads(proc.stdout.strip().splitlines()[-1])
+  readers = [
+    read_in_subprocess(data, cache, threads) for cache in ("cold", "warm") for threads in (0, FLAGS.read_threads)
+  ]
   print(
     f"\ncorpus {size / 1e9:.2f} GB, {rows[-1]['tokens']:,} tokens ({FLAGS.tokenizer} {tok.vocab_size}), "
     f"seq_len {FLAGS.seq_len}"
@@ -251,12 +265,7 @@ def main(argv):
       f"{r['speedup']:>8.2f}  {r['tokenize_s']:>10.1f}  {r['pack_s']:>6.1f}  "
       f"{r['parent_rss_mb']:>12.0f} / {r['worker_rss_mb']:<10.0f}  {r['shard_gb']:.2f}"
     )
-  print(
-    f"reader (1 thread): {reader['tokens_per_second'] / 1e6:.2f} M tokens/s, "
-    f"start-up {reader['startup_seconds']:.2f} s, "
-    f"peak RSS {reader['peak_rss_mb']:.0f} MB over {reader['rows']:,} rows "
-    f"({reader['tokens_per_second'] / 20e3:.0f}x a v5p host's 20k tokens/s for llama_7b at 50 % MFU)"
-  )
+  print_readers(readers)
   if FLAGS.keep:
     print(f"kept {FLAGS.tmp}: python {sys.argv[0]} --mode=read --data={data}")
   else:
