@@ -28,6 +28,7 @@ flags.DEFINE_integer("vocab_size", 4096, "For spm.")
 flags.DEFINE_float("chunk_mb", 8.0, "Input MB per tokenizing task.")
 flags.DEFINE_integer("num_shards", 16, "Shards.")
 flags.DEFINE_integer("read_batches", 400, "Batches of 8 rows to time the reader on.")
+flags.DEFINE_integer("warmup_batches", 50, "Batches read before the timing (opening every shard).")
 flags.DEFINE_string("tmp", "/tmp/llm_jax_bench_data", "Scratch directory (deleted at the end unless --keep).")
 flags.DEFINE_bool("keep", False, "Keep --tmp (the corpus and prepared_N/) to rerun the reader with --mode=read.")
 flags.DEFINE_string("mode", "bench", "bench | read: only the reader, on --data (a prepared directory).")
@@ -134,6 +135,8 @@ def read_mode() -> None:
   next(it)
   startup = time.perf_counter() - t0
   pin_to_one_core(core)  # Grain's threads, started by the first batch.
+  for _ in range(FLAGS.warmup_batches):  # Opens every shard (its index is read once per run), reads other rows.
+    next(it)
   io1 = proc_io()
   cpu1 = time.process_time()  # Every thread's CPU time: the busy box's other jobs are not counted.
   t1 = time.perf_counter()
@@ -180,13 +183,15 @@ def print_readers(readers: list[dict]) -> None:
     f"reader: global shuffle, batches of 8 rows, {readers[0]['rows']:,} rows, one core "
     "(M tokens/s of CPU time = on a core of its own; x = times a v5p host's 20k tokens/s for llama_7b at 50 % MFU)"
   )
-  print("cache  threads  M tokens/s  (x)   M tokens/CPU-s  core share  ms/row  storage KB/row  start-up s  peak RSS MB")
+  print(
+    "cache  threads  M tokens/s  (x)   M tokens/CPU-s  core share  ms/row  storage KB/row  start-up s  RSS MB  load"
+  )
   for r in readers:
     print(
       f"{r['cache']:<5}  {r['read_threads']:>7}  {r['tokens_per_second'] / 1e6:>10.2f}  "
       f"({r['tokens_per_second'] / 20e3:>3.0f})  {r['tokens_per_cpu_second'] / 1e6:>14.2f}  {r['cpu_share']:>10.2f}  "
       f"{r['ms_per_row']:>6.3f}  {r['storage_kb_per_row']:>14.1f}  {r['startup_seconds']:>10.2f}  "
-      f"{r['peak_rss_mb']:>11.0f}"
+      f"{r['peak_rss_mb']:>6.0f}  {r['load_average']:.1f}"
     )
 
 
