@@ -60,6 +60,10 @@ ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"
 # copies of `text.ROW_FIELDS` and `sequences.PAD_FILL` (tests check they are equal).
 ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 PAD_FILL = 0
+# Training's default read threads (config.data.num_threads = -1): each random row is one storage read
+# (ArrayRecord, group_size 1), so a cold read waits on the disk; threads overlap those waits on one core.
+# (Grain's own ReadOptions default is 16 threads as well.) Measured in experiments/bench_data.py.
+READ_THREADS = 16
 
 
 def expand_paths(pattern: str, name: str):
