@@ -165,6 +165,7 @@ def read_mode() -> None:
     storage_kb_per_row=(io2["read_bytes"] - io1["read_bytes"]) / 1e3 / rows,
     read_syscalls_per_row=(io2["syscr"] - io1["syscr"]) / rows,
     ms_per_row=seconds * 1e3 / rows,
+    load_average=os.getloadavg()[0],  # The box's other jobs share the pinned core.
   )
   print_readers([result])
   print(json.dumps(result))
