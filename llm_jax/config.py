@@ -116,8 +116,8 @@ def validate_training_config(
   if "tokenizer" in config.data and config.data.tokenizer not in ("char", "spm"):
     raise UserError(f"data.tokenizer={config.data.tokenizer!r} must be 'char' or 'spm'")
   for field in ("num_threads", "prefetch"):
-    if field in config.data and config.data[field] < 0:
-      raise UserError(f"data.{field}={config.data[field]} must be >= 0")
+    if field in config.data and config.data[field] < -1:
+      raise UserError(f"data.{field}={config.data[field]} must be >= 0, or -1 (chosen by the kind of data)")
   if not 0 <= config.data.eval_fraction < 1:
     raise UserError(f"data.eval_fraction={config.data.eval_fraction} must be in [0, 1)")
   validate_harness_eval(config)
@@ -186,8 +186,11 @@ def add_lora(config: ml_collections.ConfigDict, targets: str = "all") -> None:
 
 
 def add_data_loading(data: ml_collections.ConfigDict) -> None:
-  data.num_threads = 1
-  data.prefetch = 4
+  """Grain's read threads and batches in flight; -1 = by the data (`loop.read_options`): in memory 1 thread and
+  4 batches; prepared data (ArrayRecord shards) `prepared.READ_THREADS` threads and as many batches, so that
+  reads waiting on storage overlap (a waiting thread uses no core)."""
+  data.num_threads = -1
+  data.prefetch = -1
 
 
 def add_cadence(

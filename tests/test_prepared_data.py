@@ -342,3 +342,21 @@ def test_a_checkpoint_resumes_on_another_number_of_processes_in_the_same_global_
     losses = _losses(workdir)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([losses[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def test_read_options_by_kind_of_data():
+  """data.num_threads / data.prefetch = -1 (the default): prepared data gets READ_THREADS threads and as many
+  batches in flight (each thread waits on its own storage reads), in-memory data 1 thread and 4 batches; values
+  given are kept."""
+  from llm_jax.train import loop
+
+  data = pretrain_config.get_config().data
+  assert (data.num_threads, data.prefetch) == (-1, -1)
+  options = loop.data_read_options(data, prepared=True)
+  assert (options.num_threads, options.prefetch_buffer_size) == (prepared.READ_THREADS, prepared.READ_THREADS)
+  options = loop.data_read_options(data, prepared=False)
+  assert (options.num_threads, options.prefetch_buffer_size) == (1, 4)
+  data.num_threads, data.prefetch = 2, 0
+  for kind in (True, False):
+    options = loop.data_read_options(data, prepared=kind)
+    assert (options.num_threads, options.prefetch_buffer_size) == (2, 0)

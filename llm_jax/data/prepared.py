@@ -22,7 +22,7 @@ with the dtypes named in the metadata (uint16 where the vocabulary / seq_len all
 
 Reading (`PreparedData`, `train_stream`): the row count of each shard comes from the metadata (no file is opened
 at start-up, only sizes are checked against it, so start-up is O(shards) and a truncated shard is one line);
-rows are read through `grain.sources.ArrayRecordDataSource`; memory grows only by each read shard's index (8 bytes
+rows are read through `ShardSource` (ArrayRecord range reads); memory grows only by each read shard's index (8 bytes
 a row). The last `eval_fraction` of the rows is the validation split (as `text.build_packed_dataset`).
 The global order of training rows is a seeded Grain shuffle of each dataset (reshuffled every epoch, repeated
 forever), mixed by `MapDataset.mix` with the weights; global batch k is rows [p + k·B, p + (k+1)·B) of that
@@ -34,6 +34,7 @@ is exactly `text.train_dataset`'s over the same rows, so a prepared run trains a
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
@@ -60,6 +62,10 @@ ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"
 # copies of `text.ROW_FIELDS` and `sequences.PAD_FILL` (tests check they are equal).
 ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 PAD_FILL = 0
+# Training's default read threads (config.data.num_threads = -1): each random row is one storage read
+# (ArrayRecord, group_size 1), so a cold read waits on the disk; threads overlap those waits on one core.
+# (Grain's own ReadOptions default is 16 threads as well.) Measured in experiments/bench_data.py.
+READ_THREADS = 16
 
 
 def expand_paths(pattern: str, name: str):
@@ -229,20 +235,26 @@ class RowFormat:
 
   def decode(self, record: bytes) -> dict[str, np.ndarray]:
     """One record → the row's ROW_FIELDS, as `text.pack` gives them."""
-    if len(record) != self.record_bytes:
-      raise UserError(f"prepared data: a record of {len(record)} bytes where {self.record_bytes} are expected")
+    return {k: v[0] for k, v in self.decode_batch([record]).items()}
+
+  def decode_batch(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
+    """Records → [len(records), seq_len] arrays of ROW_FIELDS (the rows stacked): one buffer for the batch and
+    one conversion per field, instead of three copies per row and a stack per field (the reader's CPU cost)."""
+    for record in records:
+      if len(record) != self.record_bytes:
+        raise UserError(f"prepared data: a record of {len(record)} bytes where {self.record_bytes} are expected")
     L = self.seq_len
     t_end = (L + 1) * np.dtype(self.token_dtype).itemsize
     s_end = t_end + (L + 1) * np.dtype(self.index_dtype).itemsize
-    tokens = np.frombuffer(record, self.token_dtype, L + 1, 0).astype(np.int32)
-    seg = np.frombuffer(record, self.index_dtype, L + 1, t_end).astype(np.int32)
-    positions = np.frombuffer(record, self.index_dtype, L, s_end).astype(np.int32)
+    rows_RB = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), self.record_bytes)
+    tokens_RT = rows_RB[:, :t_end].view(self.token_dtype)
+    seg_RT = rows_RB[:, t_end:s_end].view(self.index_dtype)
     return dict(
-      inputs=tokens[:L],
-      targets=tokens[1:],
-      segment_ids=seg[:L],
-      positions=positions,
-      loss_mask=((seg[:L] == seg[1:]) & (seg[:L] > 0)).astype(np.float32),
+      inputs=tokens_RT[:, :L].astype(np.int32),
+      targets=tokens_RT[:, 1:].astype(np.int32),
+      segment_ids=seg_RT[:, :L].astype(np.int32),
+      positions=rows_RB[:, s_end:].view(self.index_dtype).astype(np.int32),
+      loss_mask=((seg_RT[:, :L] == seg_RT[:, 1:]) & (seg_RT[:, :L] > 0)).astype(np.float32),
     )
 
 
@@ -611,8 +623,8 @@ class PreparedData:
     self.tokenizer = load_tokenizer(path)
     if self.tokenizer.fingerprint() != fingerprint:
       raise UserError(f"prepared data {path}: its tokenizer files do not match the metadata's fingerprint")
-    # "file[start:end]": the row counts come from the metadata, so no shard is opened until it is read.
-    self._paths = [f"{os.path.join(path, file)}[0:{rows}]" for file, rows, _ in shards if rows]
+    # The row counts come from the metadata, so no shard is opened until it is read.
+    self._shards = [(os.path.join(path, file), rows) for file, rows, _ in shards if rows]
     self._source = None
 
   @property
@@ -621,13 +633,9 @@ class PreparedData:
 
   @property
   def source(self):
-    """The records as a Grain data source (opened on first use)."""
+    """The records as a Grain random-access data source (each shard opened on first use)."""
     if self._source is None:
-      import grain  # noqa: PLC0415
-
-      # The index in memory (8 bytes per row of a shard once it is read: ~8 MB per billion tokens at seq_len
-      # 1024): "offloaded" keeps it on disk but re-reads it on every access (measured 0.03 M tokens/s on 2 GB).
-      self._source = grain.sources.ArrayRecordDataSource(self._paths)
+      self._source = ShardSource(self._shards)
     return self._source
 
   def row(self, i: int) -> dict[str, np.ndarray]:
@@ -635,10 +643,7 @@ class PreparedData:
 
   def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
     """Rows [start, stop) stacked: [n, seq_len] arrays of ROW_FIELDS."""
-    decoded = [self.format.decode(r) for r in self.source.__getitems__(range(start, stop))]
-    if not decoded:
-      return {k: np.zeros((0, self.seq_len), np.float32 if k == "loss_mask" else np.int32) for k in ROW_FIELDS}
-    return {k: np.stack([d[k] for d in decoded]) for k in ROW_FIELDS}
+    return self.format.decode_batch(self.source.__getitems__(range(start, stop)) if stop > start else [])
 
   def split(self, eval_fraction: float, has_eval_path: bool = False) -> tuple[int, int]:
     """(train rows, eval rows): the last `eval_fraction` of the rows, as `text.build_packed_dataset`."""
@@ -651,6 +656,55 @@ class PreparedData:
     if n - num_eval < 1:
       raise UserError(f"prepared data {self.path}: {n} rows; need at least 2: one to train on and one to evaluate")
     return n - num_eval, num_eval
+
+
+class ShardSource:
+  """Records by global index over ArrayRecord shards [(path, rows)]: Grain's random-access source protocol.
+
+  Not `grain.sources.ArrayRecordDataSource`: it reads each record with ArrayRecord's by-index call
+  (`reader.read([i])`), whose CPU cost grows with the records in the shard (measured 0.72 ms a record in a shard of
+  121k records, 0.04 ms in one of 3k: the 2 GB corpus read 10x slower than the 0.2 GB one, warm or cold); the range
+  call `reader.read(i, i + 1)` costs 0.02 ms in both. Each reader keeps its shard's index in memory (8 bytes a row;
+  "index_storage_option:offloaded" re-reads it on every access: measured 0.03 M tokens/s on 2 GB)."""
+
+  def __init__(self, shards: Sequence[tuple[str, int]]):
+    self.paths = [path for path, _ in shards]
+    self.starts = np.cumsum([0] + [rows for _, rows in shards]).tolist()
+    self._readers: list = [None] * len(shards)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return self.starts[-1]
+
+  def _reader(self, s: int):
+    if self._readers[s] is None:
+      with self._lock:  # Grain's read threads share one (thread-safe) reader per shard.
+        if self._readers[s] is None:
+          from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
+          self._readers[s] = ArrayRecordReader(self.paths[s], "readahead_buffer_size:0")
+    return self._readers[s]
+
+  def __getitem__(self, index) -> bytes:
+    i = int(index)
+    if not 0 <= i < len(self):
+      raise IndexError(f"record {i} of {len(self)}")
+    s = bisect.bisect_right(self.starts, i) - 1
+    local = i - self.starts[s]
+    return self._reader(s).read(local, local + 1)[0]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[bytes]:
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return f"ShardSource({len(self.paths)} shards, {len(self)} records)"
+
+  def __getstate__(self):  # Readers and the lock do not pickle (Grain's worker processes reopen the shards).
+    return {"paths": self.paths, "starts": self.starts}
+
+  def __setstate__(self, state):
+    self.paths, self.starts = state["paths"], state["starts"]
+    self._readers, self._lock = [None] * len(self.paths), threading.Lock()
 
 
 def verify(path: str) -> None:
@@ -684,28 +738,38 @@ def component_seed(seed: int, index: int) -> int:
 
 
 def global_order(datasets: Sequence[PreparedData], train_rows: Sequence[int], weights: Sequence[float], seed: int):
-  """The endless global order of training rows as a grain MapDataset of decoded rows (module docstring)."""
+  """The endless global order of training rows as a grain MapDataset of records (module docstring); the datasets
+  share one RowFormat (`open_datasets` checks the tokenizer and seq_len), which decodes them a batch at a time."""
   import grain  # noqa: PLC0415
 
   parts = []
   for i, (data, n) in enumerate(zip(datasets, train_rows)):
-    ds = grain.MapDataset.source(data.source)[:n].shuffle(seed=component_seed(seed, i)).repeat(None)
-    parts.append(ds.map(data.format.decode))
+    parts.append(grain.MapDataset.source(data.source)[:n].shuffle(seed=component_seed(seed, i)).repeat(None))
   return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))
 
 
 class GlobalPositionIterator:
   """This process's share of each global batch, from global row `position` on; its state is that position."""
 
-  def __init__(self, order, global_batch: int, process_index: int, process_count: int, read_options, position=0):
-    self.order, self.global_batch, self.read_options = order, global_batch, read_options
+  def __init__(
+    self,
+    order,
+    row_format: RowFormat,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+    read_options,
+    position=0,
+  ):
+    self.order, self.row_format, self.global_batch, self.read_options = order, row_format, global_batch, read_options
     self.process_index, self.process_count = process_index, process_count
     self._iterator = None
     self.set_global_state({"global_row": position})
 
   def _dataset(self, position: int):
     local = self.global_batch // self.process_count
-    return self.order[position:].batch(local, drop_remainder=True)[self.process_index :: self.process_count]
+    batches = self.order[position:].batch(local, drop_remainder=True, batch_fn=self.row_format.decode_batch)
+    return batches[self.process_index :: self.process_count]
 
   def __iter__(self):
     return self
@@ -742,6 +806,8 @@ class PreparedStream:
   process_count: int = 1
 
   def order(self):
+    if any(d.format != self.datasets[0].format for d in self.datasets):
+      raise UserError("data.mixture: the datasets' record formats differ (tokenizer or seq_len)")
     return global_order(self.datasets, self.train_rows, self.weights, self.seed)
 
   def example(self) -> dict[str, np.ndarray]:
@@ -752,7 +818,13 @@ class PreparedStream:
 
   def iterator(self, read_options, position: int = 0) -> GlobalPositionIterator:
     return GlobalPositionIterator(
-      self.order(), self.global_batch, self.process_index, self.process_count, read_options, position
+      self.order(),
+      self.datasets[0].format,
+      self.global_batch,
+      self.process_index,
+      self.process_count,
+      read_options,
+      position,
     )
 
 

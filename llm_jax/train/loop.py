@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import lora as lora_lib
 from llm_jax import perf, sharding
+from llm_jax.data import prepared as prepared_data
 from llm_jax.errors import UserError
 from llm_jax.metrics import MetricWriter
 from llm_jax.modeling import ModelFactory, ModelSpec, init_params, model_spec
@@ -568,6 +569,15 @@ class _ProgressLog:
       self.speed = f"  {tokens_per_second:,.0f} tok/s  MFU {100 * self.last_metrics['mfu']:.1f}%" + self.speed
 
 
+def data_read_options(data_cfg: ml_collections.ConfigDict, prepared: bool) -> grain.ReadOptions:
+  """`data.num_threads` / `data.prefetch`, where -1 means: in-memory data 1 thread (slicing arrays in memory:
+  more threads only contend for the GIL) and 4 batches; prepared data `prepared.READ_THREADS` threads and as many
+  batches in flight (each thread reads one batch's rows, one storage read each: cold reads overlap)."""
+  threads = data_cfg.num_threads if data_cfg.num_threads >= 0 else (prepared_data.READ_THREADS if prepared else 1)
+  prefetch = data_cfg.prefetch if data_cfg.prefetch >= 0 else (max(threads, 4) if prepared else 4)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
+
+
 def train(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -598,7 +608,7 @@ def train(
   harness_eval = None
   if config.get("eval_tasks"):
     harness_eval = _harness_evaluation(config, mesh, tokenizer, model_cfg)  # Unknown tasks fail before compiling.
-  read_options = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)
+  read_options = data_read_options(config.data, prepared=not isinstance(train_data, grain.MapDataset))
   if isinstance(train_data, grain.MapDataset):
     batch_shardings = {k: sharding.token_sharding(mesh, np.shape(v)) for k, v in train_data[0].items()}
     data_iter = iter(train_data.to_iter_dataset(read_options))
