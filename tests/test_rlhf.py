@@ -85,7 +85,7 @@ def test_bradley_terry_loss_value_and_gradient_sign():
   batch["rejected_segment_ids"][:, 9:] = 0  # Right padding: scores are read at the last real token.
   loss, sums = reward_model.bradley_terry_loss(model, batch, None)
   assert float(loss) == pytest.approx(3 * np.log(2), rel=1e-6)  # Zero head: σ(0) for the three real pairs.
-  grads = nnx.grad(lambda m: reward_model.bradley_terry_loss(m, batch, None)[0])(model)
+  grads = nnx.jit(nnx.grad(lambda m: reward_model.bradley_terry_loss(m, batch, None)[0]))(model)
   model.head.w_D[...] -= 0.1 * grads.head.w_D[...]
   after, sums_after = reward_model.bradley_terry_loss(model, batch, None)
   assert float(after) < float(loss) and float(sums_after["margin"]) > 0
@@ -144,7 +144,9 @@ def test_min_answer_log_prob_matches_numpy():
   }
   loss, _ = reward_model.bradley_terry_loss(model, batch, None, special_ids=SPECIAL_IDS)
   assert float(loss) == pytest.approx(2 * np.log(2), rel=1e-6)
-  grads = nnx.grad(lambda m: reward_model.bradley_terry_loss(m, batch, None, special_ids=SPECIAL_IDS)[0])(model)
+  grads = nnx.jit(nnx.grad(lambda m: reward_model.bradley_terry_loss(m, batch, None, special_ids=SPECIAL_IDS)[0]))(
+    model
+  )
   assert float(grads.likelihood_weight[...]) < 0  # Raising the weight lowers the loss.
 
 

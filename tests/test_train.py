@@ -145,8 +145,8 @@ def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum
   batch["loss_mask"] = mask
   params = modeling.init_params(factory, state, 0)
   weight = mask.sum()
-  expected_loss, expected_grads = jax.value_and_grad(
-    lambda p: next_token_loss(state.merge(p), batch, None)[0] / weight
+  expected_loss, expected_grads = jax.jit(
+    jax.value_and_grad(lambda p: next_token_loss(state.merge(p), batch, None)[0] / weight)
   )(params)
   expected_norm = float(optax.tree.norm(expected_grads))
   shardings = {k: sharding.batch_sharding(mesh, 2) for k in batch}
