@@ -54,20 +54,6 @@ moments, bf16 compute):
   Decoding 256 prompts × (1024 + 1024 new) on the same mesh: prefill 18.5 GiB, decode loop 8.7 GiB (measured
   with scan_layers=False, before decoding scanned models was fixed).
 
-  Long context, llama_7b on v5p-128 (v5p:4x4x4), fsdp=64, remat=full, train step only (--decode=false),
-  attention_impl=auto = splash for a TPU topology (llm_jax/attention_kernels.py) vs the written-out xla attention:
-
-  python experiments/aot_compile.py --config.model=llama_7b --topology=v5p:4x4x4 --config.mesh.data=1 \
-    --config.mesh.fsdp=-1 --config.mesh.tensor=1 --config.seq_len=8192 --config.batch_size=64 \
-    --config.model_overrides.max_seq_len=8192 --config.model_overrides.attention_impl=splash --decode=false
-
-  seq 8k, batch 64 (8,192 tokens/chip), splash    7.96 GiB  fits  (compile 1386 s on a loaded 2-core box)
-    FLOPs/step: model 2.8e16; XLA 1.22e15 (counts the scanned layer body once and nothing inside Pallas
-    kernels, so it is no MFU basis); expected step time 2.38 s at 40 % MFU, 1.9 s at 50 % (459 TFLOP/s/chip).
-  seq 8k xla, 32k and 128k (xla and splash): not measured yet (compiles of 20+ min each on this shared box did
-  not finish in the session; commands as above with seq_len/max_seq_len 32768 or 131072).
-  Rows with context parallelism (the `sequence` mesh axis) come from issue 17 part B (branch seqpar).
-
   70B class (measured before the activations were pinned; Llama-2-70B shape: --config.model=llama_7b
   --config.model_overrides.num_layers=80
   --config.model_overrides.d_model=8192 --config.model_overrides.num_heads=64 --config.model_overrides.num_kv_heads=8
@@ -78,19 +64,32 @@ moments, bf16 compute):
     v5p-512, fsdp=64 × tensor=4, batch 256, grad_accum=4                       21.6 GiB  fits
   (f32 params + AdamW moments alone are 12 bytes × 69 B = 828 GB: 6.0 GiB per chip on 128 chips.)
 
-Long context with context parallelism (`mesh.sequence`: each row's tokens split over it, keys/values all-gathered
-for attention), the written-out XLA attention, llama_7b with remat=full, on v5p-128 (16 hosts of 4 chips: each
-host feeds whole rows, so data*fsdp is a multiple of 16 and sequence*tensor <= 4), --decode=false:
+Long context: llama_7b (remat=full, scan, bf16 compute, AdamW f32) on v5p-128 (v5p:4x4x4: 64 chips, 16 hosts of
+4), train step only (--decode=false), per-chip peak by the ahead-of-time compiler. attention_impl=splash is what
+`auto` picks for a TPU topology (llm_jax/attention_kernels.py); xla is the written-out attention. mesh.sequence
+splits each row's tokens (context parallelism: keys/values all-gathered). Each host feeds whole rows, so
+data*fsdp is a multiple of 16 and sequence*tensor <= 4. Compile times are on this shared 2-core box.
 
   python experiments/aot_compile.py --config.model=llama_7b --topology=v5p:4x4x4 --decode=false \
-    --config.seq_len=32768 --config.model_overrides.max_seq_len=32768 --config.batch_size=16 \
-    --config.mesh.data=1 --config.mesh.fsdp=16 --config.mesh.sequence=4 --config.mesh.tensor=1
+    --config.seq_len=131072 --config.model_overrides.max_seq_len=131072 --config.batch_size=16 \
+    --config.mesh.data=1 --config.mesh.fsdp=16 --config.mesh.sequence=4 --config.mesh.tensor=1 \
+    --config.model_overrides.attention_impl=splash
 
-    32k, batch 16, fsdp=16 × sequence=4 (8,192 tokens/chip)       64.4 GiB  fits   (~4 min to compile)
-    32k, batch 16, fsdp=16 × tensor=4 (no context parallelism)     75.7 GiB  fits   (~5 min)
-    128k, batch 16, fsdp=16 × sequence=4 (32,768 tokens/chip)    802.0 GiB  does not fit (compiler: temporaries)
-  The written-out attention's scores, [rows, heads, L / sequence, L] in f32 per layer, dominate: 32 GiB per chip at
-  32k, 512 GiB at 128k. 128k needs the fused kernels (attention_impl; issue 17 part A), not more chips.
+  seq    rows  mesh                         tokens/chip  attention   peak/chip   fits   compile
+  8k     64    fsdp 64                         8,192     splash        7.96 GiB  yes    1386 s
+  32k    16    fsdp 16 × sequence 4            8,192     splash       15.37 GiB  yes     578 s
+  32k    16    fsdp 16 × sequence 4            8,192     xla          64.42 GiB  yes     234 s
+  32k    16    fsdp 16 × tensor 4              8,192     xla          75.71 GiB  yes     312 s
+  128k   16    fsdp 16 × sequence 4           32,768     splash       35.67 GiB  yes     871 s
+  128k   16    fsdp 16 × sequence 4           32,768     xla         802.02 GiB  no       5 s (refused)
+  Not measured: xla at 8k, splash at 32k without context parallelism (compiles of 10-25 min each here).
+  The largest sequence that fits at a global batch of >= 64 × 8k tokens: 128k (16 rows × 128k = 2 M tokens/step),
+  with splash and sequence=4, at 38 % of HBM. The written-out attention's f32 scores [rows, heads, L/sequence, L]
+  per layer dominate without the kernel: 32 GiB per chip at 32k, 512 GiB at 128k.
+  FLOPs per step (aot_compile.py prints them): model estimate (6·N + 12·layers·heads·head_dim·seq per token)
+  2.8e16 at 8k × 64, 4.82e16 at 32k × 16, 5.17e17 at 128k × 16 -> expected step time at 40 % / 50 % MFU
+  (459 TFLOP/s bf16 per chip × 64): 2.38 / 1.9 s, 4.1 / 3.28 s, 44 / 35.2 s. XLA's own count is no MFU basis: it
+  counts the scanned layer body once and nothing inside Pallas kernels.
 """
 
 import ml_collections
