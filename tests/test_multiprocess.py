@@ -91,7 +91,7 @@ def test_two_processes_equal_one_and_resume_exactly(corpus, tmp_path):
     launcher_args(workdir, corpus, 3, "--sample_tokens=0"), env=env(), capture_output=True, text=True, timeout=300
   )
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in first.stdout
+  assert "mesh {'data': 2, 'fsdp': 2, 'sequence': 1, 'tensor': 2}" in first.stdout
   assert sorted(losses(str(workdir))) == [1, 2, 3]
   # Resumed: both processes restore step 3 (and their own data iterators), then sample after training.
   second = subprocess.run(
