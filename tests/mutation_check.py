@@ -655,6 +655,22 @@ MUTANTS: tuple[Mutant, ...] = (
     ("tests/test_end_to_end.py -k mean_and_spread",),
     "the study's spread over seeds as a population std (ddof 0)",
   ),
+  Mutant(
+    "shard_source_boundary_off_by_one",
+    "llm_jax/data/prepared.py",
+    "s = bisect.bisect_right(self.starts, i) - 1",
+    "s = bisect.bisect_left(self.starts, i) - 1",
+    ("tests/test_prepared_data.py -k in_memory_packing",),
+    "the prepared reader maps a shard's first row to the previous shard",
+  ),
+  Mutant(
+    "splash_unscaled_queries",
+    "llm_jax/attention_kernels.py",
+    "q_BLNH = q_BLNH * jnp.asarray(1 / math.sqrt(h), q_BLNH.dtype)",
+    "q_BLNH = q_BLNH * jnp.asarray(1.0, q_BLNH.dtype)",
+    ("tests/test_attention_kernels.py -k reference_attention",),
+    "splash attention without the 1/sqrt(head_dim) scale",
+  ),
 )
 
 
