@@ -16,7 +16,8 @@ latency-bound, so its devices should be nearest (jax.make_mesh lays the last axi
 comes next (one K/V all-gather per layer, larger but overlappable), then the data axes whose gradient
 reduce-scatters happen once per step.
 
-Decoding (the KV-cache sampler) does not shard the sequence: it refuses a mesh with sequence > 1.
+Decoding (the KV-cache sampler) never shards the sequence: on a mesh with sequence > 1 it runs replicated over that
+axis, and the decoding tools (generate, lm_eval) and RLHF refuse such a mesh.
 """
 
 from __future__ import annotations
