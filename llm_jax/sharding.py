@@ -172,6 +172,16 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   }
 
 
+def stacked_global_batch(local_batches: list[dict[str, np.ndarray]], mesh: Mesh) -> dict[str, jax.Array]:
+  """Several consecutive `global_batch`es stacked on a new leading axis (one call of several training steps):
+  each [B, L, ...] slice is placed as `global_batch` places it."""
+  stacked = {k: np.stack([b[k] for b in local_batches]) for k in local_batches[0]}
+  return {
+    k: jax.make_array_from_process_local_data(NamedSharding(mesh, P(None, *token_spec(mesh, v.shape[1:]))), v)
+    for k, v in stacked.items()
+  }
+
+
 def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
   """Calls `jax.distributed.initialize` when launched as several processes.
 

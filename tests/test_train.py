@@ -130,6 +130,32 @@ def test_resume_continues_exactly(corpus, tmp_path):
   np.testing.assert_array_equal([resumed[s] for s in range(1, 11)], [straight[s] for s in range(1, 11)])
 
 
+def test_steps_per_call_logs_evaluates_saves_and_resumes_as_step_by_step(corpus, tmp_path, monkeypatch):
+  # Calls of 3 updates where no boundary (log, eval, checkpoint, stop) falls inside one: 1-3 and 4-6, then 7 alone
+  # (the interrupted run stops there), and after resuming 8-10, then 11 alone. Every logged, evaluated and saved
+  # value equals the step-by-step run's.
+  cadence = dict(steps=11, log_every=6, eval_every=6, checkpoint_every=6)
+  devices = jax.devices()[:2]
+  plain = pretrain.run(tiny_config(corpus, **cadence), str(tmp_path / "plain"), devices=devices)
+  calls = []
+  update_many = loop.Trainer.update_many
+  monkeypatch.setattr(loop.Trainer, "update_many", lambda self, b, i: calls.append(i) or update_many(self, b, i))
+  config = tiny_config(corpus, steps_per_call=3, **cadence)
+  pretrain.run(config, str(tmp_path / "stacked"), devices=devices, stop_after=7)
+  assert sorted(losses(str(tmp_path / "stacked"))) == [6, 7]
+  stacked = pretrain.run(config, str(tmp_path / "stacked"), devices=devices)
+  assert calls == [0, 3, 7]  # Update indices (step - 1) of each call's first update.
+
+  def rows(name):
+    timing = ("step_seconds", "tokens_per_second", "mfu")
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(str(tmp_path / name))]
+
+  assert [r for r in rows("stacked") if r["step"] != 7] == rows("plain")  # 7: the interrupted run's last row.
+  assert [r["step"] for r in rows("plain") if "loss" in r] == [6, 11]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(stacked.params), jax.device_get(plain.params))
+  assert sorted(int(d) for d in os.listdir(tmp_path / "stacked" / "checkpoints") if d.isdigit()) == [6, 7, 11]
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum):
   """The update divides the summed gradient by the whole batch's weight, not by the microbatch count."""

@@ -137,13 +137,26 @@ class OnMesh:
 
 class TrainStep(OnMesh):
   """`step(params, opt_state, batch, step_number, frozen={})`: `params` are the trainable parameters, `frozen`
-  the rest (a LoRA model's base; {} when everything trains)."""
+  the rest (a LoRA model's base; {} when everything trains).
+
+  `step.many(params, opt_state, batches, first_step_number, frozen={})` (built with `steps_per_call` > 1): that
+  many consecutive updates in one call, `batches` stacked on a leading axis (`sharding.stacked_global_batch`);
+  each update is the same function of its batch and step number as a single call, and the metrics come back
+  stacked, one row per update."""
+
+  def __init__(self, jitted, mesh: Mesh, many=None):
+    super().__init__(jitted, mesh)
+    self.many_jitted = many
 
   def __call__(self, params, opt_state, batch, step_number, frozen=None):
     return super().__call__(params, opt_state, batch, step_number, {} if frozen is None else frozen)
 
   def lower(self, params, opt_state, batch, step_number, frozen=None):
     return super().lower(params, opt_state, batch, step_number, {} if frozen is None else frozen)
+
+  def many(self, params, opt_state, batches, first_step_number, frozen=None):
+    with jax.set_mesh(self.mesh):
+      return self.many_jitted(params, opt_state, batches, first_step_number, {} if frozen is None else frozen)
 
 
 def make_train_step(
@@ -155,8 +168,11 @@ def make_train_step(
   batch_shardings,
   grad_accum: int,
   seed: int,
+  steps_per_call: int = 1,
 ):
-  """One optimizer update on a global batch, split into `grad_accum` microbatches scanned inside the jit.
+  """One optimizer update on a global batch, split into `grad_accum` microbatches scanned inside the jit; with
+  `steps_per_call` > 1 also `TrainStep.many`, that many updates scanned inside one jit (small models on CPU
+  spend a good part of each step on dispatch and host round trips).
 
   Gradients, clipping and the update concern the trainable parameters only (`state.split`); the frozen ones
   are the step's last argument, not donated."""
@@ -199,15 +215,25 @@ def make_train_step(
     metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
-  return TrainStep(
-    jax.jit(
-      step,
-      donate_argnums=(0, 1),
-      in_shardings=(trainable_shardings, opt_shardings, batch_shardings, sharding.replicated(mesh), frozen_shardings),
-      out_shardings=(trainable_shardings, opt_shardings, sharding.replicated(mesh)),
-    ),
-    mesh,
+  def many(params, opt_state, batches, first_step_number, frozen):
+    def one(carry, xs):
+      index, batch = xs
+      params, opt_state, metrics = step(*carry, batch, first_step_number + index, frozen)
+      return (params, opt_state), metrics
+
+    count = jax.tree.leaves(batches)[0].shape[0]
+    (params, opt_state), metrics = jax.lax.scan(one, (params, opt_state), (jnp.arange(count), batches))
+    return params, opt_state, metrics
+
+  replicated = sharding.replicated(mesh)
+  jit = lambda fn, batch_in: jax.jit(
+    fn,
+    donate_argnums=(0, 1),
+    in_shardings=(trainable_shardings, opt_shardings, batch_in, replicated, frozen_shardings),
+    out_shardings=(trainable_shardings, opt_shardings, replicated),
   )
+  stacked_shardings = jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), batch_shardings)
+  return TrainStep(jit(step, batch_shardings), mesh, jit(many, stacked_shardings) if steps_per_call > 1 else None)
 
 
 def make_eval_step(state: ModelSpec, loss_fn: LossFn, mesh: Mesh, batch_shardings):
@@ -286,7 +312,15 @@ def make_optimization(
   opt_shardings = opt_state_shardings(optimizer, spec, mesh)
   abstract_opt = ckpt_lib.abstract_with_shardings(jax.eval_shape(optimizer.init, trainable), opt_shardings)
   train_step = make_train_step(
-    spec, loss_fn, optimizer, mesh, opt_shardings, batch_shardings, config.grad_accum, config.seed
+    spec,
+    loss_fn,
+    optimizer,
+    mesh,
+    opt_shardings,
+    batch_shardings,
+    config.grad_accum,
+    config.seed,
+    config.get("steps_per_call", 1),
   )
   return Optimization(optimizer, opt_shardings, abstract_opt, train_step)
 
@@ -407,6 +441,15 @@ class Trainer:
     self.last_update = update_index
     return metrics
 
+  def update_many(self, batches: Batch, first_update_index: int) -> dict[str, jax.Array]:
+    """Consecutive updates first_update_index, +1, ... on `batches` stacked on a leading axis, in one call
+    (`TrainStep.many`); the metrics are stacked the same way."""
+    self.trainable, self.opt_state, metrics = self.optimization.train_step.many(
+      self.trainable, self.opt_state, batches, jnp.int32(first_update_index), self.frozen
+    )
+    self.last_update = first_update_index + jax.tree.leaves(batches)[0].shape[0] - 1
+    return metrics
+
   def save(self, step: int) -> None:
     params, extra = self._split(self.trainable)
     meta = {**self.meta, "step": step, "config": self.config.to_dict(), "stage_state": self.stage_state}
@@ -437,11 +480,18 @@ class Trainer:
     stop_after: int | None = None,
     harness_eval: Callable[[Any], dict[str, float]] | None = None,
     harness_every: int = 0,
+    many_fn: Callable[[int, int], dict[str, Any]] | None = None,
+    steps_per_call: int = 1,
   ) -> TrainResult:
     """Runs steps start+1 … num_steps (or `stop_after` of them, as a preemption would); see the class.
 
     `harness_eval(params)` (lm-eval tasks) runs every `harness_every` steps (0: with each evaluation) and at the
-    end; its metrics are logged like the evaluation's."""
+    end; its metrics are logged like the evaluation's.
+
+    `many_fn(first_step, count)` does `count` = `steps_per_call` steps in one call and returns their metrics
+    stacked. A call never spans a logging, evaluation or checkpoint boundary (only its last step may fall on
+    one), so what is logged, evaluated, saved and resumed is the same as step by step; steps next to a boundary
+    that a whole call would cross run one at a time."""
     harness_every = harness_every or eval_every
     log = _ProgressLog(self, num_steps, tokens_per_step, flops_per_token, progress_keys, print_every or log_every)
     last_eval: dict[str, float] = {}
@@ -450,11 +500,31 @@ class Trainer:
     if eval_at_start and self.start == 0 and harness_eval is not None:
       self._evaluate(harness_eval, 0)
     end = num_steps if stop_after is None else min(num_steps, self.start + stop_after)
+
+    def boundary(s: int) -> bool:  # Something happens after step s: the host must see it.
+      return (
+        s == end
+        or s % log_every == 0
+        or s % self.config.checkpoint_every == 0
+        or (evaluate is not None and s % eval_every == 0)
+        or (harness_eval is not None and bool(harness_every) and s % harness_every == 0)
+      )
+
+    def call_size(first: int) -> int:
+      if many_fn is None or steps_per_call == 1 or first + steps_per_call - 1 > end:
+        return 1
+      return 1 if any(boundary(s) for s in range(first, first + steps_per_call - 1)) else steps_per_call
+
     step = self.start
     try:
       with _SigtermFlag() as sigterm:
-        for step in range(self.start + 1, end + 1):
-          log.add(step, log.timed(lambda: step_fn(step)))
+        while step < end:
+          first, count = step + 1, call_size(step + 1)
+          if count == 1:
+            log.add(first, log.timed(lambda: step_fn(first)))
+          else:
+            log.add_stacked(range(first, first + count), log.timed(lambda: many_fn(first, count), count))
+          step = first + count - 1
           if step % log_every == 0 or step == end:
             log.flush()
           if evaluate is not None and (step % eval_every == 0 or step == num_steps):
@@ -505,33 +575,44 @@ class _ProgressLog:
     self.pending: list[tuple[int, dict[str, Any]]] = []
     self.last_metrics: dict[str, float] = {}
     self.empty_steps = 0  # Steps whose batch had nothing to train on (weight 0): they add zero loss.
-    self.compiled = False  # The first (compiling) step is not a throughput sample.
+    self.compiled: set[str] = set()  # Kinds of call ("single", "stacked") already compiled.
     self.restart_clock()
 
   def restart_clock(self) -> None:
     self.window_start, self.window_steps = time.perf_counter(), 0
 
-  def timed(self, step_fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    if self.compiled:
-      self.window_steps += 1
+  def timed(self, step_fn: Callable[[], dict[str, Any]], steps: int = 1) -> dict[str, Any]:
+    """Runs `steps` steps (one call); the calls that compile are not throughput samples."""
+    kind = "single" if steps == 1 else "stacked"
+    if kind in self.compiled:
+      self.window_steps += steps
       return step_fn()
     start = time.perf_counter()
     metrics = jax.block_until_ready(step_fn())
-    logging.info("first step (compile + run): %.1f s", time.perf_counter() - start)
-    self.compiled = True
+    logging.info("first %s call (compile + run): %.1f s", kind, time.perf_counter() - start)
+    self.compiled.add(kind)
     self.restart_clock()
     return metrics
 
   def add(self, step: int, metrics: dict[str, Any]) -> None:
-    self.pending.append((step, metrics))
+    self.pending.append(([step], metrics, False))
+
+  def add_stacked(self, steps, metrics: dict[str, Any]) -> None:
+    """The metrics of consecutive steps, stacked on a leading axis (one call of `TrainStep.many`)."""
+    self.pending.append((list(steps), metrics, True))
 
   def flush(self) -> None:
     """Fetches the pending steps' metrics; stops the run at the first non-finite loss."""
     if not self.pending:
       return
-    fetched = jax.device_get([m for _, m in self.pending])
+    fetched = jax.device_get([m for _, m, _ in self.pending])
     seconds_per_step = (time.perf_counter() - self.window_start) / max(self.window_steps, 1)
-    for (step, _), values in zip(self.pending, fetched):
+    rows = [
+      (step, {k: v[i] for k, v in values.items()} if stacked else values)
+      for (steps, _, stacked), values in zip(self.pending, fetched)
+      for i, step in enumerate(steps)
+    ]
+    for step, values in rows:
       values = {k: float(v) for k, v in values.items()}
       if not math.isfinite(values["loss"]):
         checkpointer = self.trainer.checkpointer
@@ -544,7 +625,7 @@ class _ProgressLog:
       self.last_metrics = values
     # The rate of the latest update (the schedule indexed by step: update k uses the value at k).
     self.last_metrics["learning_rate"] = float(self.trainer.schedule(self.trainer.last_update + 1))
-    step = self.pending[-1][0]
+    step = rows[-1][0]
     self._add_speed(seconds_per_step, step)
     self.trainer.writer.write(step, self.last_metrics)
     if jax.process_index() == 0 and (step % self.print_every == 0 or step == self.num_steps):
@@ -637,6 +718,10 @@ def train(
   def step_fn(step: int) -> dict[str, jax.Array]:
     return trainer.update(sharding.global_batch(next(data_iter), mesh), step - 1)
 
+  def many_fn(first_step: int, count: int) -> dict[str, jax.Array]:
+    batches = sharding.stacked_global_batch([next(data_iter) for _ in range(count)], mesh)
+    return trainer.update_many(batches, first_step - 1)
+
   return trainer.run(
     step_fn,
     config.steps,
@@ -649,6 +734,8 @@ def train(
     stop_after=stop_after,
     harness_eval=harness_eval and harness_eval(trainer.spec),
     harness_every=config.get("eval_tasks_every", 0),
+    many_fn=many_fn,
+    steps_per_call=config.get("steps_per_call", 1),
   )
 
 
