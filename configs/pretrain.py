@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 16  # Global (all devices and processes); grad_accum microbatches make it up.
   config.seq_len = 128
-  common.add_optimizer(config, steps=1000, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1)
+  common.add_optimizer(config, steps=1000, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1, steps_per_call=10)
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ""  # File(s) or glob(s), comma-separated; a prepared directory; "" = the built-in corpus.

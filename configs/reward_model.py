@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 16  # Pairs per step.
   config.seq_len = 128  # Longer pairs are dropped (counted).
-  common.add_optimizer(config, steps=200, learning_rate=3e-4, warmup_steps=20)
+  common.add_optimizer(config, steps=200, learning_rate=3e-4, warmup_steps=20, steps_per_call=5)
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ""

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 16
   config.seq_len = 128
-  common.add_optimizer(config, steps=300, learning_rate=1e-3, warmup_steps=20)
+  common.add_optimizer(config, steps=300, learning_rate=1e-3, warmup_steps=20, steps_per_call=5)
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ""  # JSONL chats.

@@ -2,7 +2,7 @@
 (PyTorch eager, --device=cpu --compile=False) and of `experiments/pretrain.py`, run one after the other in this one
 invocation (the box is shared and noisy: only the ratio of one run means much).
 
-  git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT      # any checkout; PyTorch must be importable
+  git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT      # any checkout; needs torch, numpy, requests
   python experiments/bench_nanogpt.py --nanogpt=/tmp/nanoGPT                 # "baby": ~2 min on a 2-core CPU
   python experiments/bench_nanogpt.py --nanogpt=/tmp/nanoGPT --preset=full --steps=20 --rounds=1
 
@@ -95,7 +95,7 @@ def nanogpt_tokens_per_second(p: dict, out_dir: str) -> float:
 
 def llm_jax_tokens_per_second(p: dict, workdir: str) -> float:
   steps = FLAGS.steps
-  log_every = max(1, min(25, steps // 6))
+  log_every = max(10, steps // 60 * 10)  # A multiple of configs/pretrain.py's steps_per_call (10).
   log = _run(
     [
       sys.executable,

@@ -158,9 +158,11 @@ def add_optimizer(
   min_lr_ratio: float = 0.1,
   weight_decay: float = 0.0,
   b2: float = 0.95,
+  steps_per_call: int = 1,
 ) -> None:
   """AdamW with linear warmup and cosine decay to learning_rate * min_lr_ratio at `steps` (update k uses the
-  schedule's value at k); global-norm clipping (0 = off); `grad_accum` microbatches per update."""
+  schedule's value at k); global-norm clipping (0 = off); `grad_accum` microbatches per update; `steps_per_call`
+  updates per jitted call (supervised stages; best a divisor of the log/eval/checkpoint intervals)."""
   config.steps = steps
   config.learning_rate = learning_rate
   config.warmup_steps = warmup_steps
@@ -172,7 +174,7 @@ def add_optimizer(
   config.grad_accum = 1
   # Updates per jitted call (supervised stages): a scan over that many batches, which saves small models the
   # per-step dispatch and host round trip. Calls never span a log/eval/checkpoint boundary: same results.
-  config.steps_per_call = 1
+  config.steps_per_call = steps_per_call
   config.seed = 0
 
 

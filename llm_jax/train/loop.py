@@ -515,7 +515,7 @@ class Trainer:
         return 1
       return 1 if any(boundary(s) for s in range(first, first + steps_per_call - 1)) else steps_per_call
 
-    step = self.start
+    step = int(self.start)  # (a restored step may be a NumPy integer: the meta is JSON)
     try:
       with _SigtermFlag() as sigterm:
         while step < end:
