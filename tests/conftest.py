@@ -2,7 +2,13 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Tests compile hundreds of tiny programs and run each a few times, so compile time dominates: skip XLA's backend
+# (LLVM) optimisation passes. This changes speed only, not the HLO or the math, so every tolerance still holds.
+# (Subprocesses the tests launch inherit XLA_FLAGS.)
+_TEST_XLA_FLAGS = (
+  "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _TEST_XLA_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")

@@ -1,5 +1,10 @@
-"""The whole pipeline on a micro config (each stage's learning signal), evaluate.py's JSON, and the alignment study."""
+"""The whole pipeline on a micro config (each stage's learning signal), evaluate.py's JSON, and the alignment study.
 
+The module shares one pipeline (a module fixture); setup.cfg's `--dist loadfile` keeps a module on one pytest-xdist
+worker, so the pipeline is trained once, not once per worker.
+"""
+
+import contextlib
 import json
 import math
 import os
@@ -11,11 +16,26 @@ import pytest
 
 from llm_jax.metrics import read_metrics
 from llm_jax.tasks.world_facts import alignment_study, end_to_end
+from llm_jax.tasks.world_facts import data as world_facts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import alignment_study as study_config  # noqa: E402
 import end_to_end as e2e_config  # noqa: E402
+
+# The micro runs judge their models on every EVAL_STRIDE-th evaluation question (held-out countries: 2 of the 10
+# phrasings of each of the 33 countries; held-out prompts: 78 of 390). The judge, the win-rates, the report and the
+# records are the same code; only the question lists are shorter (answer generation is most of these tests' time).
+EVAL_STRIDE = 5
+
+
+@contextlib.contextmanager
+def fewer_evaluation_questions():
+  full_questions, full_prompts = world_facts.held_out_questions, world_facts.held_out_prompts
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(world_facts, "held_out_questions", lambda *a, **k: full_questions(*a, **k)[::EVAL_STRIDE])
+    patch.setattr(world_facts, "held_out_prompts", lambda *a, **k: full_prompts(*a, **k)[::EVAL_STRIDE])
+    yield
 
 
 def micro_config():
@@ -37,7 +57,8 @@ def micro_config():
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("e2e"))
-  return workdir, end_to_end.run(micro_config(), workdir)
+  with fewer_evaluation_questions():
+    return workdir, end_to_end.run(micro_config(), workdir)
 
 
 def test_every_stage_shows_its_learning_signal(pipeline):
@@ -160,7 +181,8 @@ def test_the_study_runs_every_method_and_reports_spread_over_seeds(pipeline, tmp
   config.dpo.steps, config.dpo.batch_size, config.dpo.seq_len, config.dpo.eval_every = 4, 8, 128, 4
   config.dpo.warmup_steps = 1
   config.overopt.iterations, config.overopt.every = 2, 1
-  result = alignment_study.run(config, workdir)
+  with fewer_evaluation_questions():
+    result = alignment_study.run(config, workdir)
 
   for method in ("ppo", "grpo", "rloo", "dpo"):
     runs = result["runs"][method]
@@ -180,7 +202,8 @@ def test_the_study_runs_every_method_and_reports_spread_over_seeds(pipeline, tmp
 
   # A rerun trains and evaluates nothing again: every run and evaluation is recorded.
   before = {p: os.path.getmtime(p) for p in _records(workdir)}
-  assert alignment_study.run(config, workdir)["summary"] == result["summary"]
+  with fewer_evaluation_questions():
+    assert alignment_study.run(config, workdir)["summary"] == result["summary"]
   assert {p: os.path.getmtime(p) for p in _records(workdir)} == before
 
 
