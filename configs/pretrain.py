@@ -106,7 +106,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 16  # Global (all devices and processes); grad_accum microbatches make it up.
   config.seq_len = 128
-  common.add_optimizer(config, steps=1000, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1, steps_per_call=10)
+  # 50 updates per jitted call (a divisor of the cadence below): a small model's step is tens of milliseconds, of
+  # which per-call dispatch and host round trips are a large share (experiments/bench_nanogpt.py measures it).
+  # Big models gain nothing from it and a preemption signal is acted on between calls: use 1 there.
+  common.add_optimizer(config, steps=1000, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1, steps_per_call=50)
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ""  # File(s) or glob(s), comma-separated; a prepared directory; "" = the built-in corpus.

@@ -95,7 +95,8 @@ def nanogpt_tokens_per_second(p: dict, out_dir: str) -> float:
 
 def llm_jax_tokens_per_second(p: dict, workdir: str) -> float:
   steps = FLAGS.steps
-  log_every = max(10, steps // 60 * 10)  # A multiple of configs/pretrain.py's steps_per_call (10).
+  # At most configs/pretrain.py's steps_per_call (50; jitted calls stop at log boundaries), and ≥ 2 windows.
+  log_every = max(1, min(50, steps // 6))
   log = _run(
     [
       sys.executable,
