@@ -7,7 +7,7 @@ code (llm_jax/, tests/, configs/, experiments/) into a temporary directory, appl
 working tree is never modified), and runs only the tests named for it. A failing test kills the mutant; a
 mutant whose tests all pass survived, and the test suite has a hole.
 
-    python tests/mutation_check.py                    # every mutant (73): ~10 min on 2 CPU cores, warm cache
+    python tests/mutation_check.py                    # every mutant (74): ~10 min on 2 CPU cores, warm cache
     python tests/mutation_check.py --baseline         # first runs the named tests unmodified (+3-7 min)
     python tests/mutation_check.py --only lr_logged_off_by_one,causal_mask_strict
     python tests/mutation_check.py --list
@@ -654,6 +654,14 @@ MUTANTS: tuple[Mutant, ...] = (
     "float(values.std(ddof=0))",
     ("tests/test_end_to_end.py -k mean_and_spread",),
     "the study's spread over seeds as a population std (ddof 0)",
+  ),
+  Mutant(
+    "judge_prefilter_swapped",
+    "llm_jax/tasks/world_facts/data.py",
+    "if c in answer and re.search(",
+    "if answer in c and re.search(",
+    ("tests/test_world_facts.py -k judge_grades",),
+    "the gold judge's substring pre-test asks whether the answer is inside the capital's name",
   ),
   Mutant(
     "shard_source_boundary_off_by_one",
