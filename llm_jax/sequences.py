@@ -79,11 +79,22 @@ def response_log_probs(
   return chosen_BN, entropy_BN
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, axis=-1)` for NaN-free x (the first index of the maximum), as a max and a min reduction.
+
+  XLA:CPU runs argmax's (value, index) pair reduction as a slow loop: over [2048 tokens, 2048 vocab] logits it
+  cost 9.4 ms of a 95 ms training step; these two plain reductions fuse with the loss's own.
+  """
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  is_max = x == jnp.max(x, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(is_max, iota, x.shape[-1]), axis=-1)
+
+
 def next_token_loss(model, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Summed cross-entropy over the tokens whose `loss_mask` is set (pretraining and SFT; see loop.LossFn)."""
   del rng  # No dropout.
   logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
   loss_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
   mask_BL = batch["loss_mask"].astype(jnp.float32)
-  correct_BL = (jnp.argmax(logits_BLV, axis=-1) == batch["targets"]).astype(jnp.float32)
+  correct_BL = (first_argmax(logits_BLV) == batch["targets"]).astype(jnp.float32)
   return jnp.sum(loss_BL * mask_BL), {"weight": jnp.sum(mask_BL), "accuracy": jnp.sum(correct_BL * mask_BL)}

@@ -136,6 +136,14 @@ MUTANTS: tuple[Mutant, ...] = (
     "masked tokens (prompts, padding, document boundaries) are trained on",
   ),
   Mutant(
+    "accuracy_argmax_takes_the_last_tie",
+    SEQ,
+    "return jnp.min(jnp.where(is_max, iota, x.shape[-1]), axis=-1)",
+    "return jnp.max(jnp.where(is_max, iota, -1), axis=-1)",
+    (f"{T_TRAIN} -k first_argmax",),
+    "the accuracy's argmax picks the last of tied maxima (np.argmax picks the first)",
+  ),
+  Mutant(
     "loss_weight_counts_every_token",
     SEQ,
     '{"weight": jnp.sum(mask_BL), "accuracy"',
@@ -163,8 +171,8 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "rope_rotation_reversed",
     MODEL,
-    "jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)",
-    "jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)",
+    "jnp.concatenate([-sin_BLH2, sin_BLH2], -1)",
+    "jnp.concatenate([sin_BLH2, -sin_BLH2], -1)",
     (f"{T_MODEL} -k 'rope or numpy_reference'",),
     "RoPE rotates the other way (still relative, but not the Llama/HF convention)",
   ),

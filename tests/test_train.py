@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
 from flax import nnx
 
 from llm_jax import checkpoint as ckpt_lib
@@ -20,7 +21,7 @@ from llm_jax.data import text
 from llm_jax.errors import UserError
 from llm_jax.metrics import read_metrics
 from llm_jax.model import PRESETS, Transformer
-from llm_jax.sequences import next_token_loss
+from llm_jax.sequences import first_argmax, next_token_loss
 from llm_jax.train import loop, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +155,18 @@ def test_steps_per_call_logs_evaluates_saves_and_resumes_as_step_by_step(corpus,
   assert [r["step"] for r in rows("plain") if "loss" in r] == [6, 11]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(stacked.params), jax.device_get(plain.params))
   assert sorted(int(d) for d in os.listdir(tmp_path / "stacked" / "checkpoints") if d.isdigit()) == [6, 7, 11]
+
+
+def test_first_argmax_equals_numpy_argmax_with_ties():
+  """The loss's accuracy uses `first_argmax` (two plain reductions, fast on XLA:CPU): it must pick what
+  np.argmax picks, the first index of the maximum, also when several entries tie (a row of equal logits)."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 4, (3, 7, 11)).astype(np.float32)  # Small integers: most rows have tied maxima.
+  x[0, 0] = 1.0  # Every entry ties.
+  x[1, 1] = -np.inf
+  np.testing.assert_array_equal(jax.jit(first_argmax)(x), np.argmax(x, axis=-1))
+  x = rng.normal(size=(5, 13)).astype(np.float32)
+  np.testing.assert_array_equal(first_argmax(x), np.argmax(x, axis=-1))
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
@@ -367,7 +380,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(corpus, tmp_path):
     "--config.checkpoint_every=100000",
     "--sample_tokens=0",
   ]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+  env = subprocess_env()
   proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in proc.stdout:  # Wait until training is under way.
     if line.startswith("step") and "/100000" in line and int(line.split()[1].split("/")[0]) >= 3:
