@@ -9,6 +9,7 @@ import sys
 
 import jax
 import pytest
+from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
 
 from llm_jax import aot
 from llm_jax.errors import UserError
@@ -107,8 +108,7 @@ def test_mesh_not_matching_the_topology_is_a_user_error():
 
 
 def test_cli_bad_input_is_one_line_exit_2():
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
+  env = subprocess_env(devices=None)
   cases = [(["--topology=v5p"], "expected e.g. 'v5p:4x4x4'")]
   if HAVE_LIBTPU:
     cases.append((["--topology=v5p:2x2x2", "--config.mesh.data=3"], "mesh: "))

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax.model import PRESETS
@@ -21,7 +22,7 @@ TINY = dataclasses.replace(PRESETS["tiny"], vocab_size=320)
 
 def run_cases(cases):
   """[(tool, args)] → [{code, stdout, stderr}], all in one subprocess (tests/cli_cases.py)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+  env = subprocess_env()
   proc = subprocess.run(
     [sys.executable, os.path.join(ROOT, "tests", "cli_cases.py"), json.dumps(cases)],
     capture_output=True,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
 from flax import nnx
 
 from llm_jax import hf, modeling, sharding
@@ -257,7 +258,7 @@ def test_convert_and_generate_command_lines(tmp_path):
   from llm_jax.tokenizer import load_tokenizer
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": root}
+  env = subprocess_env()
   run = lambda script, *args: subprocess.run(
     [sys.executable, os.path.join(root, "experiments", script), *args], capture_output=True, text=True, env=env
   )

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
 
 from llm_jax import modeling, sharding
 from llm_jax.errors import UserError
@@ -213,7 +214,7 @@ def test_generate_cli_and_its_bad_inputs(tmp_path):
   (tmp_path / "no_checkpoint" / "tokenizer.json").write_text('{"kind": "char"}')
 
   def run(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root, XLA_FLAGS="")
+    env = subprocess_env()
     return subprocess.run(
       [sys.executable, os.path.join(root, "experiments", "generate.py"), *args],
       capture_output=True,

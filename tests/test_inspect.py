@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
 from flax import nnx
 
 from llm_jax import checkpoint as ckpt_lib
@@ -182,7 +183,7 @@ def workdir(tiny, tmp_path_factory):
 def test_cli_picks_the_tokens_generate_py_picks(workdir, tiny, tmp_path):
   """`python experiments/inspect.py` (a file named like the standard library's inspect, which jax imports) runs,
   and picks generate.py's tokens: one process each."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+  env = subprocess_env()
   common = [f"--workdir={workdir}", "--prompt=Where is the cat?", "--chat", "--temperature=0", "--max_new_tokens=10"]
   run = lambda tool, *args: subprocess.run(
     [sys.executable, os.path.join(ROOT, "experiments", f"{tool}.py"), *common, *args],

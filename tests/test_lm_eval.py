@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
 from flax import nnx
 
 lm_eval = pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[eval]")')
@@ -254,7 +255,7 @@ def test_parity_with_the_hf_backend(tmp_path):
 
 
 def lm_eval_command(*args) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = subprocess_env(devices=2)
   command = [sys.executable, os.path.join(ROOT, "experiments", "lm_eval.py"), *args]
   return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 

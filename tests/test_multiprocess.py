@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
 
 from llm_jax.metrics import read_metrics
 from llm_jax.train import pretrain
@@ -45,9 +46,8 @@ OVERRIDES = {
 
 
 def env():
-  """The test's environment minus its 8-device XLA_FLAGS (the launcher gives each process 4)."""
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  e.pop("XLA_FLAGS", None)
+  """The tools' environment with no device count (the launcher gives each process 4)."""
+  e = subprocess_env(devices=None)
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     e.pop(name, None)
   return e

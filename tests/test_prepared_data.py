@@ -13,6 +13,7 @@ import grain
 import jax
 import numpy as np
 import pytest
+from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
 
 from llm_jax import sequences
 from llm_jax.data import prepared, text
@@ -274,8 +275,7 @@ def test_an_interrupted_preparation_resumes_without_redoing_finished_shards(corp
 
 
 def _env():
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  e.pop("XLA_FLAGS", None)
+  e = subprocess_env(devices=None)
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     e.pop(name, None)
   return e

@@ -23,7 +23,6 @@ import math
 import os
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -87,15 +86,15 @@ def _record(path: str, compute) -> dict:
   return result
 
 
-def run_method(method: str, run_config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains one run (resuming it if interrupted); returns its wall time and the tokens it processed."""
+def run_method(method: str, run_config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Trains one run on `devices` (resuming it if interrupted); returns its wall time and the tokens it processed."""
 
   def train() -> dict:
     start = time.perf_counter()
     if method == "dpo":
-      dpo.run(run_config, workdir)
+      dpo.run(run_config, workdir, devices=devices)
     else:
-      rlhf.run(run_config, workdir)
+      rlhf.run(run_config, workdir, devices=devices)
     return {"wall_seconds": time.perf_counter() - start, **tokens_processed(method, run_config, workdir)}
 
   return _record(os.path.join(workdir, "study_run.json"), train)
@@ -324,7 +323,11 @@ def plot(summary: dict, curve: list[dict], out_dir: str) -> list[str]:
   return paths
 
 
-def write_report(workdir: str, config, summary: dict, curve: list[dict], plots: list[str], seconds: float) -> str:
+def write_report(
+  workdir: str, config, summary: dict, curve: list[dict], plots: list[str], seconds: float, mesh=None
+) -> str:
+  """STUDY.md; `mesh`: what the study ran on (default: every device)."""
+  mesh = sharding.make_mesh() if mesh is None else mesh
   seeds = len(config.seeds)
   lines = [
     "# Alignment study: PPO vs GRPO vs RLOO vs DPO, and reward over-optimisation",
@@ -376,7 +379,7 @@ def write_report(workdir: str, config, summary: dict, curve: list[dict], plots: 
       "The gold score did not peak before the end of the run: no over-optimisation within "
       f"√KL ≤ {last['sqrt_kl']['mean']:.2f}."
     )
-  where = f"{jax.device_count()} × {jax.devices()[0].platform}"
+  where = f"{mesh.size} × {mesh.devices.flat[0].platform}"
   lines += [
     "",
     verdict,
@@ -395,13 +398,14 @@ def write_report(workdir: str, config, summary: dict, curve: list[dict], plots: 
 # The study.
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """The study on `devices` (default: all); returns study.json's contents."""
   start = time.perf_counter()
   e2e = config.end_to_end
   data = world_facts.write_all(os.path.join(workdir, "data"), seed=e2e.seed, **e2e.data)
-  dirs = end_to_end.run_stages(e2e, workdir, data, through="reward_model")
+  dirs = end_to_end.run_stages(e2e, workdir, data, through="reward_model", devices=devices)
   study_dir = os.path.join(workdir, "alignment_study")
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(devices=devices)
   judge = make_judge(dirs, e2e.seed, mesh)
 
   per_run: dict[str, dict[int, dict[str, float]]] = {m: {} for m in config.methods}
@@ -409,7 +413,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for method in config.methods:
       run_dir = os.path.join(study_dir, f"{method}_seed{seed}")
       print(f"=== alignment study: {method} seed {seed}", flush=True)
-      record = run_method(method, method_config(config, method, seed, dirs, data), run_dir)
+      record = run_method(method, method_config(config, method, seed, dirs, data), run_dir, devices)
 
       def evaluate(run_dir=run_dir, seed=seed):
         sampler, _, _ = load_sampler(run_dir, mesh)
@@ -422,7 +426,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for seed in config.seeds:
     run_dir = os.path.join(study_dir, f"overopt_seed{seed}")
     print(f"=== over-optimisation: PPO β={config.overopt.kl_coef}, seed {seed}", flush=True)
-    run_method("ppo", overopt_config(config, seed, dirs, data), run_dir)
+    run_method("ppo", overopt_config(config, seed, dirs, data), run_dir, devices)
 
     def curve_points(run_dir=run_dir, seed=seed) -> dict:
       rows = [{"iteration": 0, **judge.gold_and_proxy(judge.sft_sampler, seed)}]
@@ -436,7 +440,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = summarize(per_run)
   curve = overopt_curve(points)
   plots = plot(summary, curve, os.path.join(workdir, "study_plots"))
-  report = write_report(workdir, config, summary, curve, plots, time.perf_counter() - start)
+  report = write_report(workdir, config, summary, curve, plots, time.perf_counter() - start, mesh)
   result = {"summary": summary, "runs": per_run, "overoptimisation": {"curve": curve, "points": points}}
   write_atomically(os.path.join(workdir, "study.json"), json.dumps(result, indent=2, sort_keys=True))
   print(open(report).read().split("![")[0], flush=True)

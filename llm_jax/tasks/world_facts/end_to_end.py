@@ -36,12 +36,13 @@ def _stage_dirs(workdir: str) -> dict[str, str]:
 
 
 def run_stages(
-  config: ml_collections.ConfigDict, workdir: str, data: dict[str, str], through: str = "rlhf"
+  config: ml_collections.ConfigDict, workdir: str, data: dict[str, str], through: str = "rlhf", devices=None
 ) -> dict[str, str]:
-  """Runs (or resumes, or reloads when finished) the stages up to and including `through`."""
+  """Runs (or resumes, or reloads when finished) the stages up to and including `through`, on `devices` (default:
+  all)."""
   dirs = _stage_dirs(workdir)
   print("=== 1/4 pretraining: next-token prediction on the world-facts corpus", flush=True)
-  pretrain.run(config.pretrain, dirs["pretrain"])
+  pretrain.run(config.pretrain, dirs["pretrain"], devices=devices)
 
   print("=== 2/4 SFT: capital questions about the train countries", flush=True)
   with config.unlocked():
@@ -51,13 +52,13 @@ def run_stages(
     config.reward_model.data.path, config.reward_model.data.eval_path = data["pairs"], data["pairs_held_out"]
     config.rlhf.init_from, config.rlhf.reward_model = dirs["sft"], dirs["reward_model"]
     config.rlhf.data.path = data["prompts"]
-  sft.run(config.sft, dirs["sft"])
+  sft.run(config.sft, dirs["sft"], devices=devices)
   print("=== 3/4 reward model: Bradley-Terry on pairs ranked by the gold judge", flush=True)
-  reward_model.run(config.reward_model, dirs["reward_model"])
+  reward_model.run(config.reward_model, dirs["reward_model"], devices=devices)
   if through == "reward_model":
     return dirs
   print(f"=== 4/4 RLHF ({config.rlhf.algorithm}) against the reward model", flush=True)
-  rlhf.run(config.rlhf, dirs["rlhf"])
+  rlhf.run(config.rlhf, dirs["rlhf"], devices=devices)
   return dirs
 
 
@@ -142,8 +143,15 @@ def inspect_seed_question(dirs: dict[str, str], mesh, out_dir: str) -> dict[str,
 
 
 def write_report(
-  workdir: str, results: dict, plots: list[str], seconds: float, inspections: dict[str, dict] | None = None
+  workdir: str,
+  results: dict,
+  plots: list[str],
+  seconds: float,
+  inspections: dict[str, dict] | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> str:
+  """REPORT.md; `mesh`: what the experiment ran on (default: every device)."""
+  mesh = sharding.make_mesh() if mesh is None else mesh
   table = [("base (pretrained)", "pretrain"), ("SFT", "sft"), ("RLHF", "rlhf")]
   lines = [
     "# World-facts experiment",
@@ -174,7 +182,7 @@ def write_report(
     f"{results['rlhf_vs_sft/held_out_countries/gold_win_rate']:.1%} "
     f"({results['rlhf_vs_sft/held_out_countries/gold_win_rate_greedy']:.1%})",
     f"- RLHF mean KL to the SFT model: {results['rlhf/kl_to_sft']:.3f} nats per answer",
-    f"- wall time: {seconds / 60:.1f} min on {jax.device_count()} × {jax.devices()[0].platform}",
+    f"- wall time: {seconds / 60:.1f} min on {mesh.size} × {mesh.devices.flat[0].platform}",
     "",
     f"**{QUESTION}** → {results['answer']}",
     "",
@@ -200,14 +208,15 @@ def write_report(
   return path
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """The whole experiment on `devices` (default: all); returns results.json's contents."""
   import time
 
   start = time.perf_counter()
   stage.make_workdir(workdir)
   data = world_facts.write_all(os.path.join(workdir, "data"), seed=config.seed, **config.data)
-  dirs = run_stages(config, workdir, data)
-  mesh = sharding.make_mesh()
+  dirs = run_stages(config, workdir, data, devices=devices)
+  mesh = sharding.make_mesh(devices=devices)
   print("=== evaluation", flush=True)
   results = evaluate_all(dirs, data, mesh, config.seed)
   sampler, tokenizer, _ = load_sampler(dirs["rlhf"], mesh)
@@ -225,7 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   plots = plot(dirs, os.path.join(workdir, "plots"))
   print("=== inspection: the seed question token by token", flush=True)
   inspections = inspect_seed_question(dirs, mesh, os.path.join(workdir, "inspect"))
-  report = write_report(workdir, results, plots, time.perf_counter() - start, inspections)
+  report = write_report(workdir, results, plots, time.perf_counter() - start, inspections, mesh)
   print(open(report).read().split("![")[0], flush=True)
   print(f"report: {report}", flush=True)
   return results
