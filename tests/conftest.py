@@ -2,41 +2,24 @@
 cache, absl flags; `subprocess_env()` for the tools the tests launch."""
 
 import os
-import subprocess
-import sys
 
 # Tests compile hundreds of tiny programs and run each a few times, so compile time dominates: skip XLA's backend
-# (LLVM) optimisation passes and use the CPU backend's older elemental fusion emitter, which compiles ~1/3 faster
-# (measured on a tiny-model train step: 1.8 s -> 1.2 s). The HLO is unchanged and floats are not reassociated
-# (no fast math); every tolerance and bit-exactness test passes with them.
-_COMPILE_FLAGS = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
-_OPTIONAL_COMPILE_FLAGS = []  # Not in every jaxlib: probed below.
+# (LLVM) optimisation passes. The HLO is unchanged and floats are not reassociated (no fast math); every tolerance and
+# bit-exactness test passes with them. (XLA:CPU's older fusion emitter, --xla_cpu_use_fusion_emitters=false, compiles
+# ~1/3 faster still, but a scanned step then rounds differently from a single one: the bit-exactness tests fail.)
+COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def _compile_flags() -> str:
-  """The compile flags this jaxlib accepts (XLA aborts the process on an unknown flag, so the optional ones are
-  tried once in a subprocess; xdist workers and launched tools inherit the answer through the environment)."""
-  if "LLM_JAX_TEST_COMPILE_FLAGS" not in os.environ:
-    flags = " ".join(_COMPILE_FLAGS + _OPTIONAL_COMPILE_FLAGS)
-    probe = subprocess.run(
-      [sys.executable, "-c", "import jax; jax.devices()"],
-      env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
-      capture_output=True,
-    )
-    os.environ["LLM_JAX_TEST_COMPILE_FLAGS"] = flags if probe.returncode == 0 else " ".join(_COMPILE_FLAGS)
-  return os.environ["LLM_JAX_TEST_COMPILE_FLAGS"]
-
-
-def subprocess_env(devices: int | None = 1, **variables: str) -> dict[str, str]:
+def subprocess_env(devices: int | None = 1) -> dict[str, str]:
   """The environment for a tool a test launches: CPU, the tests' compile flags, `devices` simulated CPU devices
-  (None: no device flag, for the launcher that sets its own), the repository on PYTHONPATH, plus `variables`."""
+  (None: no device flag, for the launcher that sets its own), the repository on PYTHONPATH."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  xla_flags = _compile_flags() + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root, XLA_FLAGS=xla_flags, **variables)
+  xla_flags = COMPILE_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root, XLA_FLAGS=xla_flags)
 
 
 os.environ["XLA_FLAGS"] = " ".join(
-  [os.environ.get("XLA_FLAGS", ""), _compile_flags(), "--xla_force_host_platform_device_count=8"]
+  [os.environ.get("XLA_FLAGS", ""), COMPILE_FLAGS, "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
