@@ -359,9 +359,11 @@ def apply_rope(
 ) -> jax.Array:
   """Rotary embedding, "rotate half" layout: dims (i, i + H/2) form the pair rotated by angle pos·inv_freq[i].
 
-  Written as x·(cos, cos) + roll(x, H/2)·(-sin, sin), which is (x1·cos - x2·sin, x2·cos + x1·sin) bit for bit:
-  XLA:CPU emits the concatenation of the two halves as a slow per-element select (measured 3x the time of this
-  form over forward and backward). `tables_BLH`: `rope_tables(positions_BL, inv_freq_H2)` if the caller has it.
+  Written as x·(cos, cos) + roll(x, H/2)·(-sin, sin), the same products and sums as (x1·cos - x2·sin,
+  x2·cos + x1·sin): XLA:CPU emits the concatenation of the two halves as a slow per-element select (measured 3x the
+  time of this form over forward and backward). Compiled, the two forms agree to float32 rounding, not bit for bit
+  (XLA rounds sin/cos differently in different fusions: ~4e-7 relative in the `small` model's logits).
+  `tables_BLH`: `rope_tables(positions_BL, inv_freq_H2)` if the caller has it.
   """
   cos_BLH, signed_sin_BLH = tables_BLH if tables_BLH is not None else rope_tables(positions_BL, inv_freq_H2)
   x_BLNH32 = x_BLNH.astype(jnp.float32)
