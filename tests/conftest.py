@@ -18,6 +18,26 @@ def subprocess_env(devices: int | None = 1) -> dict[str, str]:
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root, XLA_FLAGS=xla_flags)
 
 
+def run_tools(cases: list[tuple[str, list[str]]], devices: int | None = 1) -> list[dict]:
+  """`python experiments/TOOL.py ARGS...` for each (tool, args), in order → [{tool, args, code, stdout, stderr}]:
+  each case runs in a child forked from one process that imported the stack once (tests/cli_cases.py), which saves
+  a test ~2 s of imports per command after the first."""
+  import json
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+    [sys.executable, os.path.join(root, "tests", "cli_cases.py"), json.dumps(cases)],
+    capture_output=True,
+    text=True,
+    env=subprocess_env(devices),
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr
+  return json.loads(proc.stdout)
+
+
 os.environ["XLA_FLAGS"] = " ".join(
   [os.environ.get("XLA_FLAGS", ""), COMPILE_FLAGS, "--xla_force_host_platform_device_count=8"]
 ).strip()
@@ -56,3 +76,13 @@ def corpus(tmp_path):
     for _ in range(200):
       f.write(json.dumps({"text": " ".join(rng.choice(SENTENCES, 3))}) + "\n")
   return str(path)
+
+
+# The longest modules first. `--dist loadfile` gives each module to one worker, in collection order as workers free
+# up; started last, the end-to-end module alone (~2 min) would keep one worker busy long after the other is done.
+_LONGEST_MODULES = ("test_end_to_end.py", "test_multiprocess.py", "test_prepared_data.py", "test_rlhf.py")
+
+
+def pytest_collection_modifyitems(items):
+  first = lambda item: next((i for i, m in enumerate(_LONGEST_MODULES) if item.path.name == m), len(_LONGEST_MODULES))
+  items.sort(key=first)  # Stable: a module's tests keep their order.

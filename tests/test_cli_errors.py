@@ -5,12 +5,10 @@ import ast
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
+from conftest import run_tools  # tests/conftest.py: tools run from one process.
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax.model import PRESETS
@@ -18,20 +16,6 @@ from llm_jax.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dataclasses.replace(PRESETS["tiny"], vocab_size=320)
-
-
-def run_cases(cases):
-  """[(tool, args)] → [{code, stdout, stderr}], all in one subprocess (tests/cli_cases.py)."""
-  env = subprocess_env()
-  proc = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "tests", "cli_cases.py"), json.dumps(cases)],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr
-  return json.loads(proc.stdout)
 
 
 def assert_one_line_errors(cases, results):
@@ -235,7 +219,7 @@ def test_every_tool_reports_bad_input_in_one_line(workdirs):
     ("bench_decode", ["--batch_sizes=1,x"], "--batch_sizes=1,x: expected integers"),
   ]
   before = snapshot(w["tmp"])
-  assert_one_line_errors(cases, run_cases([(tool, args) for tool, args, _ in cases]))
+  assert_one_line_errors(cases, run_tools([(tool, args) for tool, args, _ in cases]))
   assert snapshot(w["tmp"]) == before  # No workdir, checkpoint or file was created, changed or removed.
 
 
@@ -247,7 +231,7 @@ def test_every_tool_starts():
   tools = sorted(f[:-3] for f in os.listdir(experiments) if f.endswith(".py"))
   assert {"inspect", "generate", "pretrain"} <= set(tools)
   wrong = []
-  for tool, result in zip(tools, run_cases([(tool, ["--help"]) for tool in tools])):
+  for tool, result in zip(tools, run_tools([(tool, ["--help"]) for tool in tools])):
     with open(os.path.join(experiments, f"{tool}.py")) as f:
       usage = ast.get_docstring(ast.parse(f.read())).splitlines()[0]
     if not (result["code"] == 1 and not result["stderr"] and result["stdout"].startswith(usage)):

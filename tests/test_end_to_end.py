@@ -8,13 +8,12 @@ import contextlib
 import json
 import math
 import os
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
+from conftest import run_tools  # tests/conftest.py: tools run from one process.
 
 from llm_jax.metrics import read_metrics
 from llm_jax.tasks.world_facts import alignment_study, end_to_end
@@ -105,25 +104,24 @@ def test_every_stage_shows_its_learning_signal(pipeline):
 
 def test_evaluate_writes_the_documented_fields(pipeline, tmp_path):
   workdir, _ = pipeline
-  env = subprocess_env()
-  script = os.path.join(ROOT, "experiments", "evaluate.py")
-  out = tmp_path / "rl.json"
-  proc = subprocess.run(
+  rl_json, rm_json = tmp_path / "rl.json", tmp_path / "rm.json"
+  rl, rm, missing = run_tools(
     [
-      sys.executable,
-      script,
-      f"--workdir={workdir}/rlhf",
-      f"--reference={workdir}/sft",
-      f"--reward_model={workdir}/reward_model",
-      f"--output={out}",
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
+      (
+        "evaluate",
+        [
+          f"--workdir={workdir}/rlhf",
+          f"--reference={workdir}/sft",
+          f"--reward_model={workdir}/reward_model",
+          f"--output={rl_json}",
+        ],
+      ),
+      ("evaluate", [f"--workdir={workdir}/reward_model", f"--output={rm_json}"]),
+      ("evaluate", [f"--workdir={tmp_path}/nothing", f"--output={tmp_path}/x.json"]),
+    ]
   )
-  assert proc.returncode == 0, proc.stderr
-  results = json.loads(out.read_text())
+  assert rl["code"] == 0, rl["stderr"]
+  results = json.loads(rl_json.read_text())
   for key in (
     "loss",
     "perplexity",
@@ -137,26 +135,11 @@ def test_evaluate_writes_the_documented_fields(pipeline, tmp_path):
   ):
     assert isinstance(results[key], float), key
   assert results["stage"] == "rlhf" and results["perplexity"] > 1
-  out = tmp_path / "rm.json"
-  proc = subprocess.run(
-    [sys.executable, script, f"--workdir={workdir}/reward_model", f"--output={out}"],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr
-  results = json.loads(out.read_text())
+  assert rm["code"] == 0, rm["stderr"]
+  results = json.loads(rm_json.read_text())
   assert 0 <= results["pair_accuracy"] <= 1 and 0 <= results["pair_accuracy_held_out_countries"] <= 1
   assert results["stage"] == "reward_model" and results["pairs"] > 100
-  proc = subprocess.run(
-    [sys.executable, script, f"--workdir={tmp_path}/nothing", "--output=x.json"],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
-  )
-  assert proc.returncode == 2 and "is not an llm_jax workdir" in proc.stderr
+  assert missing["code"] == 2 and "is not an llm_jax workdir" in missing["stderr"]
 
 
 def test_mean_and_spread_and_the_gold_peak_match_numpy():

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
+from conftest import run_tools  # tests/conftest.py: tools run from one process.
 
 from llm_jax import modeling, sharding
 from llm_jax.errors import UserError
@@ -193,7 +193,6 @@ def test_bad_prompts_are_user_errors():
 
 def test_generate_cli_and_its_bad_inputs(tmp_path):
   import os
-  import subprocess
   import sys
 
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
@@ -201,7 +200,6 @@ def test_generate_cli_and_its_bad_inputs(tmp_path):
 
   from llm_jax.train import pretrain
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("the cat sat on the mat. " * 200)
   config = pretrain_config.get_config()
@@ -213,29 +211,20 @@ def test_generate_cli_and_its_bad_inputs(tmp_path):
   (tmp_path / "no_checkpoint" / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
   (tmp_path / "no_checkpoint" / "tokenizer.json").write_text('{"kind": "char"}')
 
-  def run(*args):
-    env = subprocess_env()
-    return subprocess.run(
-      [sys.executable, os.path.join(root, "experiments", "generate.py"), *args],
-      capture_output=True,
-      text=True,
-      env=env,
-      timeout=300,
-    )
-
-  ok = run(f"--workdir={workdir}", "--prompt=the cat", "--prompt=a", "--max_new_tokens=5", "--temperature=0")
-  assert ok.returncode == 0, ok.stderr
-  lines = ok.stdout.splitlines()
-  assert len(lines) == 2 and lines[0].startswith("the cat") and lines[1].startswith("a")
-  for args, message in (
+  bad = [
     ([f"--workdir={workdir}", "--prompt= "], "prompt 0 is empty"),
     ([f"--workdir={workdir}", "--prompt=" + "x" * 200], "prompt 0 has 201 tokens"),
     ([f"--workdir={tmp_path}/no_checkpoint", "--prompt=hi"], "no readable checkpoint in"),
     ([f"--checkpoint={workdir}/checkpoints/7", "--prompt=hi"], "checkpoints/7: no such checkpoint; the checkpoints in"),
-  ):
-    proc = run(*args)
-    errors = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (args, proc.stderr)
+  ]
+  good = [f"--workdir={workdir}", "--prompt=the cat", "--prompt=a", "--max_new_tokens=5", "--temperature=0"]
+  ok, *failed = run_tools([("generate", good)] + [("generate", args) for args, _ in bad])
+  assert ok["code"] == 0, ok["stderr"]
+  lines = ok["stdout"].splitlines()
+  assert len(lines) == 2 and lines[0].startswith("the cat") and lines[1].startswith("a")
+  for (args, message), proc in zip(bad, failed):
+    errors = [line for line in proc["stderr"].splitlines() if line.strip()]
+    assert proc["code"] == 2 and len(errors) == 1 and message in errors[0], (args, proc["stderr"])
 
 
 def test_prompts_in_the_same_bucket_reuse_the_compiled_loop():
