@@ -1,13 +1,14 @@
 """The end-to-end world-facts experiment (README's main job): pretrain → SFT → reward model → RLHF → chat.
 
   python experiments/end_to_end.py --workdir=workdirs/end_to_end
-  # ~10 min on a 2-core CPU (most of it pretraining). Writes REPORT.md, plots/ and results.json; ends by
+  # ~6 min on a 2-core CPU (4 of them pretraining). Writes REPORT.md, plots/ and results.json; ends by
   # answering "Where is the capital of China?" with "The capital of China is Beijing."
 
-Expected (measured 2026-12-04, seed 0): held-out-country QA base 2 % → SFT 89 % → RLHF 87 %; reward model 97 % on
-held-out pairs (90 % on pairs about held-out countries); RLHF vs SFT gold win-rate 71 % on held-out prompts and
-67 % on held-out countries (sampled answers, ties ½) at a KL of 0.69 nats per answer. (2026-11-29, before issues
-12-17: 0 → 90 → 94 %, 96 / 92 %, 71 / 69 %, KL 0.65; the range that moved them is not bisected.)
+Expected (measured 2026-12-06, seed 0): held-out-country QA base 2 % → SFT 90 % → RLHF 94 %; reward model 99 % on
+held-out pairs (90 % on pairs about held-out countries); RLHF vs SFT gold win-rate 73 % on held-out prompts and
+70 % on held-out countries (sampled answers, ties ½) at a KL of 0.65 nats per answer. Float32 rounding differences
+(a change of fusion, of XLA version or of CPU) grow over the run into another draw of the same recipe: 2026-12-04
+gave 2 → 89 → 87 %, 97 / 90 %, 71 / 67 %, KL 0.69; 2026-11-29 gave 0 → 90 → 94 %, 96 / 92 %, 71 / 69 %, KL 0.65.
 
 Each stage's config is the stage's own config file with the overrides below; any field can be changed on the
 command line, e.g. --config.pretrain.steps=1200 (about 4.5 min; held-out countries then fare worse, see below) or
