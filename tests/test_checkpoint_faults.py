@@ -136,12 +136,12 @@ def test_every_checkpoint_unreadable_is_one_error_and_nothing_is_deleted(trained
 
 def test_command_line_names_the_bad_checkpoint(trained, tmp_path):
   """generate.py: a named bad checkpoint is one line and exit 2; --workdir falls back with one warning line."""
-  from test_cli_errors import run_cases
+  from conftest import run_tools
 
   _, straight, _ = trained
   workdir = copy(straight, tmp_path)
   bad_file = truncate_data(os.path.join(workdir, "checkpoints", "6"))
-  named, latest = run_cases(
+  named, latest = run_tools(
     [
       ("generate", [f"--checkpoint={workdir}/checkpoints/6", "--prompt=the", "--max_new_tokens=1"]),
       ("generate", [f"--workdir={workdir}", "--prompt=the", "--max_new_tokens=1"]),
