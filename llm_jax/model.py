@@ -547,6 +547,7 @@ class Attention(nnx.Module):
       )
     if cfg.position == "rope":
       inv_freq_H2 = rope_frequencies(cfg)
+      rope_BLH = rope_tables(positions_BL, inv_freq_H2) if rope_BLH is None else rope_BLH  # Once for q and k.
       q_BLNH = apply_rope(q_BLNH, positions_BL, inv_freq_H2, rope_BLH)
       k_BLKH = apply_rope(k_BLKH, positions_BL, inv_freq_H2, rope_BLH)
     if cache is not None:

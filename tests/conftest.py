@@ -8,14 +8,14 @@ import os
 # bit-exactness test passes with them. (XLA:CPU's older fusion emitter, --xla_cpu_use_fusion_emitters=false, compiles
 # ~1/3 faster still, but a scanned step then rounds differently from a single one: the bit-exactness tests fail.)
 COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def subprocess_env(devices: int | None = 1) -> dict[str, str]:
   """The environment for a tool a test launches: CPU, the tests' compile flags, `devices` simulated CPU devices
   (None: no device flag, for the launcher that sets its own), the repository on PYTHONPATH."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   xla_flags = COMPILE_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root, XLA_FLAGS=xla_flags)
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags)
 
 
 def run_tools(cases: list[tuple[str, list[str]]], devices: int | None = 1) -> list[dict]:
@@ -26,9 +26,8 @@ def run_tools(cases: list[tuple[str, list[str]]], devices: int | None = 1) -> li
   import subprocess
   import sys
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
-    [sys.executable, os.path.join(root, "tests", "cli_cases.py"), json.dumps(cases)],
+    [sys.executable, os.path.join(ROOT, "tests", "cli_cases.py"), json.dumps(cases)],
     capture_output=True,
     text=True,
     env=subprocess_env(devices),
@@ -42,9 +41,7 @@ os.environ["XLA_FLAGS"] = " ".join(
   [os.environ.get("XLA_FLAGS", ""), COMPILE_FLAGS, "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault(
-  "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
-)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import json  # noqa: E402

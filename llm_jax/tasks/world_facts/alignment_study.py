@@ -323,11 +323,8 @@ def plot(summary: dict, curve: list[dict], out_dir: str) -> list[str]:
   return paths
 
 
-def write_report(
-  workdir: str, config, summary: dict, curve: list[dict], plots: list[str], seconds: float, mesh=None
-) -> str:
-  """STUDY.md; `mesh`: what the study ran on (default: every device)."""
-  mesh = sharding.make_mesh() if mesh is None else mesh
+def write_report(workdir: str, config, summary: dict, curve: list[dict], plots: list[str], seconds: float, mesh) -> str:
+  """STUDY.md; `mesh`: what the study ran on."""
   seeds = len(config.seeds)
   lines = [
     "# Alignment study: PPO vs GRPO vs RLOO vs DPO, and reward over-optimisation",

@@ -147,11 +147,10 @@ def write_report(
   results: dict,
   plots: list[str],
   seconds: float,
+  mesh: jax.sharding.Mesh,
   inspections: dict[str, dict] | None = None,
-  mesh: jax.sharding.Mesh | None = None,
 ) -> str:
-  """REPORT.md; `mesh`: what the experiment ran on (default: every device)."""
-  mesh = sharding.make_mesh() if mesh is None else mesh
+  """REPORT.md; `mesh`: what the experiment ran on."""
   table = [("base (pretrained)", "pretrain"), ("SFT", "sft"), ("RLHF", "rlhf")]
   lines = [
     "# World-facts experiment",
@@ -234,7 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   plots = plot(dirs, os.path.join(workdir, "plots"))
   print("=== inspection: the seed question token by token", flush=True)
   inspections = inspect_seed_question(dirs, mesh, os.path.join(workdir, "inspect"))
-  report = write_report(workdir, results, plots, time.perf_counter() - start, inspections, mesh)
+  report = write_report(workdir, results, plots, time.perf_counter() - start, mesh, inspections)
   print(open(report).read().split("![")[0], flush=True)
   print(f"report: {report}", flush=True)
   return results
