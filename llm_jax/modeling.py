@@ -82,19 +82,24 @@ def model_spec(model_factory: ModelFactory, mesh: Mesh) -> ModelSpec:
   return ModelSpec(graphdef, abstract, shardings, logical_names, frozen, prefixes)
 
 
-def init_params(model_factory: ModelFactory, spec: ModelSpec, seed: int, trainable_only: bool = False):
+def init_params(model_factory: ModelFactory, spec: ModelSpec, seed: int, trainable_only: bool = False, skip=()):
   """Initializes directly into the target shardings: no device ever holds the whole model.
 
-  `trainable_only`: the trainable part alone (a LoRA model's adapters and heads; the base weights are never
-  computed: XLA drops what the function does not return)."""
+  Only what is returned is computed (XLA drops the rest), so a caller names what it would throw away:
+  `trainable_only`: the trainable part alone (a LoRA model's adapters and heads, not its base weights);
+  `skip`: top-level entries the caller fills from elsewhere (a reward model's loaded backbone). The other entries
+  get the values a full init gives them. The seed is an argument, not a constant: one program for every seed."""
 
-  def init():
+  def select(tree):
+    tree = {k: v for k, v in tree.items() if k not in skip}
+    return spec.split(tree)[0] if trainable_only else tree
+
+  def init(seed):
     with nnx.use_eager_sharding(False):
-      params = nnx.to_pure_dict(nnx.state(model_factory(nnx.Rngs(seed))))
-    return spec.split(params)[0] if trainable_only else params
+      params = nnx.to_pure_dict(nnx.state(model_factory(nnx.Rngs(jax.random.key(seed)))))
+    return select(params)
 
-  shardings = spec.split(spec.param_shardings)[0] if trainable_only else spec.param_shardings
-  return jax.jit(init, out_shardings=shardings)()
+  return jax.jit(init, out_shardings=select(spec.param_shardings))(seed)
 
 
 def _read_workdir_json(workdir: str, key: str):

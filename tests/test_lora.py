@@ -309,7 +309,9 @@ def test_rl_with_lora_uses_the_base_as_reference_and_saves_adapters(lora_run, tm
     prompts=[[2] + ByteTokenizer().encode(w) for w in ["hi", "what", "a", "ok"]],
     reward_fn=lambda response: float(response[0] if response else 0) / 320,  # Differs within each group.
   )
-  assert history[0]["kl_k1"] == 0.0 and history[0]["kl_k3"] == 0.0
+  # Zero up to float32 rounding: the policy's program (with the adapters' matmuls) and the reference's (without)
+  # round alike under XLA:CPU's default code generator, 1 ulp apart under the tests' faster one (conftest).
+  assert abs(history[0]["kl_k1"]) < 1e-6 and abs(history[0]["kl_k3"]) < 1e-6
   assert history[1]["kl_k3"] > 0  # The adapters moved the policy away from its base.
   spec, params, meta = modeling.load_model(str(tmp_path / "rl"), one_device_mesh())
   assert meta["lora"]["base"] == os.path.abspath(base) and not spec.frozen

@@ -131,6 +131,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
   np.testing.assert_array_equal([resumed[s] for s in range(1, 11)], [straight[s] for s in range(1, 11)])
 
 
+@pytest.mark.default_codegen  # Bit for bit is a claim about XLA:CPU's default code generator (conftest).
 def test_steps_per_call_logs_evaluates_saves_and_resumes_as_step_by_step(corpus, tmp_path, monkeypatch):
   # Calls of 3 updates where no boundary (log, eval, checkpoint, stop) falls inside one: 1-3 and 4-6, then 7 alone
   # (the interrupted run stops there), and after resuming 8-10, then 11 alone. Every logged, evaluated and saved

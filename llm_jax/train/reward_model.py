@@ -256,7 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.T
   def initial_params(state: ModelSpec):
     if lora is not None:  # Adapters and the zero head train; the backbone is the frozen SFT model.
       return lora.initial_params(factory, state, config.seed)
-    params = init_params(factory, state, config.seed)
+    params = init_params(factory, state, config.seed, skip=("transformer",))  # The backbone is the SFT model's.
     backbone_spec = model_spec(lm_factory(model_cfg), mesh)
     return {**params, "transformer": load_params(config.init_from, backbone_spec, mesh)[0]}
 

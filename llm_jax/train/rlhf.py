@@ -547,9 +547,10 @@ def run(
   def initial_params(spec: ModelSpec):
     if lora is not None:
       return lora_initial_params(spec, factory, config.seed, lora.base, value_mode, rm_params)
-    params = init_params(factory, spec, config.seed)
-    params = {**params, "policy": jax.tree.map(jnp.copy, ref_params)}  # A copy: updates donate their inputs.
-    if value_mode == "reward_model" and rm_params is not None:
+    value_from_rm = value_mode == "reward_model" and rm_params is not None
+    params = init_params(factory, spec, config.seed, skip=("policy", "value") if value_from_rm else ("policy",))
+    params["policy"] = jax.tree.map(jnp.copy, ref_params)  # A copy: updates donate their inputs.
+    if value_from_rm:
       params["value"] = jax.tree.map(jnp.copy, rm_params)
     return params
 
