@@ -53,7 +53,9 @@ def run_tools(cases: list[tuple[str, list[str]]], devices: int | None = 1) -> li
 
 
 _inherited_flags = os.environ.get("XLA_FLAGS", "").replace(FAST_CODEGEN, "")  # A default_codegen child drops it.
-os.environ["XLA_FLAGS"] = " ".join([_inherited_flags, COMPILE_FLAGS, "--xla_force_host_platform_device_count=8"]).strip()
+os.environ["XLA_FLAGS"] = " ".join(
+  [_inherited_flags, COMPILE_FLAGS, "--xla_force_host_platform_device_count=8"]
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -128,6 +130,8 @@ def _in_default_codegen_child(nodeid: str):
     env = dict(os.environ, LLM_JAX_TEST_CODEGEN="default")
     cmd = [sys.executable, "-m", "pytest", "-q", nodeid]
     child = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, f"{nodeid} under the default code generator:\n{child.stdout[-6000:]}{child.stderr[-2000:]}"
+    assert child.returncode == 0, (
+      f"{nodeid} under the default code generator:\n{child.stdout[-6000:]}{child.stderr[-2000:]}"
+    )
 
   return run

@@ -138,11 +138,22 @@ def text_prompts(
   return token_prompts, dataclasses.replace(sampling, stop_ids=tuple(sorted({*sampling.stop_ids, *tokenizer.stop_ids})))
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_pieces(graphdef, mesh: Mesh, cache_dtype, model_cfg: ModelConfig):
+  """(prefill, decode), jitted once per model graph, mesh and cache dtype and shared by every Sampler of them: RL
+  and evaluation build a Sampler per call, and jit's own cache then serves the shapes it has already compiled."""
+  program = Sampler(graphdef, None, mesh, cache_dtype, model_cfg)  # No parameters: they are arguments.
+  return (
+    jax.jit(program.prefill, static_argnames=("cache_length",)),
+    jax.jit(program.decode, static_argnames=("sampling",), donate_argnames=("state",)),
+  )
+
+
 class Sampler:
   """Generates from a model whose parameters are sharded on `mesh` (see `llm_jax.modeling.ModelSpec`).
 
-  Compiled functions are cached per (batch, prompt bucket, cache length, sampling settings): calls with the
-  same shapes never recompile.
+  Compiled functions are cached per (batch, prompt bucket, cache length, sampling settings) and shared by every
+  Sampler of the same model graph and mesh: calls with the same shapes never trace or compile again.
   """
 
   def __init__(self, graphdef, params, mesh: Mesh, cache_dtype=None, model_cfg: ModelConfig | None = None):
@@ -233,12 +244,9 @@ class Sampler:
 
     return jax.lax.while_loop(not_finished, one_token, state)
 
-  @functools.cached_property
+  @property
   def _jitted(self):
-    return (
-      jax.jit(self.prefill, static_argnames=("cache_length",)),
-      jax.jit(self.decode, static_argnames=("sampling",), donate_argnames=("state",)),
-    )
+    return _jitted_pieces(self.graphdef, self.mesh, self.cache_dtype, self.model_cfg)
 
   # ---- host API ----
 
