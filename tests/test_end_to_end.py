@@ -25,8 +25,9 @@ import alignment_study as study_config  # noqa: E402
 import end_to_end as e2e_config  # noqa: E402
 
 # The micro runs judge their models on every EVAL_STRIDE-th evaluation question (held-out countries: 1 of the 10
-# phrasings of every other one of the 33 countries; held-out prompts: 20 of 390). The judge, the win-rates, the report and the
-# records are the same code; only the question lists are shorter (answer generation is most of these tests' time).
+# phrasings of every other one of the 33 countries; held-out prompts: 20 of 390). The judge, the win-rates, the
+# report and the records are the same code; only the question lists are shorter (answer generation is most of these
+# tests' time).
 EVAL_STRIDE = 20
 # The micro pipeline and study run data-parallel on 2 of the 8 simulated devices: still a sharded run end to end,
 # at about 3/4 of the time 8 devices on 2 cores take (mesh invariance has its own tests).
