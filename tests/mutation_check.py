@@ -7,7 +7,7 @@ code (llm_jax/, tests/, configs/, experiments/) into a temporary directory, appl
 working tree is never modified), and runs only the tests named for it. A failing test kills the mutant; a
 mutant whose tests all pass survived, and the test suite has a hole.
 
-    python tests/mutation_check.py                    # every mutant (74): ~10 min on 2 CPU cores, warm cache
+    python tests/mutation_check.py                    # every mutant (80): ~10 min on 2 CPU cores, warm cache
     python tests/mutation_check.py --baseline         # first runs the named tests unmodified (+3-7 min)
     python tests/mutation_check.py --only lr_logged_off_by_one,causal_mask_strict
     python tests/mutation_check.py --list
@@ -142,6 +142,30 @@ MUTANTS: tuple[Mutant, ...] = (
     "return jnp.max(jnp.where(is_max, iota, -1), axis=-1)",
     (f"{T_TRAIN} -k first_argmax",),
     "the accuracy's argmax picks the last of tied maxima (np.argmax picks the first)",
+  ),
+  Mutant(
+    "init_skip_keeps_the_skipped_entries",
+    "llm_jax/modeling.py",
+    "tree = {k: v for k, v in tree.items() if k not in skip}",
+    "tree = {k: v for k, v in tree.items() if k in skip or not skip}",
+    (f"{T_RLHF} -k init_params_skip",),
+    "init_params(skip=...) still computes and returns the entries the caller loads from elsewhere",
+  ),
+  Mutant(
+    "init_seed_ignored_by_kept_entries",
+    "llm_jax/modeling.py",
+    "model_factory(nnx.Rngs(jax.random.key(seed)))",
+    "model_factory(nnx.Rngs(jax.random.key(0)))",
+    (f"{T_RLHF} -k init_params_skip",),
+    "the seed never reaches the initialised parameters",
+  ),
+  Mutant(
+    "sampler_jits_per_instance",
+    SAMPLER,
+    "return _jitted_pieces(self.graphdef, self.mesh, self.cache_dtype, self.model_cfg)",
+    "return _jitted_pieces.__wrapped__(self.graphdef, self.mesh, self.cache_dtype, self.model_cfg)",
+    (f"{T_INF} -k share_their_compiled",),
+    "every Sampler jits its own prefill/decode again (RL and evaluation re-trace at every call)",
   ),
   Mutant(
     "loss_weight_counts_every_token",

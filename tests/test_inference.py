@@ -293,3 +293,15 @@ def test_chat_sampling_bans_role_and_control_tokens_and_stops_at_end():
   sampling = chat.chat_sampling(SamplingConfig(temperature=1.0), ByteTokenizer())
   assert set(sampling.stop_ids) == {7, 3}  # <|end|>, <eos>.
   assert set(sampling.banned_ids) == {0, 1, 2, 4, 5, 6}  # <pad> <unk> <bos> and the three role tokens.
+
+
+def test_samplers_of_one_model_share_their_compiled_functions():
+  """RL and evaluation build a Sampler per call: the second of the same graph and mesh traces nothing again."""
+  from flax import nnx
+
+  cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=96)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  graphdef, params = nnx.split(modeling.build_model(cfg, nnx.Rngs(0)))
+  first, second = Sampler(graphdef, params, mesh), Sampler(graphdef, params, mesh)
+  assert first._jitted is second._jitted
+  assert Sampler(graphdef, params, sharding.make_mesh(devices=jax.devices()[:2]))._jitted is not first._jitted

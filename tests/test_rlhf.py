@@ -640,3 +640,23 @@ def test_an_empty_or_role_token_only_answer_never_beats_a_real_one():
   for name in ("empty", "end only", "roles only"):
     assert scores[name] == pytest.approx(reward_model.EMPTY_ANSWER_LOG_PROB, abs=1e-6), name
     assert scores[name] < scores["real"], scores
+
+
+def test_init_params_skip_gives_the_full_inits_values_for_what_it_keeps():
+  """RL and the reward model skip the entries they load (init_params(skip=...)): what is kept is bit-identical to a
+  full init of the same seed, and the skipped entries are never computed."""
+  import dataclasses
+
+  from llm_jax import modeling, sharding
+  from llm_jax.model import PRESETS
+
+  cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=96)
+  factory = lambda rngs: rlhf.ActorCritic(cfg, "reward_model", rngs=rngs)  # A random value network: not zeros.
+  spec = modeling.model_spec(factory, sharding.make_mesh(devices=jax.devices()[:2]))
+  full = modeling.init_params(factory, spec, seed=3)
+  kept = modeling.init_params(factory, spec, seed=3, skip=("policy",))
+  assert set(kept) == set(full) - {"policy"}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(kept), jax.device_get({"value": full["value"]}))
+  other_seed = modeling.init_params(factory, spec, seed=4, skip=("policy",))
+  differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), kept["value"], other_seed["value"])
+  assert any(jax.tree.leaves(differs))  # The seed still reaches the kept entries.
