@@ -13,6 +13,7 @@ Nothing here imports `llm_jax.train` or `llm_jax.inference`: both build on it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -42,11 +43,22 @@ def build_model(model_cfg: ModelConfig, rngs: nnx.Rngs, lora: LoraConfig | None 
   return MODEL_FAMILIES[model_cfg.family](model_cfg, rngs=rngs, lora=lora)
 
 
+@dataclasses.dataclass(frozen=True)
+class LanguageModelFactory:
+  """`lm_factory`'s factory: a value (hashable), so `model_spec` builds each model once per mesh."""
+
+  model_cfg: ModelConfig
+  lora: LoraConfig | None = None
+
+  def __call__(self, rngs: nnx.Rngs) -> nnx.Module:
+    return build_model(self.model_cfg, rngs, self.lora)
+
+
 def lm_factory(model_cfg: ModelConfig, lora: LoraConfig | None = None) -> ModelFactory:
-  return lambda rngs: build_model(model_cfg, rngs, lora)
+  return LanguageModelFactory(model_cfg, lora)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)  # Shared: `model_spec` hands out one per (model, mesh).
 class ModelSpec:
   """What a model is on a mesh, without its arrays: the static graph, the parameters' shapes and shardings."""
 
@@ -70,9 +82,41 @@ class ModelSpec:
     return lora_lib.join(trainable, frozen)
 
 
+class _Stream(nnx.RngStream):
+  """flax's RngStream, with its counter replaced instead of updated in place. While a model is traced (both
+  functions below trace its construction), flax's in-place `count[...] += 1` compares the new count's sharding
+  with the old one's, and a tracer's `.sharding` error message searches the whole trace so far: quadratic in the
+  number of parameters (a third of `model_spec`'s time on the tests' tiny models). Same keys, same values."""
+
+  def __call__(self) -> jax.Array:
+    key = jax.random.fold_in(self.key.get_value(), self.count.get_value())
+    self.count.set_value(self.count.get_value() + 1)
+    return key
+
+
+def _rngs(seed: int | jax.Array) -> nnx.Rngs:
+  """nnx.Rngs(seed), counting with `_Stream`."""
+  rngs = nnx.Rngs(seed)
+  rngs.default = _Stream(rngs.default.key.get_value(), tag="default")
+  return rngs
+
+
 def model_spec(model_factory: ModelFactory, mesh: Mesh) -> ModelSpec:
+  """`model_factory`'s model on `mesh`: built (abstractly) once per (factory, mesh) where the factory is a value
+  (`lm_factory`'s); every stage, loader and sampler asks for it again."""
+  if isinstance(model_factory, LanguageModelFactory):
+    return _language_model_spec(model_factory, mesh)
+  return _model_spec(model_factory, mesh)
+
+
+@functools.lru_cache(maxsize=64)
+def _language_model_spec(model_factory: LanguageModelFactory, mesh: Mesh) -> ModelSpec:
+  return _model_spec(model_factory, mesh)
+
+
+def _model_spec(model_factory: ModelFactory, mesh: Mesh) -> ModelSpec:
   with nnx.use_eager_sharding(False):
-    abstract_model = nnx.eval_shape(lambda: model_factory(nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: model_factory(_rngs(0)))
   graphdef, abstract_state = nnx.split(abstract_model)
   logical_names = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
   abstract = nnx.to_pure_dict(abstract_state)
@@ -96,7 +140,7 @@ def init_params(model_factory: ModelFactory, spec: ModelSpec, seed: int, trainab
 
   def init(seed):
     with nnx.use_eager_sharding(False):
-      params = nnx.to_pure_dict(nnx.state(model_factory(nnx.Rngs(jax.random.key(seed)))))
+      params = nnx.to_pure_dict(nnx.state(model_factory(_rngs(jax.random.key(seed)))))
     return select(params)
 
   return jax.jit(init, out_shardings=select(spec.param_shardings))(seed)

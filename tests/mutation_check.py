@@ -154,8 +154,8 @@ MUTANTS: tuple[Mutant, ...] = (
   Mutant(
     "init_seed_ignored_by_kept_entries",
     "llm_jax/modeling.py",
-    "model_factory(nnx.Rngs(jax.random.key(seed)))",
-    "model_factory(nnx.Rngs(jax.random.key(0)))",
+    "model_factory(_rngs(jax.random.key(seed)))",
+    "model_factory(_rngs(jax.random.key(0)))",
     (f"{T_RLHF} -k init_params_skip",),
     "the seed never reaches the initialised parameters",
   ),
