@@ -142,21 +142,25 @@ class TrainStep(OnMesh):
   `step.many(params, opt_state, batches, first_step_number, frozen={})` (built with `steps_per_call` > 1): that
   many consecutive updates in one call, `batches` stacked on a leading axis (`sharding.stacked_global_batch`);
   each update is the same function of its batch and step number as a single call, and the metrics come back
-  stacked, one row per update."""
+  stacked, one row per update.
 
-  def __init__(self, jitted, mesh: Mesh, many=None):
+  The seed is an argument of the compiled program, not a constant in it: runs that differ only in their seed (a
+  seed sweep) share one program (the persistent compilation cache finds it)."""
+
+  def __init__(self, jitted, mesh: Mesh, seed: int, many=None):
     super().__init__(jitted, mesh)
-    self.many_jitted = many
+    self.many_jitted, self.seed = many, np.int32(seed)
 
   def __call__(self, params, opt_state, batch, step_number, frozen=None):
-    return super().__call__(params, opt_state, batch, step_number, {} if frozen is None else frozen)
+    return super().__call__(params, opt_state, batch, step_number, {} if frozen is None else frozen, self.seed)
 
   def lower(self, params, opt_state, batch, step_number, frozen=None):
-    return super().lower(params, opt_state, batch, step_number, {} if frozen is None else frozen)
+    return super().lower(params, opt_state, batch, step_number, {} if frozen is None else frozen, self.seed)
 
   def many(self, params, opt_state, batches, first_step_number, frozen=None):
     with jax.set_mesh(self.mesh):
-      return self.many_jitted(params, opt_state, batches, first_step_number, {} if frozen is None else frozen)
+      frozen = {} if frozen is None else frozen
+      return self.many_jitted(params, opt_state, batches, first_step_number, frozen, self.seed)
 
 
 def make_train_step(
@@ -178,7 +182,7 @@ def make_train_step(
   are the step's last argument, not donated."""
   trainable_shardings, frozen_shardings = state.split(state.param_shardings)
 
-  def step(params, opt_state, batch, step_number, frozen):
+  def step(params, opt_state, batch, step_number, frozen, seed):
     def sum_grads(params, batch, rng):
       def loss_of(p):
         return loss_fn(state.merge(state.join(p, frozen)), batch, rng)
@@ -186,7 +190,7 @@ def make_train_step(
       (loss_sum, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
       return grads, {"loss": loss_sum, **sums}
 
-    rng = jax.random.fold_in(jax.random.key(seed), step_number)
+    rng = jax.random.fold_in(jax.random.key(seed), step_number)  # (`seed` is traced: see TrainStep.)
     if grad_accum == 1:
       grads, sums = sum_grads(params, batch, rng)
     else:
@@ -215,10 +219,10 @@ def make_train_step(
     metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
-  def many(params, opt_state, batches, first_step_number, frozen):
+  def many(params, opt_state, batches, first_step_number, frozen, seed):
     def one(carry, xs):
       index, batch = xs
-      params, opt_state, metrics = step(*carry, batch, first_step_number + index, frozen)
+      params, opt_state, metrics = step(*carry, batch, first_step_number + index, frozen, seed)
       return (params, opt_state), metrics
 
     count = jax.tree.leaves(batches)[0].shape[0]
@@ -229,11 +233,11 @@ def make_train_step(
   jit = lambda fn, batch_in: jax.jit(
     fn,
     donate_argnums=(0, 1),
-    in_shardings=(trainable_shardings, opt_shardings, batch_in, replicated, frozen_shardings),
+    in_shardings=(trainable_shardings, opt_shardings, batch_in, replicated, frozen_shardings, replicated),
     out_shardings=(trainable_shardings, opt_shardings, replicated),
   )
   stacked_shardings = jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), batch_shardings)
-  return TrainStep(jit(step, batch_shardings), mesh, jit(many, stacked_shardings) if steps_per_call > 1 else None)
+  return TrainStep(jit(step, batch_shardings), mesh, seed, jit(many, stacked_shardings) if steps_per_call > 1 else None)
 
 
 def make_eval_step(state: ModelSpec, loss_fn: LossFn, mesh: Mesh, batch_shardings):
