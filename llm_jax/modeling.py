@@ -58,7 +58,7 @@ def lm_factory(model_cfg: ModelConfig, lora: LoraConfig | None = None) -> ModelF
   return LanguageModelFactory(model_cfg, lora)
 
 
-@dataclasses.dataclass(frozen=True)  # Shared: `model_spec` hands out one per (model, mesh).
+@dataclasses.dataclass(frozen=True, eq=False)  # Shared (`model_spec` hands out one per model and mesh): an identity.
 class ModelSpec:
   """What a model is on a mesh, without its arrays: the static graph, the parameters' shapes and shardings."""
 
@@ -133,7 +133,18 @@ def init_params(model_factory: ModelFactory, spec: ModelSpec, seed: int, trainab
   `trainable_only`: the trainable part alone (a LoRA model's adapters and heads, not its base weights);
   `skip`: top-level entries the caller fills from elsewhere (a reward model's loaded backbone). The other entries
   get the values a full init gives them. The seed is an argument, not a constant: one program for every seed."""
+  skip = tuple(skip)
+  if isinstance(model_factory, LanguageModelFactory):  # A value: its jitted init is kept (no new trace).
+    return _cached_init_fn(model_factory, spec, trainable_only, skip)(seed)
+  return _init_fn(model_factory, spec, trainable_only, skip)(seed)
 
+
+@functools.lru_cache(maxsize=64)
+def _cached_init_fn(model_factory: LanguageModelFactory, spec: ModelSpec, trainable_only: bool, skip: tuple):
+  return _init_fn(model_factory, spec, trainable_only, skip)
+
+
+def _init_fn(model_factory: ModelFactory, spec: ModelSpec, trainable_only: bool, skip: tuple):
   def select(tree):
     tree = {k: v for k, v in tree.items() if k not in skip}
     return spec.split(tree)[0] if trainable_only else tree
@@ -143,7 +154,7 @@ def init_params(model_factory: ModelFactory, spec: ModelSpec, seed: int, trainab
       params = nnx.to_pure_dict(nnx.state(model_factory(_rngs(jax.random.key(seed)))))
     return select(params)
 
-  return jax.jit(init, out_shardings=select(spec.param_shardings))(seed)
+  return jax.jit(init, out_shardings=select(spec.param_shardings))
 
 
 def _read_workdir_json(workdir: str, key: str):

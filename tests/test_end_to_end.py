@@ -55,7 +55,7 @@ def micro_config():
   # The micro base model knows too little for its reward model to rank the world-facts pairs (its train loss stayed
   # at chance, 0.61-0.84 over 12 runs of lr, batch and seed): this stage checks the wiring, and
   # tests/test_rlhf.py::test_reward_model_learns_synthetic_preferences its learning signal.
-  r.steps, r.batch_size, r.seq_len, r.warmup_steps, r.eval_every, r.log_every = 40, 16, 128, 5, 40, 10
+  r.steps, r.batch_size, r.seq_len, r.warmup_steps, r.eval_every, r.log_every = 20, 16, 128, 5, 20, 5
   r.learning_rate = 3e-3
   l = config.rlhf
   l.iterations, l.prompts_per_iteration, l.minibatch_size, l.max_new_tokens, l.ppo_epochs = 3, 8, 8, 8, 1

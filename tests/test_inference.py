@@ -11,7 +11,7 @@ from conftest import run_tools  # tests/conftest.py: tools run from one process.
 from llm_jax import modeling, sharding
 from llm_jax.errors import UserError
 from llm_jax.inference.sampler import Sampler, SamplingConfig, left_pad, sample_logits
-from llm_jax.model import PRESETS, Transformer
+from llm_jax.model import PRESETS
 
 TINY = PRESETS["tiny"]  # RoPE, RMSNorm, SwiGLU, 4 heads / 2 kv heads.
 VARIANTS = {
@@ -27,7 +27,7 @@ GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_ids=())
 def make_sampler(cfg, devices=None, mesh_shape=(-1, 1, 1)):
   data, fsdp, tensor, *sequence = mesh_shape  # (data, fsdp, tensor[, sequence])
   mesh = sharding.make_mesh(data, fsdp, tensor, devices or jax.devices()[:1], sequence=sequence[0] if sequence else 1)
-  factory = lambda rngs: Transformer(cfg, rngs=rngs)
+  factory = modeling.lm_factory(cfg)
   state = modeling.model_spec(factory, mesh)
   params = modeling.init_params(factory, state, seed=0)
   # Larger weights than the init: random models then have peaked, prompt-dependent predictions.
@@ -242,7 +242,7 @@ def test_scanned_layers_decode_like_unrolled_layers():
   plain, _ = make_sampler(TINY)
   scanned_cfg = dataclasses.replace(TINY, scan_layers=True)
   mesh = plain.mesh
-  state = modeling.model_spec(lambda rngs: Transformer(scanned_cfg, rngs=rngs), mesh)
+  state = modeling.model_spec(modeling.lm_factory(scanned_cfg), mesh)
   stacked = dict(plain.params, blocks=jax.tree.map(lambda *layers: jnp.stack(layers), *plain.params["blocks"].values()))
   scanned = Sampler(state.graphdef, stacked, mesh)
   rows = prompts([4, 9])

@@ -86,7 +86,7 @@ def test_captured_attention_equals_numpy_attention_and_last_lens_row_the_logits(
 def tiny():
   """The byte-level TINY model with peaked weights, its sampler and a jitted forward, shared by the module."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  factory = lambda rngs: Transformer(TINY, rngs=rngs)
+  factory = modeling.lm_factory(TINY)
   spec = modeling.model_spec(factory, mesh)
   params = jax.tree.map(lambda a: a * 4.0 if a.ndim > 1 else a, modeling.init_params(factory, spec, seed=0))
   forward = jax.jit(lambda params, tokens: spec.merge(params)(tokens))

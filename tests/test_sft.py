@@ -133,13 +133,13 @@ def test_pack_whole_never_splits_a_sequence():
 
 def test_a_batch_with_nothing_to_train_on_adds_zero_loss(tmp_path):
   from llm_jax import sharding
-  from llm_jax.model import PRESETS, Transformer
+  from llm_jax.model import PRESETS
   from llm_jax.train import loop
 
   config = pretrain_config.get_config()
   config.warmup_steps = 0
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  factory = lambda rngs: Transformer(PRESETS["tiny"], rngs=rngs)
+  factory = modeling.lm_factory(PRESETS["tiny"])
   state = modeling.model_spec(factory, mesh)
   optimizer = loop.make_optimizer(config, state.abstract_params)
   opt_shardings = loop.opt_state_shardings(optimizer, state, mesh)

@@ -174,7 +174,7 @@ def test_first_argmax_equals_numpy_argmax_with_ties():
 def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum):
   """The update divides the summed gradient by the whole batch's weight, not by the microbatch count."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  factory = lambda rngs: Transformer(PRESETS["tiny"], rngs=rngs)
+  factory = modeling.lm_factory(PRESETS["tiny"])
   state = modeling.model_spec(factory, mesh)
   optimizer = loop.make_optimizer(pretrain_config.get_config(), state.abstract_params)
   rows = text.pack([list(range(8, 60)), list(range(100, 150))] * 2, 16, bos_id=2, eos_id=3)
