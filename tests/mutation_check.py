@@ -7,7 +7,7 @@ code (llm_jax/, tests/, configs/, experiments/) into a temporary directory, appl
 working tree is never modified), and runs only the tests named for it. A failing test kills the mutant; a
 mutant whose tests all pass survived, and the test suite has a hole.
 
-    python tests/mutation_check.py                    # every mutant (80): ~10 min on 2 CPU cores, warm cache
+    python tests/mutation_check.py                    # every mutant (84): ~10 min on 2 CPU cores, warm cache
     python tests/mutation_check.py --baseline         # first runs the named tests unmodified (+3-7 min)
     python tests/mutation_check.py --only lr_logged_off_by_one,causal_mask_strict
     python tests/mutation_check.py --list
@@ -166,6 +166,38 @@ MUTANTS: tuple[Mutant, ...] = (
     "return _jitted_pieces.__wrapped__(self.graphdef, self.mesh, self.cache_dtype, self.model_cfg)",
     (f"{T_INF} -k share_their_compiled",),
     "every Sampler jits its own prefill/decode again (RL and evaluation re-trace at every call)",
+  ),
+  Mutant(
+    "train_step_seed_ignored",
+    LOOP,
+    "self.many_jitted, self.seed = many, np.int32(seed)",
+    "self.many_jitted, self.seed = many, np.int32(0)",
+    (f"{T_TRAIN} -k seed_sweep",),
+    "every run's train step draws seed 0's randomness, whatever the config's seed",
+  ),
+  Mutant(
+    "model_spec_rebuilt_every_call",
+    "llm_jax/modeling.py",
+    "return _language_model_spec(model_factory, mesh)",
+    "return _model_spec(model_factory, mesh)",
+    (f"{T_MODEL} -k once_per_model",),
+    "every stage, loader and sampler builds the model's spec again",
+  ),
+  Mutant(
+    "rng_stream_count_not_advanced",
+    "llm_jax/modeling.py",
+    "self.count.set_value(self.count.get_value() + 1)",
+    "self.count.set_value(self.count.get_value())",
+    (f"{T_MODEL} -k flax_rngs",),
+    "init_params's key stream repeats one key: every parameter of a shape gets the same values",
+  ),
+  Mutant(
+    "init_retraced_every_call",
+    "llm_jax/modeling.py",
+    "return _cached_init_fn(model_factory, spec, trainable_only, skip)(seed)",
+    "return _init_fn(model_factory, spec, trainable_only, skip)(seed)",
+    (f"{T_MODEL} -k flax_rngs",),
+    "every init of a model traces and lowers its program again",
   ),
   Mutant(
     "loss_weight_counts_every_token",

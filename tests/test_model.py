@@ -228,3 +228,40 @@ def test_parameters_carry_logical_axis_names():
   allowed = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", None}
   for spec in specs:
     assert len(spec) > 0 and set(spec) <= allowed, spec
+
+
+def test_model_spec_is_built_once_per_model_and_mesh():
+  """Every stage, loader and sampler asks for its model's spec: a language model is built (abstractly) once per
+  mesh, and another model or mesh gets its own."""
+  from llm_jax import modeling, sharding
+
+  one, two = sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh(devices=jax.devices()[:2])
+  spec = modeling.model_spec(modeling.lm_factory(TINY), one)
+  assert modeling.model_spec(modeling.lm_factory(TINY), one) is spec
+  assert modeling.model_spec(modeling.lm_factory(TINY), two) is not spec
+  assert modeling.model_spec(modeling.lm_factory(TINY_GPT2), one) is not spec
+
+
+def test_init_params_equal_flax_rngs_and_trace_once():
+  """init_params counts its keys with its own stream (`modeling._Stream`): the values are those of flax's own
+  nnx.Rngs, bit for bit; and a second init of the same model and mesh reuses the traced program."""
+  from llm_jax import modeling, sharding
+
+  cfg = dataclasses.replace(TINY, d_ff=96)  # A model no other test initialises: the first init here traces.
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  factory = modeling.lm_factory(cfg)
+  spec = modeling.model_spec(factory, mesh)
+  traces = []
+  listener = lambda event, duration, **kw: traces.append(kw.get("fun_name")) if event.endswith("trace_duration") else 0
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    params = modeling.init_params(factory, spec, seed=3)
+    assert "init" in traces
+    traces.clear()
+    again = modeling.init_params(factory, spec, seed=3)
+    assert "init" not in traces
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  flax_params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(3))))))()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(flax_params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(params))

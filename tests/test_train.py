@@ -199,6 +199,32 @@ def test_step_gradient_is_the_loss_sum_gradient_over_the_total_weight(grad_accum
   np.testing.assert_allclose(float(metrics["grad_norm"]), expected_norm, rtol=1e-5)
 
 
+def test_a_seed_sweep_shares_one_compiled_step_and_each_seed_reaches_its_step():
+  """The seed is an argument of the compiled step, not a constant: steps of two seeds lower to the same program
+  (the persistent compilation cache serves the second), and each still draws its own randomness."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  factory = modeling.lm_factory(PRESETS["tiny"])
+  state = modeling.model_spec(factory, mesh)
+  optimizer = loop.make_optimizer(pretrain_config.get_config(), state.abstract_params)
+  batch = {k: v[:2] for k, v in text.pack([list(range(8, 60))] * 2, 16, bos_id=2, eos_id=3).items()}
+
+  def noisy_loss(model, batch, rng):  # A loss that uses the step's rng (as dropout would).
+    loss_sum, sums = next_token_loss(model, batch, rng)
+    return loss_sum + jax.random.uniform(rng), sums
+
+  shardings = {k: sharding.batch_sharding(mesh, 2) for k in batch}
+  opt_shardings = loop.opt_state_shardings(optimizer, state, mesh)
+  losses, programs = [], []
+  for seed in (0, 1):
+    step = loop.make_train_step(state, noisy_loss, optimizer, mesh, opt_shardings, shardings, 1, seed)
+    params = modeling.init_params(factory, state, 0)  # (A step donates its parameters.)
+    args = (params, jax.jit(optimizer.init)(params), sharding.global_batch(batch, mesh), 0)
+    programs.append(step.lower(*args).as_text())
+    losses.append(float(step(*args)[2]["loss"]))
+  assert programs[0] == programs[1]
+  assert losses[0] != losses[1]
+
+
 def expected_learning_rates(peak: float, warmup: int, steps: int, min_lr_ratio: float) -> list[float]:
   """loop.learning_rate_schedule's convention written out: the rate of update k = 1 .. steps."""
   end, warmup = peak * min_lr_ratio, max(warmup, 1)
