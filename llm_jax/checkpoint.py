@@ -34,6 +34,7 @@ errors are silenced (they would print dozens of tracebacks after the one-line re
 
 from __future__ import annotations
 
+import functools
 import json
 import logging as std_logging
 import os
@@ -46,6 +47,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from llm_jax.errors import UserError
 
@@ -63,11 +65,30 @@ class UnreadableCheckpoint(UserError):
     super().__init__(f"checkpoint {path} does not restore: {where}: {reason}")
 
 
+@functools.cache
+def _save_replicated_arrays_whole_on_cpu() -> None:
+  """Orbax's replica-parallel save has each replica of a replicated array write a slice of it: TPU hosts spread
+  their device-to-host copies that way, but CPU devices share one host's memory, so the slicing only adds work (a
+  small program per slice shape, compiled at the first save). Orbax already turns it off for GPUs; this does for
+  CPUs, once per process (the handler registry is Orbax's, global). Measured on 8 simulated CPU devices, the
+  tiny model's first save: 0.6-0.8 s → 0.1 s; later saves 0.13 s → 0.08 s."""
+  if jax.default_backend() != "cpu":
+    return
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns on every override, meant or not.
+  try:
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
 class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, create: bool = True, params_only_gb: int | None = None):
     """`params_only_gb`: a writer of parameters and meta only (a converter), saving synchronously with at most
     this many GB of arrays staged at once; by default Orbax stages a host copy of every array to save in the
     background (measured saving llama_1b's 2.3 GiB: +1.5 GiB peak RSS by default, +0.9 GiB with 1 GB)."""
+    _save_replicated_arrays_whole_on_cpu()
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     if not create and not os.path.isdir(self.directory):
       raise UserError(f"{self.directory}: no checkpoints here")

@@ -315,6 +315,29 @@ def test_weight_decay_shrinks_matrices_and_leaves_norms_and_biases(use_bias):
       np.testing.assert_allclose(after, before * (1 - 1e-2 * 0.1), rtol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+def test_cpu_checkpoints_save_a_replicated_array_whole_and_restore_it(tmp_path):
+  """On CPU one replica writes a replicated array: no program per replica slice (Orbax's replica-parallel save
+  compiles one per slice shape at the first save, which CPU devices sharing one host gain nothing from)."""
+  replicated = jax.sharding.NamedSharding(sharding.make_mesh(devices=jax.devices()), jax.sharding.PartitionSpec())
+  params = {"w": jax.device_put(np.arange(16 * 1231, dtype=np.float32).reshape(16, 1231), replicated)}  # A new shape.
+  compiles = []
+
+  def listener(event, seconds, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+    checkpointer.save(1, params, None, None, {"step": 1})
+    checkpointer.manager.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  abstract = {"w": jax.ShapeDtypeStruct((16, 1231), np.float32, sharding=replicated)}
+  np.testing.assert_array_equal(checkpointer.restore(1, abstract)["params"]["w"], np.asarray(params["w"]))
+
+
 def test_checkpoint_restores_onto_other_meshes(corpus, tmp_path):
   config = tiny_config(corpus, steps=2, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   result = pretrain.run(config, str(tmp_path / "run"))
