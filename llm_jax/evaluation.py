@@ -8,6 +8,7 @@ preference pairs) comes in as `Defaults`, e.g. `llm_jax.tasks.world_facts.evalua
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -69,9 +70,22 @@ def reward_scores(
   starts = np.asarray(starts + [starts[0]] * (-len(rows) % shards), np.int32)
   tokens, segments = right_pad(padded, length)
   special_ids = tuple(sorted(tokenizer.special_ids))
-  score = jax.jit(lambda p, t, s, a: sequence_scores(rm_state.merge(p), t, s, a, special_ids))
   batch = sharding.global_batch({"t": tokens, "s": segments, "a": starts}, mesh)
-  return jax.device_get(score(rm_params, batch["t"], batch["s"], batch["a"]))[: len(rows)].tolist()
+  scores = _sequence_scores(rm_params, batch["t"], batch["s"], batch["a"], spec=rm_state, special_ids=special_ids)
+  return jax.device_get(scores)[: len(rows)].tolist()
+
+
+# Module-level jits keyed by the model (a ModelSpec is built once per model and mesh): a study that scores or
+# measures KL many times traces and compiles each shape once, not once per call.
+@functools.partial(jax.jit, static_argnames=("spec", "special_ids"))
+def _sequence_scores(params, tokens, segments, answer_starts, *, spec: ModelSpec, special_ids: tuple[int, ...]):
+  return sequence_scores(spec.merge(params), tokens, segments, answer_starts, special_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "prompt_len", "banned_ids"))
+def _response_log_probs(params, tokens, segments, *, spec: ModelSpec, prompt_len: int, banned_ids: tuple[int, ...]):
+  logits = spec.merge(params)(tokens, positions_from_segments(segments), segments)
+  return response_log_probs(logits, tokens, prompt_len, banned_ids=banned_ids)[0]
 
 
 def pair_accuracy(rm_state: ModelSpec, rm_params, tokenizer: Tokenizer, pairs, mesh) -> dict[str, float]:
@@ -103,13 +117,16 @@ def kl_to_reference(
   prompt_len = max(len(p) for p in prompts)
   batch = prompt_response_rows(prompts, out.tokens, prompt_len, max_new_tokens)
 
-  @jax.jit
-  def ref_log_probs(params, tokens, segments):
-    logits = ref_state.merge(params)(tokens, positions_from_segments(segments), segments)
-    # The distribution the answers were sampled from: role and control tokens banned, temperature 1.
-    return response_log_probs(logits, tokens, prompt_len, banned_ids=sampling.banned_ids)[0]
-
-  ref = np.asarray(ref_log_probs(ref_params, batch["tokens"], batch["segment_ids"]))
+  # The distribution the answers were sampled from: role and control tokens banned, temperature 1.
+  ref = _response_log_probs(
+    ref_params,
+    batch["tokens"],
+    batch["segment_ids"],
+    spec=ref_state,
+    prompt_len=prompt_len,
+    banned_ids=sampling.banned_ids,
+  )
+  ref = np.asarray(ref)
   policy = np.zeros_like(ref)
   for i, lp in enumerate(out.log_probs):
     policy[i, : len(lp)] = lp
