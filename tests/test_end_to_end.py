@@ -18,6 +18,7 @@ from conftest import run_tools  # tests/conftest.py: tools run from one process.
 from llm_jax.metrics import read_metrics
 from llm_jax.tasks.world_facts import alignment_study, end_to_end
 from llm_jax.tasks.world_facts import data as world_facts
+from llm_jax.train import dpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -164,8 +165,11 @@ def test_mean_and_spread_and_the_gold_peak_match_numpy():
   assert alignment_study.gold_peak(curve) == 1
 
 
-def test_the_study_runs_every_method_and_reports_spread_over_seeds(pipeline, tmp_path):
+def test_the_study_runs_every_method_and_reports_spread_over_seeds(pipeline, tmp_path, monkeypatch):
   workdir, _ = pipeline
+  computed = []  # DPO reference log-probs computed: once, for the first seed; the other seeds reuse them.
+  compute = dpo.compute_reference_log_probs
+  monkeypatch.setattr(dpo, "compute_reference_log_probs", lambda *a, **k: computed.append(1) or compute(*a, **k))
   config = study_config.get_config()
   config.end_to_end = micro_config()
   config.seeds = (0, 1)
@@ -184,6 +188,7 @@ def test_the_study_runs_every_method_and_reports_spread_over_seeds(pipeline, tmp
     assert stat["mean"] == pytest.approx(np.mean(win)) and stat["n"] == 2
     assert all(0 <= w <= 1 for w in win) and runs[0]["wall_seconds"] > 0 and runs[0]["trained_tokens"] > 0
   assert result["runs"]["grpo"][0]["generated_tokens"] > 0 and result["runs"]["dpo"][0]["generated_tokens"] == 0
+  assert len(computed) == 1
   curve = result["overoptimisation"]["curve"]
   assert [c["iteration"]["mean"] for c in curve] == [0, 1, 2] and curve[0]["sqrt_kl"]["mean"] < 0.05
   report = open(os.path.join(workdir, "STUDY.md")).read()

@@ -100,6 +100,16 @@ def run_method(method: str, run_config: ml_collections.ConfigDict, workdir: str,
   return _record(os.path.join(workdir, "study_run.json"), train)
 
 
+def share_dpo_reference(first_run_dir: str, run_dir: str) -> None:
+  """Every seed's DPO run has the same reference values (the SFT model on the same pairs): a later seed starts
+  with the first seed's copy instead of computing them again. dpo.reference_log_probs still checks the copy's
+  fingerprint and computes its own values if anything they depend on differs."""
+  source, target = (os.path.join(d, dpo.REFERENCE_FILE) for d in (first_run_dir, run_dir))
+  if os.path.exists(source) and not os.path.exists(target):
+    with open(source, "rb") as f:
+      write_atomically(target, f.read())
+
+
 def tokens_processed(method: str, run_config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """generated_tokens: answer tokens sampled in rollouts; trained_tokens: tokens (no padding) of the sequences in
   the policy's training passes (RL: prompt + answer, `ppo_epochs` times per rollout; DPO: chosen + rejected)."""
@@ -410,6 +420,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     for method in config.methods:
       run_dir = os.path.join(study_dir, f"{method}_seed{seed}")
       print(f"=== alignment study: {method} seed {seed}", flush=True)
+      if method == "dpo" and seed != config.seeds[0]:
+        share_dpo_reference(os.path.join(study_dir, f"dpo_seed{config.seeds[0]}"), run_dir)
       record = run_method(method, method_config(config, method, seed, dirs, data), run_dir, devices)
 
       def evaluate(run_dir=run_dir, seed=seed):
