@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable
 
@@ -62,6 +63,9 @@ def run(main: Callable[[], object]) -> None:
   from llm_jax import sharding  # Imports jax: after absl has parsed flags.
 
   logging.set_verbosity(logging.WARNING)  # Orbax logs dozens of INFO lines per save.
+  # What is imported by now (jax and its dependencies) lives as long as the process: full collections no longer
+  # scan it (they took ~0.2 s of a 4-s tool run, ~5 %).
+  gc.freeze()
   try:
     if flags.FLAGS.cpu_devices < 0:
       raise UserError(f"--cpu_devices={flags.FLAGS.cpu_devices} must be >= 0 (0: one CPU device)")
