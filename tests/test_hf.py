@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
+from conftest import run_tools  # tests/conftest.py: tools run from one process.
 from flax import nnx
 
 from llm_jax import hf, modeling, sharding
@@ -252,34 +252,28 @@ def test_import_refuses_an_existing_workdir(tmp_path):
 
 def test_convert_and_generate_command_lines(tmp_path):
   """convert_hf.py writes a workdir that generate.py decodes greedily into transformers' own continuation."""
-  import subprocess
-  import sys
-
   from llm_jax.tokenizer import load_tokenizer
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = subprocess_env()
-  run = lambda script, *args: subprocess.run(
-    [sys.executable, os.path.join(root, "experiments", script), *args], capture_output=True, text=True, env=env
-  )
   workdir = str(tmp_path / "qwen2")
-  done = run("convert_hf.py", f"--hf_dir={FIXTURES}/qwen2", f"--workdir={workdir}")
-  assert done.returncode == 0, done.stderr
   ref, _ = reference("qwen2")
   greedy = ref["greedy"]
-  out = run(
-    "generate.py", f"--workdir={workdir}", f"--prompt={greedy['prompt']}", "--temperature=0", "--max_new_tokens=16"
+  done, out, chat, bad = run_tools(
+    [
+      ("convert_hf", [f"--hf_dir={FIXTURES}/qwen2", f"--workdir={workdir}"]),
+      ("generate", [f"--workdir={workdir}", f"--prompt={greedy['prompt']}", "--temperature=0", "--max_new_tokens=16"]),
+      ("generate", [f"--workdir={workdir}", "--chat", "--prompt=Hello", "--temperature=0", "--max_new_tokens=8"]),
+      ("convert_hf", [f"--hf_dir={FIXTURES}/qwen2", f"--workdir={workdir}"]),  # Again: the workdir is taken.
+    ]
   )
-  assert out.returncode == 0, out.stderr
+  assert done["code"] == 0, done["stderr"]
+  assert out["code"] == 0, out["stderr"]
   tokenizer = load_tokenizer(workdir)
   new_ids = greedy["new_ids"]
   stops = [i for i, t in enumerate(new_ids) if t in tokenizer.stop_ids]
   expected = tokenizer.decode(new_ids[: stops[0] if stops else len(new_ids)])
-  assert out.stdout.rstrip("\n") == greedy["prompt"] + expected
-  chat = run("generate.py", f"--workdir={workdir}", "--chat", "--prompt=Hello", "--temperature=0", "--max_new_tokens=8")
-  assert chat.returncode == 0 and chat.stdout.startswith("Hello\n"), chat.stderr
-  bad = run("convert_hf.py", f"--hf_dir={FIXTURES}/qwen2", f"--workdir={workdir}")
-  assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "already holds" in bad.stderr
+  assert out["stdout"].rstrip("\n") == greedy["prompt"] + expected
+  assert chat["code"] == 0 and chat["stdout"].startswith("Hello\n"), chat["stderr"]
+  assert bad["code"] == 2 and bad["stderr"].strip().count("\n") == 0 and "already holds" in bad["stderr"]
 
 
 def project_workdir(tmp_path, cfg, tokenizer) -> str:

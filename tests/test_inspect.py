@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
+from conftest import run_tools  # tests/conftest.py: tools run from one process.
 from flax import nnx
 
 from llm_jax import checkpoint as ckpt_lib
@@ -182,24 +182,18 @@ def workdir(tiny, tmp_path_factory):
 
 def test_cli_picks_the_tokens_generate_py_picks(workdir, tiny, tmp_path):
   """`python experiments/inspect.py` (a file named like the standard library's inspect, which jax imports) runs,
-  and picks generate.py's tokens: one process each."""
-  env = subprocess_env()
+  and picks generate.py's tokens: each as its own process would (tests/cli_cases.py)."""
   common = [f"--workdir={workdir}", "--prompt=Where is the cat?", "--chat", "--temperature=0", "--max_new_tokens=10"]
-  run = lambda tool, *args: subprocess.run(
-    [sys.executable, os.path.join(ROOT, "experiments", f"{tool}.py"), *common, *args],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
+  generated, inspected = run_tools(
+    [("generate", common), ("inspect", [*common, f"--output={tmp_path}/out", "--checkpoint=2", "--top_k_shown=3"])]
   )
-  generated = run("generate")
-  assert generated.returncode == 0, generated.stderr
-  inspected = run("inspect", f"--output={tmp_path}/out", "--checkpoint=2", "--top_k_shown=3")
-  assert inspected.returncode == 0, inspected.stderr
+  assert generated["code"] == 0, generated["stderr"]
+  assert inspected["code"] == 0, inspected["stderr"]
   result = json.loads((tmp_path / "out" / "inspect.json").read_text())
-  assert generated.stdout == "Where is the cat?\n" + result["answer"] + "\n"
+  assert generated["stdout"] == "Where is the cat?\n" + result["answer"] + "\n"
   assert result["checkpoint"] == 2 and result["stage"] == "pretrain" and len(result["steps"][0]["top"]) == 3
-  assert f"answer: {inspection._quote(result['answer'])}" in inspected.stdout and "logit lens" in inspected.stdout
+  assert f"answer: {inspection._quote(result['answer'])}" in inspected["stdout"]
+  assert "logit lens" in inspected["stdout"]
   # The ids too (a random model's bytes need not be UTF-8, so equal text could hide different invalid bytes).
   sampling = SamplingConfig(max_new_tokens=10, temperature=0.0)
   (prompt,), sampling = text_prompts(ByteTokenizer(), ["Where is the cat?"], sampling, True)

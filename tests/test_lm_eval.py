@@ -16,7 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
+from conftest import run_tools, subprocess_env  # tests/conftest.py: the tools' environment.
 from flax import nnx
 
 lm_eval = pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[eval]")')
@@ -282,18 +282,15 @@ def test_command_writes_the_harness_files(tmp_path):
   assert len(samples) == 3 and "resps" in json.loads(samples[0])
 
 
-@pytest.mark.parametrize(
-  "args, message",
-  [
+def test_command_bad_input_is_one_line():
+  cases = [
     (["--workdir=/nonexistent/w", "--tasks=tiny_mc", "--output_path=/tmp/x"], "not an llm_jax workdir|not a directory"),
     (["--workdir=/tmp", "--tasks=", "--output_path=/tmp/x"], "no task"),
-  ],
-)
-def test_command_bad_input_is_one_line(args, message):
-  result = lm_eval_command(*args)
-  assert result.returncode == 2, result.stderr[-2000:]
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
+  ]
+  for (_, message), result in zip(cases, run_tools([("lm_eval", args) for args, _ in cases], devices=2)):
+    assert result["code"] == 2, result["stderr"][-2000:]
+    lines = result["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
 
 
 # ----------------------------------------------------------------------------------------------------------

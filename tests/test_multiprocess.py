@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import subprocess_env  # tests/conftest.py: the tools' environment.
+from conftest import run_tools, subprocess_env  # tests/conftest.py: the tools' environment.
 
 from llm_jax.metrics import read_metrics
 from llm_jax.train import pretrain
@@ -135,30 +135,16 @@ def test_a_killed_process_stops_the_launcher(corpus, tmp_path):
     os.kill(pids[0], 0)  # The survivor is gone too.
 
 
-@pytest.mark.parametrize(
-  "args, message",
-  [
+def test_bad_process_id_is_one_line_exit_2(tmp_path):
+  cases = [
     (["--num_processes=2", "--process_id=2"], "process_id=2 must be in [0, num_processes=2)"),
     (["--num_processes=2", "--process_id=-1"], "process_id=-1 must be in [0, num_processes=2)"),
-  ],
-)
-def test_bad_process_id_is_one_line_exit_2(tmp_path, args, message):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "experiments", "pretrain.py"),
-      f"--workdir={tmp_path}/w",
-      "--coordinator_address=127.0.0.1:1",
-      *args,
-    ],
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert proc.returncode == 2, proc.stderr
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert lines == [f"error: {message}"], proc.stderr
+  ]
+  common = [f"--workdir={tmp_path}/w", "--coordinator_address=127.0.0.1:1"]
+  for (_, message), result in zip(cases, run_tools([("pretrain", [*common, *args]) for args, _ in cases])):
+    assert result["code"] == 2, result["stderr"]
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert lines == [f"error: {message}"], result["stderr"]
 
 
 def test_launcher_bad_input_is_one_line_exit_2(tmp_path):
