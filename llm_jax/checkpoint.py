@@ -83,6 +83,18 @@ def _save_replicated_arrays_whole_on_cpu() -> None:
     absl_logging.set_verbosity(verbosity)
 
 
+def _isdir_as_process_0_sees_it(path: str) -> bool:
+  """Whether `path` is a directory, decided once for all processes. Each looking for itself could disagree (process
+  0 may create it in between: a run checks its workdir, then makes its checkpoint directory) and send them into
+  different collectives, where both wait forever; seen with 2 processes on a loaded 2-core machine."""
+  found = os.path.isdir(path)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+  return found
+
+
 class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, create: bool = True, params_only_gb: int | None = None):
     """`params_only_gb`: a writer of parameters and meta only (a converter), saving synchronously with at most
@@ -90,7 +102,7 @@ class Checkpointer:
     background (measured saving llama_1b's 2.3 GiB: +1.5 GiB peak RSS by default, +0.9 GiB with 1 GB)."""
     _save_replicated_arrays_whole_on_cpu()
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    if not create and not os.path.isdir(self.directory):
+    if not create and not _isdir_as_process_0_sees_it(self.directory):
       raise UserError(f"{self.directory}: no checkpoints here")
     # Several processes: process 0 lists the steps and broadcasts them, so all resume from the same step.
     options = ocp.CheckpointManagerOptions(
@@ -267,7 +279,7 @@ def workdir_meta(workdir: str, step: int | None = None) -> dict[str, Any] | None
   """The meta record (stage, step, model) of a checkpoint: `step`'s, or the newest one whose meta reads (None if
   the workdir has no checkpoint). Cheap (one small JSON): how a tool checks what kind of workdir it was given
   before loading anything."""
-  if step is None and not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+  if step is None and not _isdir_as_process_0_sees_it(os.path.join(workdir, CHECKPOINT_DIR)):
     return None
   checkpointer = Checkpointer(workdir, create=False)
   try:

@@ -224,6 +224,14 @@ MUTANTS: tuple[Mutant, ...] = (
     "each seed's DPO run computes the same reference log-probs again",
   ),
   Mutant(
+    "workdir_checked_by_each_process",
+    "llm_jax/checkpoint.py",
+    "found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))",
+    "found = found",
+    ("tests/test_multiprocess.py -k agree",),
+    "processes decide apart whether a workdir has checkpoints: one late process waits in another collective forever",
+  ),
+  Mutant(
     "loss_weight_counts_every_token",
     SEQ,
     '{"weight": jnp.sum(mask_BL), "accuracy"',

@@ -135,6 +135,31 @@ def test_a_killed_process_stops_the_launcher(corpus, tmp_path):
     os.kill(pids[0], 0)  # The survivor is gone too.
 
 
+def test_processes_that_reach_a_new_workdir_apart_agree_on_it(tmp_path):
+  """Process 1 checks the workdir 2 s after process 0 (tests/multiprocess_workdir_check.py): both find no
+  checkpoints, then make the checkpoint directory together, instead of waiting for each other forever."""
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "launch_local.py"),
+      "--num_processes=2",
+      "--devices_per_process=1",
+      "--timeout_seconds=60",
+      f"--logs={tmp_path}/logs",
+      "--",
+      os.path.join(ROOT, "tests", "multiprocess_workdir_check.py"),
+      str(tmp_path / "run"),
+    ],
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "process 0: checkpoints before: None" in proc.stdout
+  assert "process 1: checkpoints before: None" in (tmp_path / "logs" / "process_1.log").read_text()
+
+
 def test_bad_process_id_is_one_line_exit_2(tmp_path):
   cases = [
     (["--num_processes=2", "--process_id=2"], "process_id=2 must be in [0, num_processes=2)"),
