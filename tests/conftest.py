@@ -113,6 +113,7 @@ _LONGEST_MODULES = (
   "test_lora.py",
   "test_lm_eval.py",
   "test_hf.py",
+  "test_aot.py",  # ~20 s with the tpu extra (libtpu: real TPU compiles), ~5 s without.
   "test_dpo.py",
   "test_sft.py",
   "test_inspect.py",
