@@ -117,15 +117,9 @@ def kl_to_reference(
   prompt_len = max(len(p) for p in prompts)
   batch = prompt_response_rows(prompts, out.tokens, prompt_len, max_new_tokens)
 
-  # The distribution the answers were sampled from: role and control tokens banned, temperature 1.
-  ref = _response_log_probs(
-    ref_params,
-    batch["tokens"],
-    batch["segment_ids"],
-    spec=ref_state,
-    prompt_len=prompt_len,
-    banned_ids=sampling.banned_ids,
-  )
+  tokens, segments = batch["tokens"], batch["segment_ids"]
+  banned = sampling.banned_ids  # As sampled: role and control tokens banned, temperature 1.
+  ref = _response_log_probs(ref_params, tokens, segments, spec=ref_state, prompt_len=prompt_len, banned_ids=banned)
   ref = np.asarray(ref)
   policy = np.zeros_like(ref)
   for i, lp in enumerate(out.log_probs):

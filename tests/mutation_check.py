@@ -216,6 +216,14 @@ MUTANTS: tuple[Mutant, ...] = (
     "every KL measurement traces and compiles the reference's log-probs again",
   ),
   Mutant(
+    "kl_reference_without_the_answer_bans",
+    "llm_jax/evaluation.py",
+    "banned = sampling.banned_ids",
+    "banned = ()",
+    ("tests/test_evaluation.py -k traces_nothing",),
+    "the KL's reference log-probs leave in role tokens the answers could never be sampled with",
+  ),
+  Mutant(
     "study_recomputes_dpo_reference_per_seed",
     "llm_jax/tasks/world_facts/alignment_study.py",
     "if os.path.exists(source) and not os.path.exists(target):",
